@@ -1,7 +1,26 @@
 """dass: one-shot pruning of GLU language models.
 
-The public verbs are :func:`prune` (walk a loaded transformers model layer by layer and
-sparsify it with DaSS, Wanda, SparseGPT or magnitude) and the helpers in the submodules.
+``dass.prune(model, method="dass", pattern="2:4", calibration=...)`` walks a loaded
+transformers model layer by layer and sparsifies it with DaSS, Wanda, SparseGPT or
+magnitude, returning a :class:`PruneReport`.
 """
 
+from .arch import ArchitectureError
+from .methods import available_methods, get_method, register
+from .patterns import Pattern, PatternError, parse_pattern
+from .pipeline import CalibrationError, PruneReport, prune
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ArchitectureError",
+    "CalibrationError",
+    "Pattern",
+    "PatternError",
+    "PruneReport",
+    "available_methods",
+    "get_method",
+    "parse_pattern",
+    "prune",
+    "register",
+]

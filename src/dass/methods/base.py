@@ -1,0 +1,92 @@
+"""The method interface and the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..patterns import Orientation, Pattern
+from ..stats import FeatureStats
+
+
+class MethodError(ValueError):
+    """Unknown method name or bad method options."""
+
+
+@dataclass
+class MatrixResult:
+    """What a method decided for one matrix."""
+
+    mask: torch.Tensor  # bool, True = kept
+    orientation: Orientation | None  # N:M group direction; None for unstructured
+    weight: torch.Tensor | None = None  # updated weight (reconstructing methods), else None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PruningMethod:
+    """Base class: scores each matrix independently; GLU-aware methods override
+    :meth:`prune_glu`."""
+
+    name: ClassVar[str] = ""
+    needs_hessian: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = True
+    requires_glu: ClassVar[bool] = False
+
+    def options(self) -> dict[str, Any]:
+        """The method's settings, for the report and the manifest."""
+        return {}
+
+    def orientation(self, role: str) -> Orientation:
+        """Direction of N:M groups for a matrix of ``role`` (gate, up, down, attn, linear)."""
+        return "input"
+
+    def prune_linear(self, weight: torch.Tensor, stats: FeatureStats | None, pattern: Pattern) -> MatrixResult:
+        raise NotImplementedError
+
+    def prune_glu(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        x_stats: FeatureStats | None,
+        h_stats: FeatureStats | None,
+        pattern: Pattern,
+    ) -> tuple[MatrixResult, MatrixResult, MatrixResult]:
+        """Masks for one GLU block. ``x_stats`` describe the block's input (gate/up inputs),
+        ``h_stats`` the intermediate activations (down's input)."""
+        return (
+            self.prune_linear(gate, x_stats, pattern),
+            self.prune_linear(up, x_stats, pattern),
+            self.prune_linear(down, h_stats, pattern),
+        )
+
+
+_REGISTRY: dict[str, type[PruningMethod]] = {}
+
+
+def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not cls.name:
+        raise MethodError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str | PruningMethod, **options: Any) -> PruningMethod:
+    """Instantiate the method registered as ``name`` with its options (e.g. ``alpha``)."""
+    if isinstance(name, PruningMethod):
+        return name
+    try:
+        cls = _REGISTRY[name.lower()]
+    except KeyError:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(available_methods())}") from None
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise MethodError(f"bad options for method {name!r}: {exc}") from None

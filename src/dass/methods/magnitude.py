@@ -1,0 +1,20 @@
+"""Magnitude pruning: ``|W|``, one ranking over the whole matrix (unstructured)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import Pattern, select_mask
+from ..scores import magnitude_score
+from ..stats import FeatureStats
+from .base import MatrixResult, PruningMethod, register
+
+
+@register
+class Magnitude(PruningMethod):
+    name = "magnitude"
+    needs_calibration = False
+
+    def prune_linear(self, weight: torch.Tensor, stats: FeatureStats | None, pattern: Pattern) -> MatrixResult:
+        mask = select_mask(magnitude_score(weight), pattern, group="matrix", orientation="input")
+        return MatrixResult(mask, "input" if pattern.is_nm else None)

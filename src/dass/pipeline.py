@@ -1,0 +1,512 @@
+"""The sequential pipeline: walk a model layer by layer, observe, prune, propagate.
+
+The only module that knows about devices, hooks and transformers' calling conventions.
+Flow: capture what enters decoder layer 0 and the keyword arguments the model passes to
+*each* layer -> for each layer: move it to the compute device, run it on the calibration
+activations with hooks that accumulate statistics -> the method turns statistics into
+masks (and weights) -> apply -> run the pruned layer to produce the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
+from .methods import MatrixResult, PruningMethod, get_method
+from .patterns import Pattern, nm_violations, parse_pattern, sparsity_of
+from .stats import FeatureStats
+
+try:  # progress bars are a nicety, never a requirement
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    def tqdm(it=None, **_: Any):  # type: ignore[no-redef]
+        return it
+
+
+class CalibrationError(ValueError):
+    """Calibration data missing or unusable."""
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MatrixReport:
+    key: str
+    name: str
+    role: str
+    shape: tuple[int, int]
+    pattern: str
+    orientation: str | None
+    sparsity: float
+    method: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did: per-matrix sparsity and orientation, fallbacks, timings."""
+
+    method: str
+    options: dict[str, Any]
+    pattern: str
+    scope: str
+    nsamples: int
+    seqlen: int
+    matrices: list[MatrixReport] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    total_seconds: float = 0.0
+    fallbacks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned matrices."""
+        total = sum(m.shape[0] * m.shape[1] for m in self.matrices)
+        zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in self.matrices)
+        return zeros / max(total, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "options": self.options,
+            "pattern": self.pattern,
+            "scope": self.scope,
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "sparsity": self.sparsity,
+            "capture_seconds": self.capture_seconds,
+            "total_seconds": self.total_seconds,
+            "layer_seconds": self.layer_seconds,
+            "fallbacks": self.fallbacks,
+            "notes": self.notes,
+            "matrices": [m.__dict__ for m in self.matrices],
+        }
+
+    def summary(self) -> str:
+        return (
+            f"{self.method} {self.pattern} ({self.scope}): {len(self.matrices)} matrices, "
+            f"sparsity {self.sparsity:.4f}, {self.total_seconds:.1f} s"
+            + (f", {len(self.fallbacks)} fallback(s)" if self.fallbacks else "")
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Moving nested arguments
+# --------------------------------------------------------------------------------------
+
+
+def _to(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device, non_blocking) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device, non_blocking) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device, non_blocking) for k, v in obj.items()}
+    return obj
+
+
+_DROP_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past")
+
+
+def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """No KV cache through calibration: it would grow across samples."""
+    out = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    if "output_attentions" in out:
+        out["output_attentions"] = False
+    return out
+
+
+def _first(output: Any) -> torch.Tensor:
+    """A decoder layer returns a tensor (transformers >= 4.56) or a tuple (older)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+# --------------------------------------------------------------------------------------
+# Capture of layer inputs
+# --------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Calibration activations entering the current layer, one tensor per batch, plus the
+    per-layer call arguments (keyed by batch size: they depend only on the shape)."""
+
+    hidden: list[torch.Tensor]
+    args: list[dict[int, tuple[tuple, dict[str, Any]]]]  # per layer: batch size -> (args, kwargs)
+
+    def call_args(self, layer: int, batch: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        return self.args[layer][batch.shape[0]]
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer during capture: records what it is called with."""
+
+    def __init__(self, original: nn.Module, index: int, sink: dict, last: bool, returns_tuple: bool) -> None:
+        super().__init__()
+        self.__dict__["_original"] = original  # not a submodule: model.to() must not move it
+        self.index, self.sink, self.last, self.returns_tuple = index, sink, last, returns_tuple
+
+    def __getattr__(self, name: str) -> Any:  # e.g. ``attention_type`` read by the model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        hidden = _first(hidden)
+        if self.index == 0:
+            self.sink["hidden"] = hidden
+        self.sink.setdefault("args", {})[self.index] = (rest, _clean_kwargs(kwargs))
+        if self.last:
+            raise _Stop
+        return (hidden,) if self.returns_tuple else hidden
+
+
+def _returns_tuple(layer: nn.Module) -> bool:
+    ann = inspect.signature(layer.forward).return_annotation
+    return "tuple" in str(ann).lower()
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    device: torch.device,
+    store_device: torch.device,
+    progress: bool = True,
+) -> LayerInputs:
+    """Run the model's own forward with every decoder layer replaced by a catcher.
+
+    The model computes masks, positions and rotary embeddings exactly as in inference, for
+    every layer (Gemma 2/3 alternate sliding-window and global masks); nothing of the
+    decoder layers runs, and only the non-layer modules are moved to ``device``.
+    """
+    path, layers = decoder_layers(model)
+    originals = list(layers)
+    tuple_out = _returns_tuple(originals[0])
+    model_device = next(model.parameters()).device
+    per_layer: list[dict[int, tuple[tuple, dict]]] = [dict() for _ in originals]
+    hidden: list[torch.Tensor] = []
+    sink: dict = {}
+    try:
+        for i, orig in enumerate(originals):
+            layers[i] = _Catcher(orig, i, sink, i == len(originals) - 1, tuple_out)
+        model.to(device)
+        for batch in tqdm(batches, desc="capture", disable=not progress, leave=False):
+            sink.clear()
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+            else:  # pragma: no cover - a model that skips layers
+                raise RuntimeError("the model returned without calling its last decoder layer")
+            hidden.append(sink["hidden"].detach().to(store_device))
+            bs = batch.shape[0]
+            for i, call in sink["args"].items():
+                if bs not in per_layer[i]:
+                    per_layer[i][bs] = call
+    finally:
+        for i, orig in enumerate(originals):
+            layers[i] = orig
+        model.to(model_device)
+    return LayerInputs(hidden, per_layer)
+
+
+# --------------------------------------------------------------------------------------
+# Statistics hooks
+# --------------------------------------------------------------------------------------
+
+
+def _experts_hook(cap: ExpertsCapture, stats: dict[str, FeatureStats]):
+    """Per-expert statistics from a fused-experts call ``(hidden, top_k_index, weights)``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hs = args[0] if args else kwargs["hidden_states"]
+        idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        hs = hs.reshape(-1, hs.shape[-1])
+        idx = idx.reshape(hs.shape[0], -1)
+        gate_up = module.gate_up_proj
+        for e in range(cap.num_experts):
+            tokens = (idx == e).any(-1).nonzero().squeeze(-1)
+            if tokens.numel() == 0:
+                continue
+            x = hs[tokens]
+            gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)
+            stats[cap.x_key(e)].add(x)
+            stats[cap.h_key(e)].add(cap.act_fn(gate) * up)
+
+    return hook
+
+
+def _register_hooks(plan: LayerPlan, stats: dict[str, FeatureStats]) -> list:
+    handles = []
+    for cap in plan.inputs:
+        acc = stats[cap.key]
+        handles.append(cap.module.register_forward_hook(lambda m, inp, out, acc=acc: acc.add(inp[0])))
+    for ecap in plan.experts:
+        handles.append(ecap.module.register_forward_pre_hook(_experts_hook(ecap, stats), with_kwargs=True))
+    return handles
+
+
+# --------------------------------------------------------------------------------------
+# Pruning one layer
+# --------------------------------------------------------------------------------------
+
+
+def _apply(ref: MatrixRef, result: MatrixResult) -> None:
+    with torch.no_grad():
+        view = ref.get()
+        if result.weight is not None:
+            view.copy_(result.weight.to(view.device, view.dtype))
+        view.mul_(result.mask.to(view.device))
+
+
+def prune_layer(
+    plan: LayerPlan,
+    stats: dict[str, FeatureStats],
+    method: PruningMethod,
+    pattern: Pattern,
+    report: PruneReport,
+) -> None:
+    """Turn one layer's statistics into masks (and weights) and apply them in place."""
+    fallback = get_method("magnitude")
+    jobs: list[tuple[MatrixRef, MatrixResult, str]] = []
+    for block in plan.glu:
+        x, h = stats.get(block.x_key), stats.get(block.h_key)
+        use = method
+        if method.needs_calibration and (x is None or x.tokens == 0):
+            use = fallback
+            report.fallbacks.append(
+                f"{block.gate.key}: expert received no calibration token; pruned by magnitude"
+            )
+        results = use.prune_glu(block.gate.get(), block.up.get(), block.down.get(), x, h, pattern)
+        jobs += [(ref, res, use.name) for ref, res in zip((block.gate, block.up, block.down), results)]
+    for target in plan.linears:
+        x = stats.get(target.x_key)
+        use = method if (x is not None and x.tokens) or not method.needs_calibration else fallback
+        jobs.append((target.ref, use.prune_linear(target.ref.get(), x, pattern), use.name))
+    for ref, res, used in jobs:
+        _apply(ref, res)
+        view = ref.get()
+        if pattern.is_nm and res.orientation and nm_violations(view, pattern.n, pattern.m, res.orientation):
+            raise AssertionError(f"{ref.key}: N:M pattern violated after pruning")  # an internal bug
+        report.matrices.append(
+            MatrixReport(
+                key=ref.key,
+                name=ref.name,
+                role=ref.role,
+                shape=tuple(view.shape),
+                pattern=str(pattern),
+                orientation=res.orientation,
+                sparsity=sparsity_of(view),
+                method=used,
+                expert=ref.expert,
+                rows=ref.rows,
+                info=res.info,
+            )
+        )
+        if res.info.get("cholesky_retries"):
+            report.notes.append(f"{ref.key}: Cholesky failed, dampening raised to {res.info['damp']:g}")
+
+
+# --------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------
+
+
+def as_calibration_tensor(
+    calibration: Any,
+    tokenizer: Any = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Token ids ``[N, L]`` from a tensor, a list of token tensors, or a text source."""
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration if calibration.dim() == 2 else calibration.reshape(1, -1)
+    elif isinstance(calibration, (list, tuple)) and calibration and isinstance(calibration[0], torch.Tensor):
+        rows = [c.reshape(-1) for c in calibration]
+        if len({r.numel() for r in rows}) != 1:
+            raise CalibrationError("calibration sequences must all have the same length")
+        ids = torch.stack(rows)
+    elif isinstance(calibration, str):
+        if tokenizer is None:
+            raise CalibrationError("a text calibration source needs a tokenizer")
+        from .data import sample_calibration
+
+        ids = sample_calibration(tokenizer, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    else:
+        raise CalibrationError(
+            "calibration must be token ids (tensor [N, L] or a list of tensors) or a text source "
+            "('default', a .txt or .jsonl file, 'c4', 'wikitext2')"
+        )
+    if ids.numel() == 0:
+        raise CalibrationError("calibration data is empty")
+    return ids.long()
+
+
+def _choose_store(device: torch.device, activations: str, nbytes: int) -> torch.device:
+    if activations == "device" or device.type != "cuda":
+        return device
+    if activations == "cpu":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes * 2 < free * 0.6 else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------
+# The public verb
+# --------------------------------------------------------------------------------------
+
+
+def validate(model: nn.Module, method: PruningMethod, pattern: Pattern, scope: str) -> list[LayerPlan]:
+    """Check everything that can be checked before the model is modified."""
+    plans = plan_model(model, scope=scope, require_glu=method.requires_glu)
+    for plan in plans:
+        for ref in plan.matrices():
+            pattern.check_shape(ref.shape, method.orientation(ref.role), ref.key)
+    return plans
+
+
+def prune(
+    model: nn.Module,
+    method: str | PruningMethod = "dass",
+    pattern: str | float | Pattern = "2:4",
+    scope: str = "mlp",
+    calibration: Any = "default",
+    tokenizer: Any = None,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    activations: str = "auto",
+    progress: bool = True,
+    **method_options: Any,
+) -> PruneReport:
+    """Prune ``model`` in place, one decoder layer at a time, and return a report.
+
+    ``method``: a registered name (``dass``, ``wanda``, ``sparsegpt``, ``magnitude``) or a
+    method object; ``method_options`` go to its constructor (e.g. ``alpha=0.5``).
+    ``calibration``: token ids ``[N, L]``, a list of token tensors, or a text source
+    (``default``, a .txt/.jsonl path, ``c4``, ``wikitext2``) sampled with ``tokenizer``,
+    ``nsamples``, ``seqlen`` and ``seed``. ``device``: where each layer is computed
+    (default: CUDA if available, else the model's device); the rest of the model stays
+    where it is. ``activations``: ``auto`` | ``device`` | ``cpu``: where calibration
+    activations live between layers.
+    """
+    t0 = time.perf_counter()
+    meth = get_method(method, **method_options)
+    pat = parse_pattern(pattern)
+    if scope not in ("mlp", "all"):
+        raise ValueError(f"unknown scope {scope!r}: use 'mlp' or 'all'")
+    if activations not in ("auto", "device", "cpu"):
+        raise ValueError(f"activations must be auto, device or cpu, got {activations!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    plans = validate(model, meth, pat, scope)
+    ids = None
+    if meth.needs_calibration or calibration is not None:
+        ids = as_calibration_tensor(calibration, tokenizer, nsamples, seqlen, seed)
+    report = PruneReport(
+        meth.name,
+        meth.options(),
+        str(pat),
+        scope,
+        nsamples=0 if ids is None else ids.shape[0],
+        seqlen=0 if ids is None else ids.shape[1],
+    )
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
+    dev = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        if ids is None:  # magnitude without calibration: nothing to observe
+            for plan in tqdm(plans, desc=f"{meth.name} {pat}", disable=not progress):
+                ts = time.perf_counter()
+                prune_layer(plan, {}, meth, pat, report)
+                report.layer_seconds.append(time.perf_counter() - ts)
+        else:
+            _run_sequential(model, plans, ids, meth, pat, report, dev, batch_size, activations, progress)
+    finally:
+        model.train(was_training)
+    report.total_seconds = time.perf_counter() - t0
+    return report
+
+
+@torch.no_grad()
+def _run_sequential(
+    model: nn.Module,
+    plans: list[LayerPlan],
+    ids: torch.Tensor,
+    meth: PruningMethod,
+    pat: Pattern,
+    report: PruneReport,
+    dev: torch.device,
+    batch_size: int,
+    activations: str,
+    progress: bool,
+) -> None:
+    t_cap = time.perf_counter()
+    batches = list(ids.split(batch_size))
+    dtype = next(model.parameters()).dtype
+    hidden_size = getattr(model.config, "hidden_size", None) or 0
+    store = _choose_store(dev, activations, ids.numel() * hidden_size * dtype.itemsize)
+    inputs = capture_inputs(model, batches, dev, store, progress)
+    report.capture_seconds = time.perf_counter() - t_cap
+    if store != dev:
+        report.notes.append(f"calibration activations offloaded to {store}")
+    for plan in tqdm(plans, desc=f"{meth.name} {pat}", disable=not progress):
+        ts = time.perf_counter()
+        layer = plan.layer
+        home = next(layer.parameters()).device
+        layer.to(dev)
+        call_cache = {bs: _to(a, dev) for bs, a in inputs.args[plan.index].items()}
+        stats = {
+            key: FeatureStats(n, dev, with_hessian=meth.needs_hessian) for key, n in plan.feature_sizes().items()
+        }
+        handles = _register_hooks(plan, stats)
+        try:
+            for h in inputs.hidden:
+                args, kwargs = call_cache[h.shape[0]]
+                layer(h.to(dev, non_blocking=True), *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        prune_layer(plan, stats, meth, pat, report)
+        del stats
+        for j, h in enumerate(inputs.hidden):
+            args, kwargs = call_cache[h.shape[0]]
+            out = _first(layer(h.to(dev, non_blocking=True), *args, **kwargs))
+            inputs.hidden[j] = out.to(store, non_blocking=True)
+        layer.to(home)
+        report.layer_seconds.append(time.perf_counter() - ts)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
