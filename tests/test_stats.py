@@ -1,0 +1,35 @@
+import torch
+
+from dass.stats import FeatureStats
+
+
+def test_batches_equal_concatenation():
+    torch.manual_seed(0)
+    xs = [torch.randn(3, 7, 5), torch.randn(2, 7, 5), torch.randn(1, 4, 5)]
+    acc = FeatureStats(5, with_hessian=True)
+    for x in xs:
+        acc.add(x.to(torch.bfloat16).float())  # any dtype in; accumulation is fp32
+    full = torch.cat([x.to(torch.bfloat16).float().reshape(-1, 5) for x in xs])
+    assert acc.tokens == full.shape[0]
+    torch.testing.assert_close(acc.sqsum, (full**2).sum(0))
+    torch.testing.assert_close(acc.norm, full.norm(dim=0))
+    torch.testing.assert_close(acc.xtx, full.t() @ full)
+    torch.testing.assert_close(acc.hessian(), 2 / full.shape[0] * full.t() @ full)
+
+
+def test_merge_equals_single_accumulator():
+    torch.manual_seed(1)
+    a, b, both = FeatureStats(4, with_hessian=True), FeatureStats(4, with_hessian=True), FeatureStats(4, with_hessian=True)
+    x1, x2 = torch.randn(10, 4), torch.randn(6, 4)
+    a.add(x1), b.add(x2), both.add(x1), both.add(x2)
+    a.merge(b)
+    assert a.tokens == both.tokens == 16
+    torch.testing.assert_close(a.sqsum, both.sqsum)
+    torch.testing.assert_close(a.xtx, both.xtx)
+
+
+def test_accumulates_in_fp32_from_half():
+    acc = FeatureStats(2)
+    acc.add(torch.full((4096, 2), 3.0, dtype=torch.float16))
+    assert acc.sqsum.dtype == torch.float32
+    assert acc.sqsum.tolist() == [9.0 * 4096] * 2
