@@ -205,3 +205,16 @@ def test_report_contents():
     assert d["method"] == "dass" and d["options"] == {"alpha": 1.0} and d["pattern"] == "4:8"
     assert len(d["layer_seconds"]) == 2 and d["total_seconds"] > 0
     assert {m["orientation"] for m in d["matrices"]} == {"input", "output"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "phi3", "mixtral"])
+def test_glu_blocks_carry_their_activation(arch):
+    model = tiny_model(arch)
+    x = torch.randn(5, 32)
+    for plan in plan_model(model):
+        for block in plan.glu:
+            assert block.act is not None
+            gate = x @ block.gate.get().t()
+            up = x @ block.up.get().t()
+            h = block.act(gate) * up
+            assert h.shape == (5, 64)

@@ -33,3 +33,15 @@ def test_accumulates_in_fp32_from_half():
     acc.add(torch.full((4096, 2), 3.0, dtype=torch.float16))
     assert acc.sqsum.dtype == torch.float32
     assert acc.sqsum.tolist() == [9.0 * 4096] * 2
+
+
+def test_sample_keeps_strided_rows_up_to_cap():
+    acc = FeatureStats(3, max_samples=5)
+    x1 = torch.arange(30.0).reshape(10, 3)
+    x2 = torch.arange(30.0, 90.0).reshape(20, 3)
+    acc.add(x1)
+    acc.add(x2)
+    s = acc.sample()
+    assert s.shape == (5, 3)
+    assert torch.equal(s, torch.cat([x1[::8], x2[::8]])[:5])
+    assert FeatureStats(3).sample() is None

@@ -90,6 +90,7 @@ class GLUBlock:
     x_key: str  # statistics of the block input
     h_key: str  # statistics of the intermediate activations (down's input)
     expert: int | None = None
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None  # gate activation (SiLU, GELU)
 
 
 @dataclass
@@ -191,6 +192,24 @@ def _is_linear(m: object) -> bool:
 
 def _find_glu(mlp: nn.Module, prefix: str, plan: LayerPlan) -> bool:
     """Add the GLU blocks found under ``mlp`` to ``plan``; True if any."""
+    start = len(plan.glu)
+    found = _find_glu_blocks(mlp, prefix, plan)
+    act = _activation(mlp)
+    for block in plan.glu[start:]:
+        if block.act is None:
+            block.act = act
+    return found
+
+
+def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    for name in ("act_fn", "activation_fn", "act"):
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def _find_glu_blocks(mlp: nn.Module, prefix: str, plan: LayerPlan) -> bool:
     found = False
     for g, u, d in GLU_TRIPLES:
         gate, up, down = (getattr(mlp, n, None) for n in (g, u, d))
@@ -247,6 +266,7 @@ def _find_glu(mlp: nn.Module, prefix: str, plan: LayerPlan) -> bool:
                         cap.x_key(e),
                         cap.h_key(e),
                         expert=e,
+                        act=cap.act_fn,
                     )
                 )
             plan.experts.append(cap)

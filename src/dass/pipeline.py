@@ -304,7 +304,7 @@ def prune_layer(
             report.fallbacks.append(
                 f"{block.gate.key}: expert received no calibration token; pruned by magnitude"
             )
-        results = use.prune_glu(block.gate.get(), block.up.get(), block.down.get(), x, h, pattern)
+        results = use.prune_glu(block.gate.get(), block.up.get(), block.down.get(), x, h, pattern, act=block.act)
         jobs += [(ref, res, use.name) for ref, res in zip((block.gate, block.up, block.down), results)]
     for target in plan.linears:
         x = stats.get(target.x_key)
@@ -490,7 +490,8 @@ def _run_sequential(
         layer.to(dev)
         call_cache = {bs: _to(a, dev) for bs, a in inputs.args[plan.index].items()}
         stats = {
-            key: FeatureStats(n, dev, with_hessian=meth.needs_hessian) for key, n in plan.feature_sizes().items()
+            key: FeatureStats(n, dev, with_hessian=meth.needs_hessian, max_samples=meth.sample_tokens)
+            for key, n in plan.feature_sizes().items()
         }
         handles = _register_hooks(plan, stats)
         try:

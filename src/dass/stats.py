@@ -21,9 +21,11 @@ class FeatureStats:
     features: int
     device: torch.device | str = "cpu"
     with_hessian: bool = False
+    max_samples: int = 0  # keep up to this many input rows (for methods that test candidates)
     sqsum: torch.Tensor = field(init=False)
     xtx: torch.Tensor | None = field(init=False, default=None)
     tokens: int = field(init=False, default=0)
+    samples: list[torch.Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.sqsum = torch.zeros(self.features, dtype=torch.float32, device=self.device)
@@ -42,6 +44,20 @@ class FeatureStats:
         if self.xtx is not None:
             self.xtx.addmm_(xf.t(), xf)
         self.tokens += x.shape[0]
+        self._keep_sample(x)
+
+    def _keep_sample(self, x: torch.Tensor) -> None:
+        """Keep an evenly strided subset of rows (the first ``max_samples`` of a stride-8
+        thinning), in the input dtype, so candidate masks can be tried on real inputs."""
+        have = sum(t.shape[0] for t in self.samples)
+        if have >= self.max_samples:
+            return
+        rows = x[::8][: self.max_samples - have]
+        self.samples.append(rows.detach().to(self.sqsum.device).clone())
+
+    def sample(self) -> torch.Tensor | None:
+        """The kept input rows ``[k, features]`` or None."""
+        return torch.cat(self.samples) if self.samples else None
 
     def merge(self, other: "FeatureStats") -> None:
         """Add another accumulator's sums (another batch split, or another rank)."""
@@ -49,6 +65,13 @@ class FeatureStats:
         if self.xtx is not None and other.xtx is not None:
             self.xtx.add_(other.xtx.to(self.xtx.device))
         self.tokens += other.tokens
+        for t in other.samples:
+            self._keep_sample_rows(t)
+
+    def _keep_sample_rows(self, rows: torch.Tensor) -> None:
+        have = sum(t.shape[0] for t in self.samples)
+        if have < self.max_samples:
+            self.samples.append(rows[: self.max_samples - have].to(self.sqsum.device))
 
     @property
     def norm(self) -> torch.Tensor:

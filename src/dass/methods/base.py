@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -33,6 +33,7 @@ class PruningMethod:
     needs_hessian: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = True
     requires_glu: ClassVar[bool] = False
+    sample_tokens: ClassVar[int] = 0  # rows of the block input to keep (for candidate search)
 
     def options(self) -> dict[str, Any]:
         """The method's settings, for the report and the manifest."""
@@ -53,9 +54,11 @@ class PruningMethod:
         x_stats: FeatureStats | None,
         h_stats: FeatureStats | None,
         pattern: Pattern,
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[MatrixResult, MatrixResult, MatrixResult]:
         """Masks for one GLU block. ``x_stats`` describe the block's input (gate/up inputs),
-        ``h_stats`` the intermediate activations (down's input)."""
+        ``h_stats`` the intermediate activations (down's input); ``act`` is the block's
+        activation (SiLU, GELU-tanh), for methods that evaluate the block's output."""
         return (
             self.prune_linear(gate, x_stats, pattern),
             self.prune_linear(up, x_stats, pattern),

@@ -47,7 +47,7 @@ class DaSS(PruningMethod):
         assert stats is not None
         return wanda_mask(weight, stats, pattern)
 
-    def prune_glu(self, gate, up, down, x_stats, h_stats, pattern):
+    def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
         assert h_stats is not None
         return (
             dass_glu_mask(gate, h_stats, pattern, self.alpha),
