@@ -1,0 +1,7 @@
+"""``python -m dass`` (and ``torchrun -m dass``) runs the console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,225 @@
+"""Saved checkpoints: the manifest, atomic writes, and verification.
+
+A pruned checkpoint is an ordinary transformers directory (safetensors, config,
+tokenizer) that loads without dass, plus ``dass.json``: how it was pruned and, for every
+pruned matrix, its pattern, N:M orientation and sparsity, so that ``dass verify`` can
+re-check the weights against it. Directories are written next to their destination under
+a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import __version__
+from .patterns import nm_violations, parse_pattern, sparsity_of
+
+MANIFEST = "dass.json"
+FORMAT = "dass/1"
+
+
+class CheckpointError(ValueError):
+    """An output that exists, a missing manifest, or an unreadable checkpoint."""
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "dass": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_manifest(report: Any, *, calibration: dict | None = None, extra: dict | None = None) -> dict:
+    """The ``dass.json`` content for a :class:`~dass.pipeline.PruneReport`."""
+    rep = report.to_dict()
+    matrices = {}
+    for m in rep.pop("matrices"):
+        pat = parse_pattern(m["pattern"])
+        matrices[m["key"]] = {
+            "name": m["name"],
+            "role": m["role"],
+            "shape": list(m["shape"]),
+            "pattern": m["pattern"],
+            "n": pat.n,
+            "m": pat.m,
+            "orientation": m["orientation"],
+            "sparsity": m["sparsity"],
+            "method": m["method"],
+            "expert": m["expert"],
+            "rows": list(m["rows"]) if m["rows"] else None,
+            **({"info": m["info"]} if m["info"] else {}),
+        }
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        **rep,
+        "calibration": calibration or {},
+        "matrices": matrices,
+    }
+    if extra:
+        manifest.update(extra)
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``out_dir``; on success rename it to
+    ``out_dir``. On any failure (exception, Ctrl-C) the temporary directory is removed and
+    ``out_dir`` is untouched; a killed process leaves only a hidden ``.NAME.tmp-*``."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def save_pruned(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    manifest: dict,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write ``model`` (+ tokenizer and ``dass.json``) atomically to ``out_dir``."""
+    out = Path(out_dir)
+    with atomic_directory(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / MANIFEST, manifest)
+    return out.resolve()
+
+
+# --------------------------------------------------------------------------------------
+# Reading and verification
+# --------------------------------------------------------------------------------------
+
+
+def read_manifest(ckpt: str | Path) -> dict:
+    path = Path(ckpt) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no {MANIFEST}: not a checkpoint written by dass")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
+def tensor_files(ckpt: str | Path) -> dict[str, Path]:
+    """Parameter name -> the safetensors file that holds it."""
+    ckpt = Path(ckpt)
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: ckpt / v for k, v in weight_map.items()}
+    single = ckpt / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{ckpt} has no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+@dataclass
+class VerifyResult:
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _lookup(files: dict[str, Path], name: str) -> str | None:
+    """The stored name of a parameter (transformers may drop or add a prefix)."""
+    if name in files:
+        return name
+    for cand in files:
+        if cand.endswith(name) or name.endswith(cand):
+            return cand
+    return None
+
+
+def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult:
+    """Re-read every pruned matrix and check it against the manifest: shape, N:M validity
+    along the recorded orientation, and sparsity (at least the pattern's and the recorded
+    value, which catches a matrix made denser)."""
+    from safetensors import safe_open
+
+    manifest = read_manifest(ckpt)
+    files = tensor_files(ckpt)
+    result = VerifyResult()
+    handles: dict[Path, Any] = {}
+    try:
+        for key, entry in manifest.get("matrices", {}).items():
+            stored = _lookup(files, entry["name"])
+            if stored is None:
+                result.problems.append(f"{key}: tensor {entry['name']} is missing")
+                continue
+            path = files[stored]
+            if path not in handles:
+                handles[path] = safe_open(path, "pt")
+            w = handles[path].get_tensor(stored)
+            if entry.get("expert") is not None:
+                w = w[entry["expert"]]
+            if entry.get("rows"):
+                w = w[entry["rows"][0] : entry["rows"][1]]
+            result.checked += 1
+            if list(w.shape) != list(entry["shape"]):
+                result.problems.append(f"{key}: shape {list(w.shape)} != manifest {entry['shape']}")
+                continue
+            pat = parse_pattern(entry["pattern"])
+            actual = sparsity_of(w)
+            if actual + tolerance < pat.sparsity:
+                result.problems.append(f"{key}: sparsity {actual:.6f} below the pattern's {pat.sparsity:g}")
+            if actual + tolerance < float(entry["sparsity"]):
+                result.problems.append(f"{key}: sparsity {actual:.6f} below the recorded {entry['sparsity']:.6f}")
+            if pat.is_nm:
+                orient = entry.get("orientation")
+                if orient not in ("input", "output"):
+                    result.problems.append(f"{key}: N:M matrix without a recorded orientation")
+                    continue
+                bad = nm_violations(w, pat.n, pat.m, orient)
+                if bad:
+                    result.problems.append(f"{key}: {bad} group(s) of {pat.m} along the {orient} dimension hold more than {pat.n} nonzeros")
+    finally:
+        handles.clear()
+    if result.checked == 0:
+        result.problems.append("the manifest lists no pruned matrix")
+    return result

@@ -1,0 +1,304 @@
+"""The ``dass`` console script. Thin: parses arguments, calls the library, prints.
+
+Every error a user can cause (a bad pattern, a missing file, an output that exists, a
+model without a GLU MLP) ends in one line on stderr and exit status 2, with no traceback;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_METHODS = "dense,dass,wanda,sparsegpt,magnitude"
+ZEROSHOT_TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge"
+
+
+class UsageError(ValueError):
+    """A command-line mistake."""
+
+
+# --------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device="cpu", gguf_file=getattr(args, "gguf_file", None))
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    if args.device:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device} requested but no CUDA GPU is available")
+        return args.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _calibration_spec(args: argparse.Namespace) -> dict[str, Any]:
+    return {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+
+
+def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    if method.startswith("dass") and args.alpha is not None:
+        return {"alpha": args.alpha if args.alpha == "auto" else float(args.alpha)}
+    if args.alpha is not None and not method.startswith("dass"):
+        raise UsageError(f"--alpha applies to DaSS only, not to {method}")
+    return {}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="'default' (the embedded SmolLM2-135M), a local directory, or a hub id")
+    p.add_argument("--gguf-file", help="GGUF file name inside MODEL (a directory)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int = 128, seqlen: int = 2048) -> None:
+    p.add_argument("--calibration", default="default", help="default | FILE.txt | FILE.jsonl | c4 | wikitext2")
+    p.add_argument("--nsamples", type=int, default=nsamples)
+    p.add_argument("--seqlen", type=int, default=seqlen)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scope", default="mlp", choices=["mlp", "all"])
+    p.add_argument("--alpha", default=None, help="DaSS exponent (default 0.5) or 'auto'")
+
+
+# --------------------------------------------------------------------------------------
+# prune
+# --------------------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, build_manifest, save_pruned
+    from .data import sample_calibration
+    from .pipeline import prune, validate
+    from .methods import get_method
+    from .patterns import parse_pattern
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
+    method = get_method(args.method, **_method_options(args, args.method))
+    pattern = parse_pattern(args.pattern)
+    t0 = time.perf_counter()
+    model, tokenizer = _load(args)
+    validate(model, method, pattern, args.scope)  # fail before the calibration forward
+    ids = None
+    if method.needs_calibration:
+        ids = sample_calibration(tokenizer, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    report = prune(
+        model,
+        method,
+        pattern,
+        args.scope,
+        calibration=ids,
+        batch_size=args.batch_size,
+        device=_device(args),
+        progress=not args.quiet,
+    )
+    manifest = build_manifest(
+        report,
+        calibration=_calibration_spec(args) if ids is not None else {},
+        extra={"source_model": args.model, "load_seconds": None},
+    )
+    path = save_pruned(model, tokenizer, out, manifest, overwrite=args.overwrite)
+    if args.compress:
+        from .sparse_format import compress_checkpoint  # issue 5's compressed format
+
+        compress_checkpoint(path)
+    print(f"{report.summary()} -> {path} ({time.perf_counter() - t0:.1f} s in all)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------
+
+
+def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[str, Any]:
+    from .data import evaluation_tokens
+    from .evaluate import perplexity
+
+    result: dict[str, Any] = {}
+    if args.ppl and args.ppl != "none":
+        tokens = evaluation_tokens(tokenizer, args.ppl)
+        if args.eval_tokens:
+            tokens = tokens[:, : args.eval_tokens]
+        result["perplexity"] = perplexity(
+            model, tokens, seqlen=args.eval_seqlen, device=device, progress=not args.quiet
+        )
+    if args.zeroshot:
+        from .evaluate import zeroshot
+
+        tasks = [t.strip() for t in args.zeroshot.split(",") if t.strip()]
+        result["zeroshot"] = zeroshot(model, tokenizer, tasks=tasks, limit=args.limit, device=device)
+    return result
+
+
+def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tokens: int | None = None) -> None:
+    p.add_argument("--ppl", default="default", help="default | wikitext2 | FILE | none")
+    p.add_argument("--eval-seqlen", type=int, default=eval_seqlen, help="perplexity window (tokens)")
+    p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="use only the first N evaluation tokens")
+    p.add_argument("--zeroshot", default=None, help=f"comma-separated tasks, e.g. {ZEROSHOT_TASKS}")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: items per task (quick runs)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, tokenizer = _load(args)
+    device = _device(args)
+    result = _evaluate(model, tokenizer, args, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    ppl = result.get("perplexity", {}).get("ppl")
+    parts = [f"perplexity {ppl:.3f}"] if ppl is not None else []
+    for task, r in result.get("zeroshot", {}).items():
+        parts.append(f"{task} {r.get('acc_norm', r.get('acc')):.4f}")
+    print(f"{args.model}: " + ", ".join(parts))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# verify
+# --------------------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import verify_checkpoint
+
+    res = verify_checkpoint(args.dir)
+    if res.ok:
+        print(f"{args.dir}: OK, {res.checked} pruned matrices match the manifest")
+        return 0
+    for p in res.problems[:50]:
+        print(f"{args.dir}: {p}", file=sys.stderr)
+    print(f"{args.dir}: FAILED, {len(res.problems)} problem(s) in {res.checked} matrices", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    return run_compare(args)
+
+
+# --------------------------------------------------------------------------------------
+# passthroughs to other modules
+# --------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import main as bench_main
+
+    return int(bench_main(rest) or 0)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .sparse_format import compress_checkpoint
+
+    out = compress_checkpoint(Path(args.dir), Path(args.output) if args.output else None, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="dass", description="One-shot pruning of GLU language models.")
+    parser.add_argument("--version", action="version", version=f"dass {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save the checkpoint")
+    _add_model_args(p)
+    p.add_argument("--method", default="dass")
+    p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or an unstructured ratio (0.5)")
+    _add_prune_args(p)
+    _add_calibration_args(p)
+    p.add_argument("--output", "-o", required=True, help="output directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--compress", action="store_true", help="also store N:M matrices compressed")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy")
+    _add_model_args(p)
+    _add_eval_args(p)
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("verify", help="check a saved checkpoint against its manifest")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("compare", help="dense vs methods x patterns, one table")
+    _add_model_args(p)
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; 'dense' adds the unpruned row")
+    p.add_argument("--patterns", default="2:4", help="comma-separated patterns")
+    _add_prune_args(p)
+    _add_calibration_args(p, nsamples=32, seqlen=512)
+    _add_eval_args(p, eval_seqlen=512, eval_tokens=None)
+    p.add_argument("--out", default="runs/compare", help="directory for results.json, results.md, the plot")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("compress", help="store a checkpoint's N:M matrices as values + indices")
+    p.add_argument("dir")
+    p.add_argument("--output", "-o")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("bench", help="speed of dense vs 2:4 kernels (GPU); options: dass bench --help", add_help=False)
+    p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "bench":
+        return cmd_bench(argparse.Namespace(), argv[1:])
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("dass: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"dass: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""``dass compare``: dense plus methods x patterns on one model, same calibration and
+evaluation for every row, one table (printed, JSON, Markdown, plot)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch import all_decoder_linears
+from .patterns import parse_pattern, sparsity_of
+
+
+def decoder_sparsity(model: torch.nn.Module) -> float:
+    """Fraction of zeros over every linear weight of the decoder layers."""
+    zeros = total = 0
+    for _, w in all_decoder_linears(model):
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / max(total, 1)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+    head = ["method", "pattern", "alpha", "ppl"] + tasks + (["mean acc"] if tasks else []) + [
+        "sparsity (pruned)",
+        "sparsity (decoder)",
+        "prune s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        zs = r.get("zeroshot") or {}
+        cells = [r["method"], r["pattern"] or "-", _fmt(r.get("alpha"), ""), _fmt(r.get("ppl"), ".2f")]
+        cells += [_fmt(zs.get(t), ".4f") for t in tasks]
+        if tasks:
+            cells.append(_fmt(r.get("mean_acc"), ".4f"))
+        cells += [_fmt(r.get("sparsity_pruned"), ".4f"), _fmt(r.get("sparsity_decoder"), ".4f"), _fmt(r.get("prune_seconds"), ".1f")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Perplexity per method and pattern (log scale). False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{r['method']}\n{r['pattern'] or 'dense'}" for r in rows if r.get("ppl")]
+    values = [r["ppl"] for r in rows if r.get("ppl")]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(values)), 3.5))
+    ax.bar(range(len(values)), values, color=["#888" if "dense" in lab else "#3b7dd8" for lab in labels])
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (lower is better)")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .cli import _device, _evaluate, _load, _method_options
+    from .data import sample_calibration
+    from .methods import get_method
+    from .pipeline import prune, validate
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    patterns = [parse_pattern(p.strip()) for p in args.patterns.split(",") if p.strip()]
+    runs = [(m, get_method(m, **_method_options(args, m))) for m in methods if m != "dense"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(args)
+    t_all = time.perf_counter()
+    model, tokenizer = _load(args)
+    for _, meth in runs:  # everything that can fail on the model fails before any work
+        for pat in patterns:
+            validate(model, meth, pat, args.scope)
+    ids = sample_calibration(tokenizer, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tasks = [t.strip() for t in args.zeroshot.split(",")] if args.zeroshot else []
+    rows: list[dict[str, Any]] = []
+    meta = {
+        "model": args.model,
+        "scope": args.scope,
+        "calibration": {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
+        "evaluation": {"ppl": args.ppl, "seqlen": args.eval_seqlen, "tokens": args.eval_tokens, "zeroshot": tasks, "limit": args.limit},
+        "device": device,
+        "dtype": str(next(model.parameters()).dtype),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+    def evaluate_row(row: dict[str, Any]) -> None:
+        res = _evaluate(model, tokenizer, args, device)
+        row["ppl"] = res.get("perplexity", {}).get("ppl")
+        if "zeroshot" in res:
+            row["zeroshot"] = {t: r.get("acc_norm", r.get("acc")) for t, r in res["zeroshot"].items()}
+            row["zeroshot_full"] = res["zeroshot"]
+            row["mean_acc"] = sum(row["zeroshot"].values()) / max(len(row["zeroshot"]), 1)
+        rows.append(row)
+        (out / "results.partial.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+        print(
+            f"  {row['method']:>10} {row['pattern'] or '':>16}: ppl {_fmt(row.get('ppl'), '.2f')}"
+            + (f", mean acc {row['mean_acc']:.4f}" if "mean_acc" in row else "")
+            + (f", pruned in {row['prune_seconds']:.1f} s" if row.get("prune_seconds") else ""),
+            flush=True,
+        )
+
+    if "dense" in methods:
+        evaluate_row({"method": "dense", "pattern": None, "sparsity_pruned": 0.0, "sparsity_decoder": decoder_sparsity(model)})
+    for name, meth in runs:
+        for pat in patterns:
+            model.load_state_dict(original)
+            report = prune(model, meth, pat, args.scope, calibration=ids, batch_size=args.batch_size, device=device, progress=not args.quiet)
+            evaluate_row(
+                {
+                    "method": name,
+                    "pattern": str(pat),
+                    "alpha": meth.options().get("alpha"),
+                    "sparsity_pruned": report.sparsity,
+                    "sparsity_decoder": decoder_sparsity(model),
+                    "prune_seconds": report.total_seconds,
+                    "fallbacks": report.fallbacks,
+                    "report": {k: v for k, v in report.to_dict().items() if k != "matrices"},
+                }
+            )
+    meta["total_seconds"] = time.perf_counter() - t_all
+    table = markdown_table(rows, tasks)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.partial.json").unlink(missing_ok=True)
+    plotted = plot(rows, out / "perplexity.png")
+    print()
+    print(table)
+    print()
+    print(
+        f"compare: {len(rows)} rows in {meta['total_seconds']:.0f} s; wrote {out / 'results.json'}, "
+        f"{out / 'results.md'}" + (f", {out / 'perplexity.png'}" if plotted else "")
+    )
+    return 0
