@@ -171,9 +171,19 @@ def _lookup(files: dict[str, Path], name: str) -> str | None:
     if name in files:
         return name
     for cand in files:
-        if cand.endswith(name) or name.endswith(cand):
+        if cand.endswith("." + name) or name.endswith("." + cand):
             return cand
     return None
+
+
+def _model_parameters(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """In-memory parameter names and values, via transformers. Needed when the stored
+    names differ from the module names (transformers 5 stores fused MoE experts as
+    per-expert ``w1``/``w2``/``w3`` tensors and converts them back on load)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto")
+    return dict(model.named_parameters())
 
 
 def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult:
@@ -183,19 +193,31 @@ def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult
     from safetensors import safe_open
 
     manifest = read_manifest(ckpt)
+    entries = manifest.get("matrices", {})
     files = tensor_files(ckpt)
     result = VerifyResult()
     handles: dict[Path, Any] = {}
+    params: dict[str, torch.Tensor] | None = None
+    if any(_lookup(files, e["name"]) is None for e in entries.values()):
+        params = _model_parameters(ckpt)
+
+    def fetch(name: str) -> torch.Tensor | None:
+        if params is not None and name in params:
+            return params[name].detach()
+        stored = _lookup(files, name)
+        if stored is None:
+            return None
+        path = files[stored]
+        if path not in handles:
+            handles[path] = safe_open(path, "pt")
+        return handles[path].get_tensor(stored)
+
     try:
-        for key, entry in manifest.get("matrices", {}).items():
-            stored = _lookup(files, entry["name"])
-            if stored is None:
+        for key, entry in entries.items():
+            w = fetch(entry["name"])
+            if w is None:
                 result.problems.append(f"{key}: tensor {entry['name']} is missing")
                 continue
-            path = files[stored]
-            if path not in handles:
-                handles[path] = safe_open(path, "pt")
-            w = handles[path].get_tensor(stored)
             if entry.get("expert") is not None:
                 w = w[entry["expert"]]
             if entry.get("rows"):

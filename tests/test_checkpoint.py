@@ -1,0 +1,125 @@
+"""Manifest, atomic save and verification of pruned checkpoints."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dass
+from dass.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    build_manifest,
+    read_manifest,
+    save_pruned,
+    verify_checkpoint,
+)
+from tiny import calib, tiny_model
+
+
+def pruned(arch="llama", method="dass", pattern="2:4"):
+    model = tiny_model(arch)
+    report = dass.prune(model, method, pattern, calibration=calib(), progress=False)
+    return model, report
+
+
+def test_manifest_matches_weights(tmp_path):
+    model, report = pruned()
+    manifest = build_manifest(report, calibration={"source": "ids", "nsamples": 6})
+    out = save_pruned(model, None, tmp_path / "ckpt", manifest)
+    m = read_manifest(out)
+    assert m["method"] == "dass" and m["pattern"] == "2:4" and m["options"] == {"alpha": 0.5}
+    assert {"dass", "torch", "transformers"} <= set(m["versions"])
+    sd = load_file(out / "model.safetensors")
+    for key, e in m["matrices"].items():
+        w = sd[e["name"]]
+        assert list(w.shape) == e["shape"]
+        assert float((w == 0).float().mean()) == pytest.approx(e["sparsity"])
+        assert e["orientation"] == ("output" if e["role"] in ("gate", "up") else "input")
+    res = verify_checkpoint(out)
+    assert res.ok and res.checked == 6
+
+
+@pytest.mark.parametrize("arch", ["phi3", "mixtral"])
+def test_verify_fused_and_expert_matrices(tmp_path, arch):
+    model, report = pruned(arch)
+    out = save_pruned(model, None, tmp_path / "c", build_manifest(report))
+    res = verify_checkpoint(out)
+    assert res.ok, res.problems
+    assert res.checked == len(report.matrices)
+
+
+def _corrupt(path, name, fn):
+    sd = load_file(path / "model.safetensors")
+    sd[name] = fn(sd[name].clone())
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_verify_catches_denser_matrix(tmp_path):
+    model, report = pruned()
+    out = save_pruned(model, None, tmp_path / "c", build_manifest(report))
+
+    def densify(w):
+        w[w == 0] = 0.01  # every weight back
+        return w
+
+    _corrupt(out, "model.layers.1.mlp.up_proj.weight", densify)
+    res = verify_checkpoint(out)
+    assert not res.ok
+    assert any("up_proj" in p and "output dimension" in p for p in res.problems)
+
+
+def test_verify_catches_single_group_violation(tmp_path):
+    model, report = pruned(method="wanda")
+    out = save_pruned(model, None, tmp_path / "c", build_manifest(report))
+
+    def one_more(w):
+        row = w[0, :4]
+        row[row == 0] = 1.0  # one group of the first row now holds 4 nonzeros
+        return w
+
+    _corrupt(out, "model.layers.0.mlp.down_proj.weight", one_more)
+    res = verify_checkpoint(out)
+    assert len(res.problems) >= 1 and any("1 group(s)" in p for p in res.problems)
+
+
+def test_verify_without_manifest(tmp_path):
+    with pytest.raises(CheckpointError, match="no dass.json"):
+        verify_checkpoint(tmp_path)
+
+
+def test_refuses_existing_output_and_overwrites_on_request(tmp_path):
+    model, report = pruned()
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_pruned(model, None, out, build_manifest(report))
+    assert (out / "keep.txt").read_text() == "mine"
+    save_pruned(model, None, out, build_manifest(report), overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "dass.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary left
+
+
+def test_interrupted_save_leaves_no_directory(tmp_path):
+    out = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x" * 10)
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reload_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, report = pruned()
+    out = save_pruned(model, None, tmp_path / "c", build_manifest(report))
+    again = AutoModelForCausalLM.from_pretrained(out)
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids = calib()[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, again(ids).logits)
+    assert json.loads((out / "dass.json").read_text())["format"] == "dass/1"
