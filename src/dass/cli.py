@@ -150,7 +150,8 @@ def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[s
         from .evaluate import zeroshot
 
         tasks = [t.strip() for t in args.zeroshot.split(",") if t.strip()]
-        result["zeroshot"] = zeroshot(model, tokenizer, tasks=tasks, limit=args.limit, device=device)
+        bs = args.zeroshot_batch_size or (64 if str(device).startswith("cuda") else 8)
+        result["zeroshot"] = zeroshot(model, tokenizer, tasks=tasks, limit=args.limit, batch_size=bs, device=device)
     return result
 
 
@@ -160,6 +161,7 @@ def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tok
     p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="use only the first N evaluation tokens")
     p.add_argument("--zeroshot", default=None, help=f"comma-separated tasks, e.g. {ZEROSHOT_TASKS}")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: items per task (quick runs)")
+    p.add_argument("--zeroshot-batch-size", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
