@@ -197,13 +197,15 @@ def load_model(
     - ``default``: the embedded SmolLM2 (float32 on CPU under ``dtype="auto"``, since CPU
       half-precision matmuls are slow and the checkpoint is a float dequantization anyway).
     - a directory (optionally with ``gguf_file``), or a ``.gguf`` file path.
-    - a hub id such as ``meta-llama/Llama-2-7b-hf``, only when the hub is reachable.
+    - a hub id such as ``meta-llama/Llama-2-7b-hf``: downloaded only when the hub is
+      reachable; offline, only a copy already in the local hub cache is used.
 
     ``dtype="auto"`` keeps the checkpoint's own dtype. Input files are only read.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
+    hub_kwargs: dict = {}
     if spec == "default":
         path, default_dtype = default_model_dir(), (torch.float32 if device.type == "cpu" else "auto")
         source = str(path)
@@ -222,23 +224,29 @@ def load_model(
             gguf_file = ggufs[0]
         source, default_dtype = str(path), "auto"
     else:
-        if not hub_reachable():
-            raise ModelError(
-                f"{spec!r} is not a local path and the Hugging Face hub is not reachable "
-                "(offline or HF_HUB_OFFLINE=1); use 'default' or a local checkpoint directory"
-            )
         source, default_dtype = spec, "auto"
+        # Offline, a hub id can still be served from the local hub cache, but never fetched.
+        if not hub_reachable():
+            hub_kwargs["local_files_only"] = True
 
     torch_dtype = _resolve_dtype(dtype, default_dtype)
     try:
         if gguf_file is not None:
             model, tokenizer = _load_gguf(Path(source), gguf_file, torch_dtype)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
     except ModelError:
         raise
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if hub_kwargs.get("local_files_only"):
+            raise ModelError(
+                f"{spec!r} is not a local path, not in the local hub cache, and the Hugging Face hub "
+                "is not reachable (offline or HF_HUB_OFFLINE=1); use 'default' or a local checkpoint directory"
+            ) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load model {spec!r}: {first}") from exc
+    except ValueError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load model {spec!r}: {first}") from exc
     model = model.to(device)
