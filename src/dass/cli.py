@@ -139,6 +139,7 @@ def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[s
     from .evaluate import perplexity
 
     result: dict[str, Any] = {}
+    model.to(device)  # evaluation needs the whole model where its inputs are
     if args.ppl and args.ppl != "none":
         tokens = evaluation_tokens(tokenizer, args.ppl)
         if args.eval_tokens:
