@@ -134,6 +134,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _headline(r: dict[str, Any]) -> float:
+    """acc_norm where the harness reports it (METHOD.md), else acc."""
+    return r["acc_norm"] if r.get("acc_norm") is not None else r["acc"]
+
+
 def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[str, Any]:
     from .data import evaluation_tokens
     from .evaluate import perplexity
@@ -174,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ppl = result.get("perplexity", {}).get("ppl")
     parts = [f"perplexity {ppl:.3f}"] if ppl is not None else []
     for task, r in result.get("zeroshot", {}).items():
-        parts.append(f"{task} {r.get('acc_norm', r.get('acc')):.4f}")
+        parts.append(f"{task} {_headline(r):.4f}")
     print(f"{args.model}: " + ", ".join(parts))
     return 0
 

@@ -71,7 +71,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .cli import _device, _evaluate, _load, _method_options
+    from .cli import _device, _evaluate, _headline, _load, _method_options
     from .data import sample_calibration
     from .methods import get_method
     from .pipeline import prune, validate
@@ -105,7 +105,7 @@ def run_compare(args: argparse.Namespace) -> int:
         res = _evaluate(model, tokenizer, args, device)
         row["ppl"] = res.get("perplexity", {}).get("ppl")
         if "zeroshot" in res:
-            row["zeroshot"] = {t: r.get("acc_norm", r.get("acc")) for t, r in res["zeroshot"].items()}
+            row["zeroshot"] = {t: _headline(r) for t, r in res["zeroshot"].items()}
             row["zeroshot_full"] = res["zeroshot"]
             row["mean_acc"] = sum(row["zeroshot"].values()) / max(len(row["zeroshot"]), 1)
         rows.append(row)
