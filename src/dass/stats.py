@@ -4,7 +4,12 @@ Pure tensor code. One :class:`FeatureStats` describes the inputs of one weight m
 of several that share an input, such as q/k/v or gate/up): the per-feature sum of squares
 (Wanda's and DaSS's norms are its square root) and, when SparseGPT needs it, the sum of
 outer products ``X^T X``. Sums, not running means, so that batches and ranks merge by
-addition and the result does not depend on how the calibration set was split.
+addition.
+
+Each batch's sums are computed in fp32 (as METHOD.md asks) and added into fp64 totals. An
+fp64 sum of fp32 values is exact unless their magnitudes span more than ~2^29, so in
+practice the totals do not depend on how the calibration set was split into batches or
+across ranks, and a distributed run chooses bit-for-bit the same masks as one process.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ class FeatureStats:
     samples: list[torch.Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sqsum = torch.zeros(self.features, dtype=torch.float32, device=self.device)
+        self.sqsum = torch.zeros(self.features, dtype=torch.float64, device=self.device)
         if self.with_hessian:
-            self.xtx = torch.zeros(self.features, self.features, dtype=torch.float32, device=self.device)
+            self.xtx = torch.zeros(self.features, self.features, dtype=torch.float64, device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs ``x`` of shape ``[..., features]`` (any dtype)."""
@@ -42,7 +47,7 @@ class FeatureStats:
         xf = x.to(device=self.sqsum.device, dtype=torch.float32)
         self.sqsum.add_(xf.pow(2).sum(0))
         if self.xtx is not None:
-            self.xtx.addmm_(xf.t(), xf)
+            self.xtx.add_(xf.t() @ xf)
         self.tokens += x.shape[0]
         self._keep_sample(x)
 
@@ -75,14 +80,14 @@ class FeatureStats:
 
     @property
     def norm(self) -> torch.Tensor:
-        """Per-feature L2 norm over all tokens (Wanda's ``||X_j||``, DaSS's ``a_i``)."""
-        return self.sqsum.sqrt()
+        """Per-feature L2 norm over all tokens (Wanda's ``||X_j||``, DaSS's ``a_i``), fp32."""
+        return self.sqsum.sqrt().float()
 
     def hessian(self) -> torch.Tensor:
         """SparseGPT's ``H = 2/T X^T X`` (fp32)."""
         if self.xtx is None:
             raise ValueError("these statistics were gathered without the Hessian")
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        return (self.xtx * (2.0 / max(self.tokens, 1))).float()
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to sum across ranks (all-reduce), in a fixed order."""
