@@ -1,0 +1,239 @@
+"""Triton kernels for 2:4 matrices stored in the layouts of :mod:`dass.kernels.layout`.
+
+Imported lazily by :mod:`dass.kernels` (needs triton and a GPU, or TRITON_INTERPRET=1).
+
+``y = x @ W.T`` with ``x`` [T, K] and ``W`` [N, K] given as (values, meta):
+
+- ``BLOCK_T == 1``: one token per program along grid axis 2; a streaming GEMV that keeps
+  fp32 partial products in registers and reduces them once at the end.
+- ``BLOCK_T >= 16``: tensor-core path; the 2:4 tile is expanded in registers into its four
+  "phase" sub-tiles (row 4g+p of each group for the output orientation, column 4c+p for the
+  input orientation) and each is fed to ``tl.dot``.
+- ``SPLIT_K > 1``: programs split the reduction and write fp32 partials (summed on the host
+  side), for shapes that would otherwise give too few programs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _nm24_out_kernel(
+    x_ptr, v_ptr, m_ptr, y_ptr,
+    T, NG, K, stride_xt, stride_yt, stride_ys, k_per_split,
+    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = g < NG
+    g64 = g.to(tl.int64)
+    vrow0 = (2 * g64) * K
+    vrow1 = vrow0 + K
+    mrow = (g64 // 2) * K
+    shift = ((g % 2) * 4)[:, None]
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    rows = 4 * g64
+    y_base = y_ptr + pid_k.to(tl.int64) * stride_ys
+    if BLOCK_T == 1:
+        t = pid_t.to(tl.int64)
+        acc0 = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
+        for kk in range(0, k_per_split, BLOCK_K):
+            k0 = k_lo + kk
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < k_hi
+            m2 = gmask[:, None] & kmask[None, :]
+            v0 = tl.load(v_ptr + vrow0[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
+            v1 = tl.load(v_ptr + vrow1[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
+            mb = tl.load(m_ptr + mrow[:, None] + k[None, :], mask=m2, other=0).to(tl.int32)
+            xv = tl.load(x_ptr + t * stride_xt + k, mask=kmask, other=0.0).to(tl.float32)[None, :]
+            nib = (mb >> shift) & 15
+            i0 = nib & 3
+            i1 = nib >> 2
+            a0 = v0 * xv
+            a1 = v1 * xv
+            acc0 += tl.where(i0 == 0, a0, 0.0)
+            acc1 += tl.where(i0 == 1, a0, tl.where(i1 == 1, a1, 0.0))
+            acc2 += tl.where(i0 == 2, a0, tl.where(i1 == 2, a1, 0.0))
+            acc3 += tl.where(i1 == 3, a1, 0.0)
+        yp = y_base + t * stride_yt + rows
+        ety = y_ptr.dtype.element_ty
+        tl.store(yp + 0, tl.sum(acc0, axis=1).to(ety), mask=gmask)
+        tl.store(yp + 1, tl.sum(acc1, axis=1).to(ety), mask=gmask)
+        tl.store(yp + 2, tl.sum(acc2, axis=1).to(ety), mask=gmask)
+        tl.store(yp + 3, tl.sum(acc3, axis=1).to(ety), mask=gmask)
+    else:
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < T
+        t64 = t.to(tl.int64)
+        acc0 = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
+        for kk in range(0, k_per_split, BLOCK_K):
+            k0 = k_lo + kk
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < k_hi
+            m2 = gmask[:, None] & kmask[None, :]
+            v0 = tl.load(v_ptr + vrow0[:, None] + k[None, :], mask=m2, other=0.0)
+            v1 = tl.load(v_ptr + vrow1[:, None] + k[None, :], mask=m2, other=0.0)
+            mb = tl.load(m_ptr + mrow[:, None] + k[None, :], mask=m2, other=0).to(tl.int32)
+            xt = tl.load(
+                x_ptr + t64[None, :] * stride_xt + k[:, None],
+                mask=kmask[:, None] & tmask[None, :], other=0.0,
+            )
+            nib = (mb >> shift) & 15
+            i0 = nib & 3
+            i1 = nib >> 2
+            z = tl.zeros_like(v0)
+            w0 = tl.where(i0 == 0, v0, z)
+            w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, z))
+            w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, z))
+            w3 = tl.where(i1 == 3, v1, z)
+            acc0 = tl.dot(w0, xt, acc0)
+            acc1 = tl.dot(w1, xt, acc1)
+            acc2 = tl.dot(w2, xt, acc2)
+            acc3 = tl.dot(w3, xt, acc3)
+        ety = y_ptr.dtype.element_ty
+        yp = y_base + t64[None, :] * stride_yt + rows[:, None]
+        smask = gmask[:, None] & tmask[None, :]
+        tl.store(yp + 0, acc0.to(ety), mask=smask)
+        tl.store(yp + 1, acc1.to(ety), mask=smask)
+        tl.store(yp + 2, acc2.to(ety), mask=smask)
+        tl.store(yp + 3, acc3.to(ety), mask=smask)
+
+
+@triton.jit
+def _nm24_in_kernel(
+    x_ptr, v_ptr, m_ptr, y_ptr,
+    T, N, NC, stride_xt, stride_yt, stride_ys, c_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # W is [N, 4*NC]; values [N, 2*NC]; meta [N, ceil(NC/2)]
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < N
+    r64 = r.to(tl.int64)
+    VK = 2 * NC
+    MK = (NC + 1) // 2
+    vrow = r64 * VK
+    mrow = r64 * MK
+    c_lo = pid_k * c_per_split
+    c_hi = tl.minimum(c_lo + c_per_split, NC)
+    y_base = y_ptr + pid_k.to(tl.int64) * stride_ys
+    if BLOCK_T == 1:
+        t = pid_t.to(tl.int64)
+        xrow = x_ptr + t * stride_xt
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for cc in range(0, c_per_split, BLOCK_C):
+            c0 = c_lo + cc
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < c_hi
+            vc = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
+            vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
+                         mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
+            v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
+            mc = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+            mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
+                         mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
+            nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
+            i0 = nib & 3
+            i1 = nib >> 2
+            x0 = tl.load(xrow + 4 * c + 0, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            x1 = tl.load(xrow + 4 * c + 1, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            x2 = tl.load(xrow + 4 * c + 2, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            x3 = tl.load(xrow + 4 * c + 3, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            xs0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
+            xs1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+            acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+        out = tl.sum(acc, axis=1)
+        tl.store(y_base + t * stride_yt + r64, out.to(y_ptr.dtype.element_ty), mask=rmask)
+    else:
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < T
+        t64 = t.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+        for cc in range(0, c_per_split, BLOCK_C):
+            c0 = c_lo + cc
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < c_hi
+            vc = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
+            vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
+                         mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
+            v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
+            mc = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+            mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
+                         mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
+            nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
+            i0 = nib & 3
+            i1 = nib >> 2
+            z = tl.zeros_like(v0)
+            xm = cmask[:, None] & tmask[None, :]
+            xb = x_ptr + t64[None, :] * stride_xt + 4 * c[:, None]
+            d0 = tl.where(i0 == 0, v0, z)
+            acc = tl.dot(d0, tl.load(xb + 0, mask=xm, other=0.0), acc)
+            d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, z))
+            acc = tl.dot(d1, tl.load(xb + 1, mask=xm, other=0.0), acc)
+            d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, z))
+            acc = tl.dot(d2, tl.load(xb + 2, mask=xm, other=0.0), acc)
+            d3 = tl.where(i1 == 3, v1, z)
+            acc = tl.dot(d3, tl.load(xb + 3, mask=xm, other=0.0), acc)
+        yp = y_base + t64[None, :] * stride_yt + r64[:, None]
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & tmask[None, :])
+
+
+@triton.jit
+def _nm24_out_decompress_kernel(v_ptr, m_ptr, w_ptr, NG, K, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m2 = (g < NG)[:, None] & (k < K)[None, :]
+    g64 = g.to(tl.int64)
+    v0 = tl.load(v_ptr + ((2 * g64) * K)[:, None] + k[None, :], mask=m2, other=0.0)
+    v1 = tl.load(v_ptr + ((2 * g64 + 1) * K)[:, None] + k[None, :], mask=m2, other=0.0)
+    mb = tl.load(m_ptr + ((g64 // 2) * K)[:, None] + k[None, :], mask=m2, other=0).to(tl.int32)
+    nib = (mb >> ((g % 2) * 4)[:, None]) & 15
+    i0 = nib & 3
+    i1 = nib >> 2
+    z = tl.zeros_like(v0)
+    base = w_ptr + ((4 * g64) * K)[:, None] + k[None, :]
+    tl.store(base, tl.where(i0 == 0, v0, z), mask=m2)
+    tl.store(base + K, tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, z)), mask=m2)
+    tl.store(base + 2 * K, tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, z)), mask=m2)
+    tl.store(base + 3 * K, tl.where(i1 == 3, v1, z), mask=m2)
+
+
+@triton.jit
+def _nm24_in_decompress_kernel(v_ptr, m_ptr, w_ptr, N, NC, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c0 = tl.program_id(1) * BLOCK_C
+    rmask = r < N
+    r64 = r.to(tl.int64)
+    vc = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
+    vv = tl.load(v_ptr + (r64 * (2 * NC))[:, None] + vc[None, :],
+                 mask=rmask[:, None] & (vc < 2 * NC)[None, :], other=0.0)
+    v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
+    mc = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+    mb = tl.load(m_ptr + (r64 * ((NC + 1) // 2))[:, None] + mc[None, :],
+                 mask=rmask[:, None] & (2 * mc < NC)[None, :], other=0).to(tl.int32)
+    nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
+    i0 = nib & 3
+    i1 = nib >> 2
+    z = tl.zeros_like(v0)
+    d0 = tl.where(i0 == 0, v0, z)
+    d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, z))
+    d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, z))
+    d3 = tl.where(i1 == 3, v1, z)
+    # interleave the four phases back into 4*BLOCK_C contiguous columns
+    w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_M, 4 * BLOCK_C))
+    wc = 4 * c0 + tl.arange(0, 4 * BLOCK_C)
+    tl.store(w_ptr + (r64 * (4 * NC))[:, None] + wc[None, :], w,
+             mask=rmask[:, None] & (wc < 4 * NC)[None, :])
