@@ -277,9 +277,9 @@ def bench_e2e(timer: Timer, layers: int, prefill: list[int], decode_ctx: int, de
                 out["prefill"].setdefault(str(P), {})[name] = ms
             print(f"  prefill {P}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in out["prefill"][str(P)].items() if v), flush=True)
         # eager decode: one new token on a KV cache of decode_ctx tokens
-        ctx = torch.randint(0, vocab, (1, decode_ctx), device=device)
+        ctx = torch.randint(0, vocab, (1, max(decode_ctx, 1)), device=device)
         nxt = torch.randint(0, vocab, (1, 1), device=device)
-        for name, m in models.items():
+        for name, m in (models.items() if decode_ctx > 0 else ()):
             def run():
                 step = lambda cache: fwd(m, nxt, past_key_values=cache, use_cache=True)  # noqa: E731
                 step(fwd(m, ctx, use_cache=True).past_key_values)  # warm-up
@@ -360,6 +360,71 @@ def sweep(timer: Timer, dtype, device, errors: list, d: int = 4096, D: int = 110
             gb = (N * K * 9 // 8 + T * (K + N) * 2) / best["ms"] / 1e6
             print(f"  sweep {key}: best {best['ms'] * 1e3:.1f} us ({gb:.0f} GB/s) {best['config']}", flush=True)
     return res
+
+
+def gemv(timer: Timer, shapes, dtype, device, errors: list) -> dict[str, Any]:
+    """1-token products: the Triton kernels (a few launch configs) against dense cuBLAS, for
+    every MLP matrix shape; installs the fastest config; also checks every kernel path."""
+    from .kernels import nm24_decompress, nm24_matmul, set_config, to_kernel_layout
+
+    def c(b, k, w=4, sp=1):
+        return dict(BLOCK=b, BLOCK_K=k, BLOCK_T=1, num_warps=w, num_stages=1, SPLIT_K=sp)
+
+    cfgs = {"output": [c(2, 512), c(2, 1024, 8), c(4, 256), c(4, 512, 8)],
+            "input": [c(8, 128), c(16, 128), c(8, 256), c(16, 128, sp=2), c(8, 128, sp=2)]}
+    out: dict[str, Any] = {"rows": [], "checks": []}
+    for name, d, D in shapes:
+        for kind, o, N, K in (("gate", "output", D, d), ("gate", "input", D, d), ("down", "input", d, D)):
+            nbytes = N * K * 9 // 8
+            nc = _ncopies(nbytes)
+            Ws = [prune24(torch.randn(N, K, device=device, dtype=dtype) * 0.02, o) for _ in range(nc)]
+            lays = [to_kernel_layout(w, o) for w in Ws]
+            x = torch.randn(1, K, device=device, dtype=dtype)
+            ref = x.double() @ Ws[0].double().T
+            dense = timer.graph(lambda i: F.linear(x, Ws[i % nc]), nc)
+            row = {"shape": name, "kind": kind, "orientation": o, "N": N, "K": K, "dense_graph_ms": dense, "tried": []}
+            for cfg in cfgs[o]:
+                if o == "input" and cfg["SPLIT_K"] > 1 and K < 8192:
+                    continue
+                y = _safe(lambda: nm24_matmul(x, lays[0][0], lays[0][1], N, K, o, config=cfg), errors, f"gemv {o} {cfg}")
+                if y is None:
+                    continue
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    errors.append(f"gemv {o} {N}x{K} {cfg}: wrong result, rel err {err:.3g}")
+                    continue
+                ms = _safe(lambda: timer.graph(lambda i: nm24_matmul(x, lays[i % nc][0], lays[i % nc][1], N, K, o, config=cfg), nc),
+                           errors, f"gemv time {o} {cfg}")
+                if ms is not None:
+                    row["tried"].append({"config": cfg, "ms": ms, "rel_err": err})
+            if row["tried"]:
+                best = min(row["tried"], key=lambda t: t["ms"])
+                row["best"] = best
+                set_config(o, 1, best["config"], N, K)
+                if name == shapes[0][0]:
+                    set_config(o, 1, {k: v for k, v in best["config"].items() if k != "SPLIT_K"})
+                print(f"  gemv {name} {kind} {o:6} {N}x{K}: dense {dense * 1e3:.1f} us, 2:4 {best['ms'] * 1e3:.1f} us "
+                      f"({dense / best['ms']:.2f}x, {nbytes / best['ms'] / 1e6:.0f} GB/s) {best['config']}", flush=True)
+            out["rows"].append(row)
+            # every other kernel path (tensor-core T>1, split-K, decompress) on this shape
+            if name == shapes[0][0]:
+                for T in (16, 100):
+                    xt = torch.randn(T, K, device=device, dtype=dtype)
+                    e = rel = None
+                    try:
+                        rel = ((nm24_matmul(xt, lays[0][0], lays[0][1], N, K, o).double() - xt.double() @ Ws[0].double().T).norm()
+                               / (xt.double() @ Ws[0].double().T).norm()).item()
+                    except Exception as ex:  # noqa: BLE001
+                        e = f"{type(ex).__name__}: {ex}"
+                    out["checks"].append({"what": f"matmul {o} {N}x{K} T={T}", "rel_err": rel, "error": e})
+                    if e or not rel < 1e-2:
+                        errors.append(f"check matmul {o} {N}x{K} T={T}: {e or rel}")
+                ok = bool(torch.equal(nm24_decompress(lays[0][0], lays[0][1], N, K, o), Ws[0]))
+                out["checks"].append({"what": f"decompress {o} {N}x{K}", "exact": ok})
+                if not ok:
+                    errors.append(f"check decompress {o} {N}x{K}: not exact")
+            del Ws, lays
+    return out
 
 
 def ceilings(timer: Timer, device) -> dict[str, float]:
@@ -487,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     if "ceilings" in what and device == "cuda":
         res["ceilings"] = _safe(lambda: ceilings(timer, device), errors, "ceilings")
         print("ceilings:", res["ceilings"], flush=True)
+    if "gemv" in what:
+        res["gemv"] = gemv(timer, shapes, dtype, device, errors)
+        dump()
     if "sweep" in what:
         res["sweep"] = sweep(timer, dtype, device, errors, shapes[0][1], shapes[0][2])
         dump()
@@ -515,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             dump()
     if "e2e" in what:
-        res["e2e"] = bench_e2e(timer, args.e2e_layers, [int(p) for p in args.e2e_prefill.split(",")],
+        res["e2e"] = bench_e2e(timer, args.e2e_layers, [int(p) for p in args.e2e_prefill.split(",") if p],
                                args.e2e_decode_ctx, [int(b) for b in args.e2e_decode_batches.split(",")],
                                dtype, device, errors, tiny=args.dry_run)
     if device == "cuda":
