@@ -1,11 +1,9 @@
 """Kernel layouts of 2:4 matrices (pure torch; no triton needed).
 
 Both layouts store the kept values exactly as :func:`dass.sparse_format.compress_nm` does,
-plus a metadata tensor of 4-bit "nibbles", one per group of 4: the keep-bitmask of the
-group (bit ``p`` set when position ``p`` is kept; exactly two bits set). The first kept
-position holds ``values[..., 2c]`` (or row ``2g``), the second ``2c + 1``. A bitmask costs
-fewer integer instructions to decode than two 2-bit positions. Two nibbles share a byte
-(low nibble = even group).
+plus a metadata tensor of 4-bit "nibbles", one per group of 4: ``i0 | i1 << 2`` with
+``i0 < i1`` the positions of the two kept weights inside the group. Two nibbles share a
+byte (low nibble = even group).
 
 orientation "output" (groups of 4 output rows within each column; ``W`` is ``[N, K]``)
     ``values[2g + s, j]`` (shape ``[N/2, K]``): the s-th kept weight of rows ``4g..4g+3``
@@ -28,12 +26,17 @@ __all__ = ["to_kernel_layout", "from_kernel_layout", "nibbles_from_mask"]
 
 
 def nibbles_from_mask(keep: torch.Tensor, orientation: str) -> torch.Tensor:
-    """uint8 keep-bitmask nibble per group from a 2:4 keep-mask of shape [N, K]."""
+    """uint8 nibble per group (``i0 | i1 << 2``) from a 2:4 keep-mask of shape [N, K]."""
     N, K = keep.shape
-    w = torch.tensor([1, 2, 4, 8], dtype=torch.uint8, device=keep.device)
     if orientation == "output":
-        return (keep.reshape(N // 4, 4, K).to(torch.uint8) * w.view(1, 4, 1)).sum(1, dtype=torch.uint8)
-    return (keep.reshape(N, K // 4, 4).to(torch.uint8) * w.view(1, 1, 4)).sum(2, dtype=torch.uint8)
+        kg = keep.reshape(N // 4, 4, K)
+        gdim = 1
+    else:
+        kg = keep.reshape(N, K // 4, 4)
+        gdim = 2
+    pos = torch.sort((~kg).to(torch.int8), dim=gdim, stable=True).indices.narrow(gdim, 0, 2)
+    i0, i1 = pos.unbind(gdim)
+    return (i0 | (i1 << 2)).to(torch.uint8)  # [N/4, K] or [N, K/4]
 
 
 def _pair_pack(nib: torch.Tensor, dim: int) -> torch.Tensor:
@@ -58,22 +61,13 @@ def to_kernel_layout(
     return parts["values"], meta
 
 
-def _positions(nib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first, second) kept position of each bitmask nibble (exactly two bits set)."""
-    bits = torch.stack([(nib >> p) & 1 for p in range(4)], dim=-1).bool()
-    if not bool((bits.sum(-1) == 2).all()):
-        raise ValueError("2:4 metadata nibble without exactly two kept positions")
-    pos = torch.sort((~bits).to(torch.int8), dim=-1, stable=True).indices[..., :2].long()
-    return pos[..., 0], pos[..., 1]
-
-
 def from_kernel_layout(values: torch.Tensor, meta: torch.Tensor, shape, orientation: str) -> torch.Tensor:
     """Dense [N, K] matrix from the kernel layout (reference implementation in torch)."""
     N, K = int(shape[0]), int(shape[1])
     if orientation == "output":
         NG = N // 4
         nib = torch.stack([meta & 15, meta >> 4], dim=1).reshape(-1, K)[:NG]  # [NG, K]
-        i0, i1 = _positions(nib)
+        i0, i1 = (nib & 3).long(), (nib >> 2).long()
         v = values.view(NG, 2, K)
         out = torch.zeros(NG, 4, K, dtype=values.dtype, device=values.device)
         out.scatter_(1, i0.unsqueeze(1), v[:, 0:1])
@@ -81,7 +75,7 @@ def from_kernel_layout(values: torch.Tensor, meta: torch.Tensor, shape, orientat
         return out.view(N, K)
     NC = K // 4
     nib = torch.stack([meta & 15, meta >> 4], dim=2).reshape(N, -1)[:, :NC]  # [N, NC]
-    i0, i1 = _positions(nib)
+    i0, i1 = (nib & 3).long(), (nib >> 2).long()
     v = values.view(N, NC, 2)
     out = torch.zeros(N, NC, 4, dtype=values.dtype, device=values.device)
     out.scatter_(2, i0.unsqueeze(2), v[:, :, 0:1])
