@@ -142,11 +142,31 @@ def test_corrupted_parts_refused(orientation):
         decompress_nm({"values": parts["values"], "mask": parts["mask"][:-1]}, W.shape, 2, 4, orientation)
     with pytest.raises(ValueError, match="uint8"):
         decompress_nm({"values": parts["values"], "mask": parts["mask"].to(torch.int16)}, W.shape, 2, 4, orientation)
-    with pytest.raises(ValueError, match="exactly 'values' and 'mask'"):
+    with pytest.raises(ValueError, match="compressed parts must be"):
         decompress_nm({"values": parts["values"]}, W.shape, 2, 4, orientation)
     # wrong pattern / orientation claimed at load time
     with pytest.raises(ValueError):
         decompress_nm(parts, W.shape, 1, 4, orientation)
+
+
+@pytest.mark.parametrize("orientation", ["input", "output"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pruned_negative_zeros_bit_exact(orientation, dtype):
+    """Pruning by multiplication leaves -0.0 at pruned positions: still bit-exact."""
+    gen = torch.Generator().manual_seed(9)
+    W = torch.randn(16, 24, generator=gen).to(dtype)
+    _, keep = random_nm(16, 24, 2, 4, orientation, dtype, gen)
+    Wp = W * keep  # negative pruned weights become -0.0
+    assert bool((torch.signbit(Wp) & (Wp == 0)).any())
+    parts = compress_nm(Wp, 2, 4, orientation)
+    assert "negzero" in parts and parts["negzero"].numel() == (16 * 24 // 2 + 7) // 8
+    back = decompress_nm(parts, Wp.shape, 2, 4, orientation)
+    assert bits_equal(back, Wp)
+    # without -0.0 no extra part is stored
+    assert "negzero" not in compress_nm(torch.where(keep, W, torch.zeros((), dtype=dtype)), 2, 4, orientation)
+    bad = dict(parts, negzero=parts["negzero"][:-1])
+    with pytest.raises(ValueError):
+        decompress_nm(bad, Wp.shape, 2, 4, orientation)
 
 
 def test_pack_bits_padding():
@@ -161,7 +181,8 @@ def test_pack_bits_padding():
 def _toy_state(gen, dtype=torch.bfloat16):
     gate, _ = random_nm(64, 32, 2, 4, "output", dtype, gen)
     up, _ = random_nm(64, 32, 2, 4, "output", dtype, gen)
-    down, _ = random_nm(32, 64, 2, 4, "input", dtype, gen)
+    down, keep = random_nm(32, 64, 2, 4, "input", dtype, gen)
+    down = torch.randn(32, 64, generator=gen).to(dtype) * keep  # -0.0 where pruned and negative
     unstr = torch.randn(32, 32, generator=gen).to(dtype)
     unstr[unstr.abs() < 0.7] = 0
     state = {
@@ -201,7 +222,9 @@ def test_save_load_compressed(tmp_path):
         "model.layers.0.mlp.down_proj.weight",
     }
     assert rep["compressed"]["model.layers.0.mlp.up_proj.weight"]["orientation"] == "output"
-    assert rep["pruned_ratio"] == pytest.approx(0.5625)
+    # values + keep-bitmask = 56.25% of 16-bit dense; down_proj also stores its -0.0 signs
+    assert rep["compressed"]["model.layers.0.mlp.gate_proj.weight"]["stored_bytes"] == 64 * 32 * 9 // 8
+    assert rep["compressed"]["model.layers.0.mlp.down_proj.weight"]["stored_bytes"] == 64 * 32 * 19 // 16
     assert rep["pruned_ratio"] <= 0.60
     assert rep["file_bytes"] < rep["dense_bytes"]
     from safetensors import safe_open

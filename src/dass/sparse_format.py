@@ -20,11 +20,16 @@ Compressed form (``compress_nm``) is two tensors:
     unused trailing bits are zero). One bit per weight: a 2:4 matrix in bf16/fp16
     takes ``0.5 * 2 + 1/8 = 1.125`` bytes per weight, 56.25% of dense.
 
+``negzero`` (only when needed)
+    pruning by multiplication (``W.mul_(mask)``) leaves ``-0.0`` at pruned positions of
+    negative weights. When any pruned position holds ``-0.0``, one more packed bitmask,
+    one bit per *pruned* position (row-major order), records those signs: +0.5 bit per
+    weight for 2:4, so 59.4% of dense for 16-bit weights. The round trip is therefore
+    bit-exact, signed zeros included.
+
 Every group keeps exactly ``N`` positions. A group with fewer than ``N`` nonzero weights
 still stores ``N`` positions, chosen deterministically: nonzeros first, then negative
-zeros, then the earliest remaining positions; so the round trip is bit-exact (signed
-zeros included) whenever a group holds at most ``N`` weights that are not ``+0.0``.
-A negative zero at a pruned position comes back as ``+0.0`` (equal as a value).
+zeros, then the earliest remaining positions.
 
 Decompression validates everything it reads and raises ``ValueError`` on a wrong
 shape or dtype, or a group whose mask bits do not count exactly ``N``: any single
@@ -55,12 +60,14 @@ __all__ = [
     "FORMAT_NAME",
     "VALUES_SUFFIX",
     "MASK_SUFFIX",
+    "NEGZERO_SUFFIX",
 ]
 
 ORIENTATIONS = ("input", "output")
 FORMAT_NAME = "dass-nm-v1"
 VALUES_SUFFIX = ".nm_values"
 MASK_SUFFIX = ".nm_mask"
+NEGZERO_SUFFIX = ".nm_negzero"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,7 +238,12 @@ def compress_nm(
     pos = _positions_from_keep(keep.reshape(gshape), n, gdim)
     vals = W.reshape(gshape).gather(gdim, pos)
     shapes = compressed_shapes(W.shape, n, m, orientation)
-    return {"values": vals.reshape(shapes["values"]).contiguous(), "mask": pack_bits(keep)}
+    parts = {"values": vals.reshape(shapes["values"]).contiguous(), "mask": pack_bits(keep)}
+    if W.is_floating_point():
+        negz = torch.signbit(W.masked_select(~keep))
+        if bool(negz.any()):
+            parts["negzero"] = pack_bits(negz)
+    return parts
 
 
 def decompress_nm(parts: Mapping[str, torch.Tensor], shape, n: int, m: int, orientation: str) -> torch.Tensor:
@@ -245,8 +257,8 @@ def decompress_nm(parts: Mapping[str, torch.Tensor], shape, n: int, m: int, orie
     if len(shape) != 2:
         raise ValueError(f"expected a 2-D shape, got {list(shape)}")
     shape = (int(shape[0]), int(shape[1]))
-    if set(parts) != {"values", "mask"}:
-        raise ValueError(f"compressed parts must be exactly 'values' and 'mask', got {sorted(parts)}")
+    if not ({"values", "mask"} <= set(parts) <= {"values", "mask", "negzero"}):
+        raise ValueError(f"compressed parts must be 'values', 'mask' (and optionally 'negzero'), got {sorted(parts)}")
     values, packed = parts["values"], parts["mask"]
     shapes = compressed_shapes(shape, n, m, orientation)
     if tuple(values.shape) != shapes["values"]:
@@ -271,7 +283,16 @@ def decompress_nm(parts: Mapping[str, torch.Tensor], shape, n: int, m: int, orie
     vshape[gdim] = n
     out = torch.zeros(gshape, dtype=values.dtype, device=values.device)
     out.scatter_(gdim, pos, values.reshape(vshape))
-    return out.view(shape)
+    out = out.view(shape)
+    if "negzero" in parts:
+        pruned = ~keep.view(shape)
+        npruned = shape[0] * shape[1] // m * (m - n)
+        neg = unpack_bits(parts["negzero"].to(values.device), npruned)
+        if not values.is_floating_point():
+            raise ValueError("negzero part given for a non-floating matrix")
+        zeros = torch.zeros(npruned, dtype=values.dtype, device=values.device)
+        out[pruned] = torch.where(neg, -zeros, zeros)
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoint helpers
@@ -376,7 +397,9 @@ def save_compressed(
             else:
                 tensors[name + VALUES_SUFFIX] = parts["values"].cpu()
                 tensors[name + MASK_SUFFIX] = parts["mask"].cpu()
-                s = _nbytes(parts["values"]) + _nbytes(parts["mask"])
+                if "negzero" in parts:
+                    tensors[name + NEGZERO_SUFFIX] = parts["negzero"].cpu()
+                s = sum(_nbytes(t) for t in parts.values())
                 info[name] = {
                     "n": n,
                     "m": m,
@@ -446,14 +469,18 @@ def load_compressed(
             comp_keys.update((vk, mk))
             try:
                 n, m, o, shape = int(e["n"]), int(e["m"]), e["orientation"], e["shape"]
-                W = decompress_nm({"values": f.get_tensor(vk), "mask": f.get_tensor(mk)}, shape, n, m, o)
+                parts = {"values": f.get_tensor(vk), "mask": f.get_tensor(mk)}
+                if name + NEGZERO_SUFFIX in keys:
+                    comp_keys.add(name + NEGZERO_SUFFIX)
+                    parts["negzero"] = f.get_tensor(name + NEGZERO_SUFFIX)
+                W = decompress_nm(parts, shape, n, m, o)
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}: cannot restore {name}: {err}") from err
             if str(W.dtype).replace("torch.", "") != e.get("dtype", str(W.dtype).replace("torch.", "")):
                 raise ValueError(f"{path}: {name} values dtype {W.dtype} != recorded {e['dtype']}")
             out[name] = W
         for k in keys - comp_keys:
-            if k.endswith(VALUES_SUFFIX) or k.endswith(MASK_SUFFIX):
+            if k.endswith((VALUES_SUFFIX, MASK_SUFFIX, NEGZERO_SUFFIX)):
                 raise ValueError(f"{path}: stray compressed tensor {k} not listed in the metadata")
             out[k] = f.get_tensor(k)
     return (out, info) if return_info else out
