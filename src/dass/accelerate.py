@@ -1,24 +1,22 @@
-"""Run 2:4 sparse models faster: ``accelerate(model)`` swaps 2:4 ``nn.Linear`` weights for
-compressed modules and graph-captures the GLU MLP blocks.
+"""Run 2:4 sparse models on the GPU: ``accelerate(model)`` swaps 2:4 ``nn.Linear`` weights
+for compressed :class:`NM24Linear` modules and graph-captures the GLU MLP blocks.
 
-Which matrix product runs where (``NM24Linear``, per call, by token count ``T``):
+Each ``NM24Linear`` call runs one of three paths:
 
-orientation ``"input"`` (Wanda, SparseGPT, magnitude, DaSS's down_proj)
-    ``T <= triton_max_tokens["input"]``: the Triton streaming kernel of
-    :mod:`dass.kernels` (reads values + 4-bit metadata: 56% of the dense bytes);
-    larger ``T``: cuSPARSELt (``torch._cslt_sparse_mm`` on a ``torch._cslt_compress``-ed
-    weight, sparse tensor cores), or, inside ``dense_band``, the weight decompressed on
-    the fly and cuBLAS.
-orientation ``"output"`` (DaSS's gate_proj / up_proj)
-    sparse tensor cores cannot use this pattern; ``T <= triton_max_tokens["output"]``:
-    the Triton kernel; larger ``T``: decompress (one Triton pass) + cuBLAS.
+- ``"triton"``: the Triton kernels of :mod:`dass.kernels` (values + 4-bit metadata, 56% of
+  the dense bytes), either orientation;
+- ``"cslt"``: cuSPARSELt sparse tensor cores (``torch._cslt_sparse_mm`` on a
+  ``torch._cslt_compress``-ed weight); input orientation only;
+- ``"dense"``: decompress in one Triton pass, then cuBLAS.
 
-cuSPARSELt costs about 0.5 ms of host work per call in eager mode (a plan is built on
-every call); a CUDA graph replay skips it. So every cuSPARSELt product is replayed from a
-CUDA graph captured once per token-count bucket, and when a module has ``gate_proj``,
-``up_proj`` and ``down_proj`` children (a GLU MLP) its whole forward is captured instead
-(one input copy, one output copy, no launch gaps). Graphs are skipped while the caller is
-capturing a graph itself. Everything here is for inference: no autograd.
+By default the path is measured, not guessed: on first use of each (shape, token bucket)
+every candidate is timed and the fastest kept (``AccelerateConfig(autotune=False)`` uses
+the static thresholds instead). cuSPARSELt costs about 0.5 ms of host work per eager call
+(a plan is built every time); a CUDA-graph replay skips it, so cuSPARSELt products are
+replayed from graphs captured per token bucket, and a module with ``gate_proj``,
+``up_proj`` and ``down_proj`` children (a GLU MLP) is captured whole (one input copy, one
+output copy, no launch gaps). Inside a graph the caller captures, the plain paths run.
+Inference only (no autograd). Measured speeds: docs/speed.md.
 """
 
 from __future__ import annotations
