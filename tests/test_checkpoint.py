@@ -123,3 +123,45 @@ def test_reload_with_plain_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, again(ids).logits)
     assert json.loads((out / "dass.json").read_text())["format"] == "dass/1"
+
+
+@pytest.mark.parametrize("arch,method,pattern", [("llama", "dass", "2:4"), ("llama", "wanda", "4:8"), ("phi3", "dass", "2:4")])
+def test_compressed_checkpoint_round_trip(tmp_path, arch, method, pattern):
+    from dass.checkpoint import compress_checkpoint, is_compressed, load_pruned_model
+
+    model, report = pruned(arch, method, pattern)
+    out = save_pruned(model, None, tmp_path / "dense", build_manifest(report))
+    comp = compress_checkpoint(out, tmp_path / "small")
+    assert is_compressed(comp) and not (comp / "model.safetensors").exists()
+    info = read_manifest(comp)["compressed"]
+    if arch == "llama":  # 16-bit-free fp32 tiny model: values (N/M) + 1 bit per weight
+        assert info["pruned_ratio"] <= pattern_ratio(pattern)
+    again = load_pruned_model(comp)
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert verify_checkpoint(comp).ok
+
+
+def pattern_ratio(pattern):
+    n, m = map(int, pattern.split(":"))
+    return n / m + 1 / 32 + 1e-9  # fp32 values kept + one mask bit per weight
+
+
+def test_compressed_checkpoint_refuses_corruption(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dass.checkpoint import COMPRESSED_FILE, compress_checkpoint, load_pruned_model
+
+    model, report = pruned()
+    comp = compress_checkpoint(save_pruned(model, None, tmp_path / "d", build_manifest(report)), tmp_path / "c")
+    path = comp / COMPRESSED_FILE
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.endswith(".nm_mask"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] ^= 0b1  # one bit of one mask flipped: a group no longer keeps exactly N
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match=key.rsplit(".", 1)[0].split(".weight")[0]):
+        load_pruned_model(comp)

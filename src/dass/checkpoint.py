@@ -60,8 +60,9 @@ def build_manifest(report: Any, *, calibration: dict | None = None, extra: dict 
             "orientation": m["orientation"],
             "sparsity": m["sparsity"],
             "method": m["method"],
-            "expert": m["expert"],
-            "rows": list(m["rows"]) if m["rows"] else None,
+            # only for part of a tensor: one expert of a 3D weight, rows of a fused weight
+            **({"expert": m["expert"]} if m["expert"] is not None else {}),
+            **({"rows": list(m["rows"])} if m["rows"] else {}),
             **({"info": m["info"]} if m["info"] else {}),
         }
     manifest = {
@@ -194,12 +195,18 @@ def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult
 
     manifest = read_manifest(ckpt)
     entries = manifest.get("matrices", {})
-    files = tensor_files(ckpt)
     result = VerifyResult()
     handles: dict[Path, Any] = {}
     params: dict[str, torch.Tensor] | None = None
-    if any(_lookup(files, e["name"]) is None for e in entries.values()):
-        params = _model_parameters(ckpt)
+    if is_compressed(ckpt):  # decompressed (and validated) first
+        files: dict[str, Path] = {}
+        params = read_state_dict(ckpt)
+        if any(e["name"] not in params for e in entries.values()):
+            params = dict(load_pruned_model(ckpt).named_parameters())
+    else:
+        files = tensor_files(ckpt)
+        if any(_lookup(files, e["name"]) is None for e in entries.values()):
+            params = _model_parameters(ckpt)
 
     def fetch(name: str) -> torch.Tensor | None:
         if params is not None and name in params:
@@ -245,3 +252,77 @@ def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult
     if result.checked == 0:
         result.problems.append("the manifest lists no pruned matrix")
     return result
+
+
+# --------------------------------------------------------------------------------------
+# Compressed checkpoints (values + bitmask per N:M matrix, see dass.sparse_format)
+# --------------------------------------------------------------------------------------
+
+COMPRESSED_FILE = "model.dass-nm.safetensors"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def is_compressed(ckpt: str | Path) -> bool:
+    return (Path(ckpt) / COMPRESSED_FILE).is_file()
+
+
+def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded, possibly compressed) checkpoint, dense."""
+    if is_compressed(ckpt):
+        from .sparse_format import load_compressed
+
+        return load_compressed(Path(ckpt) / COMPRESSED_FILE)
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(set(tensor_files(ckpt).values())):
+        out.update(load_file(path))
+    return out
+
+
+def compress_checkpoint(ckpt: str | Path, output: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Rewrite a pruned checkpoint with every N:M matrix stored as kept values plus a
+    bitmask (orientation in the manifest); other files are copied. ``output`` defaults to
+    ``ckpt`` itself (replaced atomically). Returns the output directory."""
+    from .sparse_format import save_compressed
+
+    src = Path(ckpt)
+    manifest = read_manifest(src)
+    if is_compressed(src):
+        raise CheckpointError(f"{src} is already compressed")
+    out = Path(output) if output is not None else src
+    state = read_state_dict(src)
+    in_place = out.resolve() == src.resolve()
+    with atomic_directory(out, overwrite=overwrite or in_place) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and f.name not in WEIGHT_FILES and not (f.name.startswith("model-") and f.suffix == ".safetensors") and f.name != MANIFEST:
+                shutil.copy2(f, tmp / f.name)
+        report = save_compressed(state, manifest, tmp / COMPRESSED_FILE)
+        manifest["compressed"] = {
+            "file": COMPRESSED_FILE,
+            **{k: v for k, v in report.items() if k != "path" and not isinstance(v, (dict, list))},
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return out.resolve()
+
+
+def load_pruned_model(ckpt: str | Path, dtype: Any = "auto") -> torch.nn.Module:
+    """A model from a dass checkpoint, compressed or not (exact dense weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not is_compressed(ckpt):
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    config = AutoConfig.from_pretrained(ckpt)
+    state = read_state_dict(ckpt)
+    first = next(t for t in state.values() if t.is_floating_point())
+    model = AutoModelForCausalLM.from_config(config, dtype=first.dtype if dtype == "auto" else dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    really_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if really_missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt}: compressed weights do not fit the config (missing {really_missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()

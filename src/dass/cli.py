@@ -34,8 +34,13 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _load(args: argparse.Namespace):
+    from .checkpoint import is_compressed, load_pruned_model
     from .models import load_model
 
+    if Path(args.model).is_dir() and is_compressed(args.model):
+        from transformers import AutoTokenizer
+
+        return load_pruned_model(args.model, dtype=args.dtype), AutoTokenizer.from_pretrained(args.model)
     return load_model(args.model, dtype=args.dtype, device="cpu", gguf_file=getattr(args, "gguf_file", None))
 
 
@@ -122,7 +127,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     path = save_pruned(model, tokenizer, out, manifest, overwrite=args.overwrite)
     if args.compress:
-        from .sparse_format import compress_checkpoint  # issue 5's compressed format
+        from .checkpoint import compress_checkpoint
 
         compress_checkpoint(path)
     print(f"{report.summary()} -> {path} ({time.perf_counter() - t0:.1f} s in all)")
@@ -225,10 +230,12 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .sparse_format import compress_checkpoint
+    from .checkpoint import compress_checkpoint, read_manifest
 
     out = compress_checkpoint(Path(args.dir), Path(args.output) if args.output else None, overwrite=args.overwrite)
-    print(out)
+    info = read_manifest(out).get("compressed", {})
+    sizes = ", ".join(f"{k} {v}" for k, v in info.items() if "bytes" in k or "ratio" in k)
+    print(f"{out}: compressed ({sizes})")
     return 0
 
 
