@@ -140,3 +140,25 @@ def test_compare_writes_table_json_plot(tiny_dir, tmp_path, capsys):
     assert "| dass | 2:4 |" in (out / "results.md").read_text()
     assert (out / "perplexity.png").stat().st_size > 1000
     assert "| method | pattern |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_accelerate_refuses_cleanly_without_gpu(tiny_dir, tmp_path):
+    out = tmp_path / "p"
+    assert run("prune", tiny_dir / "model", "--method", "wanda", "--output", out, "--calibration",
+               tiny_dir / "text.txt", "--nsamples", 2, "--seqlen", 32, "--quiet") == 0
+    res = subprocess.run([sys.executable, "-m", "dass", "eval", str(out), "--accelerate", "--device", "cpu",
+                          "--ppl", str(tiny_dir / "text.txt"), "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("dass: error:") and "GPU" in res.stderr
+
+
+def test_compress_command(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert run("prune", tiny_dir / "model", "--method", "dass", "--output", out, "--calibration",
+               tiny_dir / "text.txt", "--nsamples", 2, "--seqlen", 32, "--quiet", "--compress") == 0
+    assert (out / "model.dass-nm.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert run("verify", out) == 0
+    js = tmp_path / "e.json"
+    assert run("eval", out, "--ppl", tiny_dir / "text.txt", "--eval-seqlen", 64, "--json", js, "--quiet") == 0
+    assert json.loads(js.read_text())["perplexity"]["ppl"] > 1

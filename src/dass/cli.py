@@ -23,6 +23,17 @@ class UsageError(ValueError):
     """A command-line mistake."""
 
 
+USER_FACING_RUNTIME_ERRORS = ("AccelerationError", "SolverError", "ResumeError", "StreamingError")
+"""Runtime errors that are the machine's or the input's fault, not a bug: shown as one
+line. Matched by name so that the CLI imports nothing heavy up front."""
+
+
+def _user_facing(exc: BaseException) -> bool:
+    if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError, ImportError)):
+        return True
+    return any(k.__name__ in USER_FACING_RUNTIME_ERRORS for k in type(exc).__mro__)
+
+
 # --------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------
@@ -178,6 +189,14 @@ def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tok
 def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     device = _device(args)
+    if args.accelerate:
+        from .accelerate import accelerate
+        from .checkpoint import MANIFEST, read_manifest
+
+        manifest = read_manifest(args.model) if (Path(args.model) / MANIFEST).is_file() else None
+        model.to(device)
+        done = accelerate(model, manifest)
+        _log(args, f"accelerated {len(done.get('replaced', []))} matrices, left {len(done.get('skipped', []))} dense")
     result = _evaluate(model, tokenizer, args, device)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -267,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_eval_args(p)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--accelerate", action="store_true", help="run 2:4 matrices with sparse GPU kernels (CUDA only)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("verify", help="check a saved checkpoint against its manifest")
@@ -307,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dass: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
-        if args.debug:
+    except Exception as exc:
+        if args.debug or not _user_facing(exc):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dass: error: {msg}", file=sys.stderr)
