@@ -4,7 +4,20 @@ The only module that knows about devices, hooks and transformers' calling conven
 Flow: capture what enters decoder layer 0 and the keyword arguments the model passes to
 *each* layer -> for each layer: move it to the compute device, run it on the calibration
 activations with hooks that accumulate statistics -> the method turns statistics into
-masks (and weights) -> apply -> run the pruned layer to produce the next layer's inputs.
+masks (and weights) -> apply -> produce the next layer's inputs.
+
+:func:`process_layer` is that per-layer step; :func:`prune` (a model in memory) and
+:func:`dass.streaming.prune_checkpoint` (a checkpoint on disk, one layer at a time) both
+run it. Two things keep it cheap on a GPU:
+
+- the statistics pass stops as soon as the last observed input has been seen (a dense
+  GLU layer's ``down_proj``): the layer's output there is never used;
+- under scope ``mlp`` only the MLP changes, so a layer's attention output is the same
+  before and after pruning: the statistics pass keeps the residual stream entering the
+  MLP branch (``h``) and the next layer's input is ``h + post(mlp(pre(h)))`` with the
+  pruned MLP (:class:`MLPResidual`), instead of a second pass through the whole layer.
+  The form is known per decoder-layer class and checked numerically on the first layer;
+  anything else falls back to running the whole pruned layer again.
 """
 
 from __future__ import annotations
@@ -12,15 +25,17 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
+from .arch import MLP_NAMES, ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
+from .memory import choose_store, to_store
 from .methods import MatrixResult, PruningMethod, get_method
 from .patterns import Pattern, nm_violations, parse_pattern, sparsity_of
+from .sparsegpt import accumulate_xtx, clear_graphs
 from .stats import FeatureStats
 
 try:  # progress bars are a nicety, never a requirement
@@ -52,6 +67,14 @@ class MatrixReport:
     expert: int | None = None
     rows: tuple[int, int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MatrixReport":
+        """Inverse of ``__dict__`` (after a JSON round trip: tuples come back as lists)."""
+        d = dict(d)
+        d["shape"] = tuple(d["shape"])
+        d["rows"] = tuple(d["rows"]) if d.get("rows") is not None else None
+        return cls(**d)
 
 
 @dataclass
@@ -106,6 +129,12 @@ class PruneReport:
 # --------------------------------------------------------------------------------------
 # Moving nested arguments
 # --------------------------------------------------------------------------------------
+
+
+def _move_module(module: nn.Module, device: torch.device | str) -> None:
+    """``module.to(device)`` that leaves parameters on the ``meta`` device where they are
+    (a streaming skeleton keeps its decoder layers there)."""
+    module._apply(lambda t: t if t.is_meta else t.to(device))
 
 
 def _to(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
@@ -199,24 +228,26 @@ def capture_inputs(
     device: torch.device,
     store_device: torch.device,
     progress: bool = True,
+    restore: bool = True,
 ) -> LayerInputs:
     """Run the model's own forward with every decoder layer replaced by a catcher.
 
     The model computes masks, positions and rotary embeddings exactly as in inference, for
     every layer (Gemma 2/3 alternate sliding-window and global masks); nothing of the
-    decoder layers runs, and only the non-layer modules are moved to ``device``.
+    decoder layers runs, and only the non-layer modules are moved to ``device`` (and back
+    afterwards when ``restore``). Parameters on the ``meta`` device are left alone.
     """
     path, layers = decoder_layers(model)
     originals = list(layers)
     tuple_out = _returns_tuple(originals[0])
-    model_device = next(model.parameters()).device
+    model_device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     per_layer: list[dict[int, tuple[tuple, dict]]] = [dict() for _ in originals]
     hidden: list[torch.Tensor] = []
     sink: dict = {}
     try:
         for i, orig in enumerate(originals):
             layers[i] = _Catcher(orig, i, sink, i == len(originals) - 1, tuple_out)
-        model.to(device)
+        _move_module(model, device)
         for batch in tqdm(batches, desc="capture", disable=not progress, leave=False):
             sink.clear()
             try:
@@ -225,7 +256,7 @@ def capture_inputs(
                 pass
             else:  # pragma: no cover - a model that skips layers
                 raise RuntimeError("the model returned without calling its last decoder layer")
-            hidden.append(sink["hidden"].detach().to(store_device))
+            hidden.append(to_store(sink["hidden"].detach(), store_device))
             bs = batch.shape[0]
             for i, call in sink["args"].items():
                 if bs not in per_layer[i]:
@@ -233,13 +264,34 @@ def capture_inputs(
     finally:
         for i, orig in enumerate(originals):
             layers[i] = orig
-        model.to(model_device)
+        if restore:
+            _move_module(model, model_device)
     return LayerInputs(hidden, per_layer)
 
 
 # --------------------------------------------------------------------------------------
 # Statistics hooks
 # --------------------------------------------------------------------------------------
+
+
+def observe(acc: FeatureStats, x: torch.Tensor) -> None:
+    """``acc.add(x)``, with SparseGPT's ``X^T X`` taken by one half-precision matrix
+    product with fp32 output on a GPU (products of bf16/fp16 values are exact in fp32 and
+    the sum is accumulated in fp32: the same sum as upcasting first, without an fp32 GEMM,
+    which is about ten times slower)."""
+    if acc.xtx is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        acc.add(x)
+        return
+    xtx, acc.xtx = acc.xtx, None
+    try:
+        acc.add(x)  # sums of squares, token count, kept samples
+    finally:
+        acc.xtx = xtx
+    accumulate_xtx(xtx, x.reshape(-1, x.shape[-1]))
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def _experts_hook(cap: ExpertsCapture, stats: dict[str, FeatureStats]):
@@ -257,25 +309,233 @@ def _experts_hook(cap: ExpertsCapture, stats: dict[str, FeatureStats]):
                 continue
             x = hs[tokens]
             gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)
-            stats[cap.x_key(e)].add(x)
-            stats[cap.h_key(e)].add(cap.act_fn(gate) * up)
+            observe(stats[cap.x_key(e)], x)
+            observe(stats[cap.h_key(e)], cap.act_fn(gate) * up)
 
     return hook
 
 
 def _register_hooks(plan: LayerPlan, stats: dict[str, FeatureStats]) -> list:
+    """Forward pre-hooks that accumulate each observed module's input (pre-hooks, so that
+    a later hook on the same module can stop the layer right after)."""
     handles = []
     for cap in plan.inputs:
         acc = stats[cap.key]
-        handles.append(cap.module.register_forward_hook(lambda m, inp, out, acc=acc: acc.add(inp[0])))
+        handles.append(
+            cap.module.register_forward_pre_hook(
+                lambda m, args, kwargs, acc=acc: observe(acc, _first_input(args, kwargs)), with_kwargs=True
+            )
+        )
     for ecap in plan.experts:
         handles.append(ecap.module.register_forward_pre_hook(_experts_hook(ecap, stats), with_kwargs=True))
     return handles
 
 
+def _raise_stop(module: nn.Module, args: tuple) -> None:
+    raise _Stop
+
+
+def last_observed(plan: LayerPlan) -> nn.Module | None:
+    """The module whose input is the last statistic a layer pass gathers, if it is known:
+    the ``down_proj`` of a layer with one dense GLU block (attention projections, when
+    observed, come before it). None for MoE layers and plain MLPs."""
+    if len(plan.glu) != 1 or plan.experts or plan.glu[0].expert is not None:
+        return None
+    down = plan.glu[0].down.module
+    return down if isinstance(down, nn.Linear) else None
+
+
 # --------------------------------------------------------------------------------------
-# Pruning one layer
+# Propagation without re-running attention (scope mlp)
 # --------------------------------------------------------------------------------------
+
+# Decoder-layer class -> (norm applied to h before the MLP or None, norm applied to the
+# MLP output or None). The layer computes ``h + post(mlp(pre(h)))`` where ``h`` is the
+# residual stream after attention. Read off each class's forward in transformers 5.x;
+# checked against a full layer pass on the first layer of every run.
+MLP_FORMS: dict[str, tuple[str | None, str | None]] = {
+    "LlamaDecoderLayer": ("post_attention_layernorm", None),
+    "MistralDecoderLayer": ("post_attention_layernorm", None),
+    "Qwen2DecoderLayer": ("post_attention_layernorm", None),
+    "Qwen3DecoderLayer": ("post_attention_layernorm", None),
+    "GemmaDecoderLayer": ("post_attention_layernorm", None),
+    "Phi3DecoderLayer": ("post_attention_layernorm", None),  # + resid_mlp_dropout (identity in eval)
+    "MixtralDecoderLayer": ("post_attention_layernorm", None),
+    "Gemma2DecoderLayer": ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "Gemma3DecoderLayer": ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "Olmo2DecoderLayer": (None, "post_feedforward_layernorm"),
+}
+
+FAST_MLP = True  # tests switch this off to compare with full re-runs
+
+
+@dataclass
+class MLPResidual:
+    """A decoder layer's MLP branch: ``h -> h + post(mlp(pre(h)))``; ``entry`` is the
+    first module that sees ``h`` (where a pre-hook captures it)."""
+
+    entry: nn.Module
+    pre: nn.Module | None
+    mlp: nn.Module
+    post: nn.Module | None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.pre(h) if self.pre is not None else h
+        y = _first(self.mlp(x))
+        if self.post is not None:
+            y = self.post(y)
+        return h + y
+
+
+def mlp_residual(plan: LayerPlan) -> MLPResidual | None:
+    """The MLP branch of ``plan.layer`` if its form is known and only the MLP is pruned."""
+    if not FAST_MLP or plan.attention_pruned:
+        return None
+    form = MLP_FORMS.get(type(plan.layer).__name__)
+    if form is None:
+        return None
+    mlp = next((m for n in MLP_NAMES if isinstance(m := getattr(plan.layer, n, None), nn.Module)), None)
+    mods = [getattr(plan.layer, n, None) if n else None for n in form]
+    if mlp is None or any(n and not isinstance(m, nn.Module) for n, m in zip(form, mods)):
+        return None
+    pre, post = mods
+    return MLPResidual(pre if pre is not None else mlp, pre, mlp, post)
+
+
+class FastPath:
+    """Per-run state of the MLP-only propagation: checked once, on the first layer, by
+    comparing ``h + post(mlp(pre(h)))`` with the layer's own output on one batch."""
+
+    def __init__(self, report: "PruneReport") -> None:
+        self.report = report
+        self.checked = False
+        self.ok = True
+
+    def get(self, plan: LayerPlan, hidden: torch.Tensor, call: tuple[tuple, dict], dev: torch.device) -> MLPResidual | None:
+        branch = mlp_residual(plan) if self.ok else None
+        if branch is None or self.checked:
+            return branch
+        self.checked = True
+        seen: dict[str, torch.Tensor] = {}
+        handle = branch.entry.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
+        try:
+            x = hidden.to(dev)
+            want = _first(plan.layer(x, *call[0], **call[1]))
+        finally:
+            handle.remove()
+        got = branch(seen["h"]) if "h" in seen else None
+        if got is not None and got.shape == want.shape:
+            diff = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
+            if float(diff) <= 1e-3:
+                self._note(f"propagation: MLP branch only ({type(plan.layer).__name__}: attention outputs reused)")
+                return branch
+        self.ok = False
+        self._note(
+            f"propagation: {type(plan.layer).__name__} did not match h + post(mlp(pre(h))); "
+            "every pruned layer is run again in full"
+        )
+        return None
+
+    def _note(self, text: str) -> None:
+        if text not in self.report.notes:
+            self.report.notes.append(text)
+
+
+# --------------------------------------------------------------------------------------
+# One layer: observe, prune, propagate
+# --------------------------------------------------------------------------------------
+
+PROFILE: list | None = None
+"""Set to a list to record, for every processed layer, timestamps (CUDA events on a GPU,
+so no synchronisation is added) at the start, after the statistics pass, after pruning
+and after propagation; :func:`profile_summary` turns them into seconds per phase."""
+
+
+def _mark(device: torch.device) -> Any:
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def profile_summary(profile: list) -> dict[str, float]:
+    """Seconds spent in each phase of :func:`process_layer` over the recorded layers."""
+    out = {"observe": 0.0, "prune": 0.0, "propagate": 0.0}
+    for marks in profile:
+        if isinstance(marks[0], torch.cuda.Event):
+            marks[-1].synchronize()
+            spans = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+        else:
+            spans = [b - a for a, b in zip(marks, marks[1:])]
+        for key, span in zip(out, spans):
+            out[key] += span
+    return out
+
+
+
+@torch.no_grad()
+def process_layer(
+    plan: LayerPlan,
+    hidden: list[torch.Tensor],
+    calls: dict[int, tuple[tuple, dict[str, Any]]],
+    method: PruningMethod,
+    pattern: Pattern,
+    report: "PruneReport",
+    device: torch.device,
+    store: torch.device,
+    fast: FastPath | None = None,
+) -> None:
+    """Observe, prune and propagate one decoder layer that is already on ``device``.
+
+    ``hidden`` holds the calibration activations entering the layer, one tensor per batch
+    (on ``store``); they are replaced in place by the activations entering the next layer.
+    ``calls`` maps a batch size to the layer's positional and keyword arguments, on
+    ``device``.
+    """
+    layer = plan.layer
+    marks = [_mark(device)] if PROFILE is not None else None
+    branch = fast.get(plan, hidden[0], calls[hidden[0].shape[0]], device) if fast is not None else None
+    stats = {
+        key: FeatureStats(n, device, with_hessian=method.needs_hessian, max_samples=method.sample_tokens)
+        for key, n in plan.feature_sizes().items()
+    }
+    handles = _register_hooks(plan, stats)
+    mid: dict[str, torch.Tensor] = {}
+    if branch is not None:
+        handles.append(branch.entry.register_forward_pre_hook(lambda m, a: mid.__setitem__("h", a[0])))
+    stop = last_observed(plan)
+    if stop is not None:  # registered after the statistics hook: runs after it
+        handles.append(stop.register_forward_pre_hook(_raise_stop))
+    try:
+        for j, h in enumerate(hidden):
+            args, kwargs = calls[h.shape[0]]
+            try:
+                layer(h.to(device, non_blocking=True), *args, **kwargs)
+            except _Stop:
+                pass
+            if branch is not None:  # the input is not needed again: keep h instead
+                hidden[j] = to_store(mid.pop("h"), store, h)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if marks is not None:
+        marks.append(_mark(device))
+    prune_layer(plan, stats, method, pattern, report)
+    del stats
+    if marks is not None:
+        marks.append(_mark(device))
+    for j, h in enumerate(hidden):
+        x = h.to(device, non_blocking=True)
+        if branch is not None:
+            out = branch(x)
+        else:
+            args, kwargs = calls[h.shape[0]]
+            out = _first(layer(x, *args, **kwargs))
+        hidden[j] = to_store(out, store, h)
+    if marks is not None and PROFILE is not None:
+        marks.append(_mark(device))
+        PROFILE.append(marks)
 
 
 def _apply(ref: MatrixRef, result: MatrixResult) -> None:
@@ -283,7 +543,7 @@ def _apply(ref: MatrixRef, result: MatrixResult) -> None:
         view = ref.get()
         if result.weight is not None:
             view.copy_(result.weight.to(view.device, view.dtype))
-        view.mul_(result.mask.to(view.device))
+        view.masked_fill_(~result.mask.to(view.device), 0)  # +0.0: no -0.0 signs to store
 
 
 def prune_layer(
@@ -370,13 +630,9 @@ def as_calibration_tensor(
     return ids.long()
 
 
-def _choose_store(device: torch.device, activations: str, nbytes: int) -> torch.device:
-    if activations == "device" or device.type != "cuda":
-        return device
-    if activations == "cpu":
-        return torch.device("cpu")
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if nbytes * 2 < free * 0.6 else torch.device("cpu")
+def activation_bytes(ids: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes of the calibration activations of one layer boundary."""
+    return ids.numel() * hidden_size * dtype.itemsize
 
 
 # --------------------------------------------------------------------------------------
@@ -391,6 +647,15 @@ def validate(model: nn.Module, method: PruningMethod, pattern: Pattern, scope: s
         for ref in plan.matrices():
             pattern.check_shape(ref.shape, method.orientation(ref.role), ref.key)
     return plans
+
+
+def check_options(scope: str, activations: str, batch_size: int) -> None:
+    if scope not in ("mlp", "all"):
+        raise ValueError(f"unknown scope {scope!r}: use 'mlp' or 'all'")
+    if activations not in ("auto", "device", "cpu"):
+        raise ValueError(f"activations must be auto, device or cpu, got {activations!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
 
 
 def prune(
@@ -419,17 +684,14 @@ def prune(
     ``nsamples``, ``seqlen`` and ``seed``. ``device``: where each layer is computed
     (default: CUDA if available, else the model's device); the rest of the model stays
     where it is. ``activations``: ``auto`` | ``device`` | ``cpu``: where calibration
-    activations live between layers.
+    activations live between layers (``auto``: on the device when they fit in half of its
+    free memory, else pinned host memory). For a checkpoint too large for memory, see
+    :func:`dass.streaming.prune_checkpoint`.
     """
     t0 = time.perf_counter()
     meth = get_method(method, **method_options)
     pat = parse_pattern(pattern)
-    if scope not in ("mlp", "all"):
-        raise ValueError(f"unknown scope {scope!r}: use 'mlp' or 'all'")
-    if activations not in ("auto", "device", "cpu"):
-        raise ValueError(f"activations must be auto, device or cpu, got {activations!r}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    check_options(scope, activations, batch_size)
     plans = validate(model, meth, pat, scope)
     ids = None
     if meth.needs_calibration or calibration is not None:
@@ -478,36 +740,21 @@ def _run_sequential(
     batches = list(ids.split(batch_size))
     dtype = next(model.parameters()).dtype
     hidden_size = getattr(model.config, "hidden_size", None) or 0
-    store = _choose_store(dev, activations, ids.numel() * hidden_size * dtype.itemsize)
+    store = choose_store(dev, activations, activation_bytes(ids, hidden_size, dtype))
     inputs = capture_inputs(model, batches, dev, store, progress)
     report.capture_seconds = time.perf_counter() - t_cap
     if store != dev:
         report.notes.append(f"calibration activations offloaded to {store}")
+    fast = FastPath(report)
     for plan in tqdm(plans, desc=f"{meth.name} {pat}", disable=not progress):
         ts = time.perf_counter()
         layer = plan.layer
         home = next(layer.parameters()).device
         layer.to(dev)
-        call_cache = {bs: _to(a, dev) for bs, a in inputs.args[plan.index].items()}
-        stats = {
-            key: FeatureStats(n, dev, with_hessian=meth.needs_hessian, max_samples=meth.sample_tokens)
-            for key, n in plan.feature_sizes().items()
-        }
-        handles = _register_hooks(plan, stats)
-        try:
-            for h in inputs.hidden:
-                args, kwargs = call_cache[h.shape[0]]
-                layer(h.to(dev, non_blocking=True), *args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        prune_layer(plan, stats, meth, pat, report)
-        del stats
-        for j, h in enumerate(inputs.hidden):
-            args, kwargs = call_cache[h.shape[0]]
-            out = _first(layer(h.to(dev, non_blocking=True), *args, **kwargs))
-            inputs.hidden[j] = out.to(store, non_blocking=True)
+        calls = {bs: _to(a, dev) for bs, a in inputs.args[plan.index].items()}
+        process_layer(plan, inputs.hidden, calls, meth, pat, report, dev, store, fast)
         layer.to(home)
         report.layer_seconds.append(time.perf_counter() - ts)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+        clear_graphs()

@@ -7,10 +7,19 @@ for N:M), and error propagation inside the block and lazily to later blocks. Dif
 from the reference: an exact count of pruned weights per block (the reference thresholds
 with ``<=``, which prunes more on ties) and a stable tie-break; when the Cholesky
 factorisation fails the dampening is raised tenfold and retried, and the result says so.
+
+Speed: the algorithm is sequential over the columns of a block, but every row is
+independent, so the solver works on the transposed block (one contiguous row per input
+column) with two kernels per column (the column's error, then a rank-1 update of the
+block's later columns), a few per N:M group, and no host synchronisation inside the loop
+(no boolean indexing, no ``.item()``). Column ``i`` of the block is only read after all
+earlier columns have updated it, exactly as in the reference; the pruned weights are
+zeroed once per block.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,21 +40,143 @@ class SolverResult:
     dead_inputs: int
 
 
+_HALF_GEMM_FP32_OUT: bool | None = None  # does torch.mm(..., out_dtype=float32) work here?
+
+
+def accumulate_xtx(xtx: torch.Tensor, x: torch.Tensor) -> None:
+    """``xtx += x^T x`` in fp32 for a 2D ``x`` of any dtype.
+
+    For bf16/fp16 ``x`` on a GPU this is one half-precision matrix product with fp32
+    output (exact products, fp32 accumulation) instead of an upcast and an fp32 product.
+    """
+    global _HALF_GEMM_FP32_OUT
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HALF_GEMM_FP32_OUT is not False:
+        try:
+            xtx.add_(torch.mm(x.t(), x, out_dtype=torch.float32))
+            _HALF_GEMM_FP32_OUT = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _HALF_GEMM_FP32_OUT = False
+    xf = x.float()
+    xtx.addmm_(xf.t(), xf)
+
+
 def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_retries: int = 6) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, raising ``damp`` x10 on failure."""
-    diag_mean = torch.mean(torch.diag(hessian))
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising ``damp`` x10 on failure.
+
+    Works on one copy of ``hessian`` (which is left unchanged), dampening its diagonal in
+    place, so a large Hessian costs about three copies of itself at the peak.
+    """
+    diag0 = torch.diagonal(hessian).clone()
+    diag_mean = torch.mean(diag0)
+    h = hessian.clone()
     damp = percdamp
     for attempt in range(max_retries + 1):
-        h = hessian + eye * (damp * diag_mean)
+        torch.diagonal(h).copy_(diag0 + damp * diag_mean)
         lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
+            del h
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
                 return upper, damp, attempt
+            h = hessian.clone()
         damp *= 10.0
     raise SolverError(f"Cholesky factorisation failed even with dampening {damp / 10:g} x mean(diag H)")
+
+
+def _nm_group(WT: torch.Tensor, d: torch.Tensor, i: int, n: int, m: int, pruned: torch.Tensor) -> None:
+    """Choose the ``m - n`` weights to prune in columns ``i..i+m`` of every row (rows of the
+    transposed block ``WT``), from their current values: lowest ``w^2 / d^2``."""
+    tmp = WT[i : i + m].pow(2) / d[i : i + m].reshape(-1, 1).pow(2)
+    idx = torch.sort(tmp, dim=0, stable=True).indices[: m - n]
+    pruned[i : i + m].scatter_(0, idx, True)
+
+
+def _block_loop(W1: torch.Tensor, P1: torch.Tensor, Hinv1: torch.Tensor, Err1: torch.Tensor, nm: bool, n: int, m: int) -> None:
+    """The sequential part: columns of one block in order (rows of the transposed block
+    ``W1``), each pruned and its error spread over the block's later columns; the N:M mask
+    of a group is chosen when the scan reaches its first column. ``P1`` (True = pruned) is
+    given for unstructured/given masks and filled in for N:M. Updates ``W1``, ``P1`` and
+    ``Err1`` in place; no host synchronisation (so it can be captured in a CUDA graph)."""
+    count = W1.shape[0]
+    d = torch.diagonal(Hinv1)
+    scale = None if nm else P1 / d.reshape(-1, 1)  # err = w / d on pruned weights, else 0
+    for i in range(count):
+        if nm and i % m == 0:
+            _nm_group(W1, d, i, n, m, P1)
+            scale = P1[i : i + m] / d[i : i + m].reshape(-1, 1)
+        s = scale[i % m] if nm else scale[i]  # type: ignore[index]
+        torch.mul(W1[i], s, out=Err1[i])
+        if i + 1 < count:
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], Err1[i], alpha=-1.0)
+    W1.masked_fill_(P1, 0.0)
+
+
+class _GraphedBlock:
+    """:func:`_block_loop` for one block shape captured as a CUDA graph: a block is a few
+    hundred tiny kernels whose launch cost exceeds their run time; a replay launches them
+    all at once. Inputs are copied into static buffers and results copied back."""
+
+    def __init__(self, rows: int, count: int, nm: bool, n: int, m: int, device: torch.device) -> None:
+        self.W1 = torch.zeros(count, rows, device=device)
+        self.P1 = torch.zeros(count, rows, dtype=torch.bool, device=device)
+        self.H1 = torch.eye(count, device=device)
+        self.Err1 = torch.zeros(count, rows, device=device)
+        self.nm = nm
+        args = (self.W1, self.P1, self.H1, self.Err1, nm, n, m)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
+            _block_loop(*args)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            _block_loop(*args)
+
+    def __call__(self, W1: torch.Tensor, P1: torch.Tensor, Hinv1: torch.Tensor) -> torch.Tensor:
+        self.W1.copy_(W1)
+        if self.nm:
+            self.P1.zero_()
+        else:
+            self.P1.copy_(P1)
+        self.H1.copy_(Hinv1)
+        self.graph.replay()
+        W1.copy_(self.W1)
+        P1.copy_(self.P1)
+        return self.Err1
+
+
+_GRAPHS: dict[tuple, _GraphedBlock | None] = {}
+USE_CUDA_GRAPHS = os.environ.get("DASS_SPARSEGPT_GRAPHS", "1") != "0"
+
+
+def _solve_block(
+    W1: torch.Tensor, P1: torch.Tensor, Hinv1: torch.Tensor, nm: bool, n: int, m: int, graph: bool = False
+) -> torch.Tensor:
+    """Run :func:`_block_loop` on one block; returns the block's errors ``[count, rows]``
+    (valid until the next call). ``graph``: worth capturing (a full block of a matrix with
+    several), used on CUDA unless ``DASS_SPARSEGPT_GRAPHS=0``."""
+    count, rows = W1.shape
+    if graph and USE_CUDA_GRAPHS and W1.is_cuda and count >= 16:
+        key = (W1.device, rows, count, nm, n, m)
+        if key not in _GRAPHS:
+            try:
+                _GRAPHS[key] = _GraphedBlock(rows, count, nm, n, m, W1.device)
+            except Exception:  # capture not possible here: run eagerly
+                _GRAPHS[key] = None
+        graphed = _GRAPHS[key]
+        if graphed is not None:
+            return graphed(W1, P1, Hinv1)
+    Err1 = torch.empty_like(W1)
+    _block_loop(W1, P1, Hinv1, Err1, nm, n, m)
+    return Err1
+
+
+def clear_graphs() -> None:
+    """Free the captured block graphs (and their buffers)."""
+    _GRAPHS.clear()
 
 
 def sparsegpt_prune(
@@ -61,59 +192,49 @@ def sparsegpt_prune(
 
     ``pattern`` N:M groups run along the input dimension (as in the reference). If ``mask``
     is given (True = kept) it is used instead of SparseGPT's own selection, so other
-    methods' masks can be combined with the weight update.
+    methods' masks can be combined with the weight update. Computed in fp32 on the device
+    of ``weight``.
     """
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    rows, cols = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    rows, cols = weight.shape
+    H = hessian.detach().to(weight.device, torch.float32)
+    dead = torch.diagonal(H) == 0
+    if H.data_ptr() == hessian.data_ptr():
+        H = H.clone()
+    torch.diagonal(H).masked_fill_(dead, 1.0)
+    # the transposed weight: row j of WT is input column j of W, contiguous
+    WT = weight.detach().t().to(torch.float32).contiguous()
+    WT.masked_fill_(dead.reshape(-1, 1), 0.0)
     hinv, damp, retries = inverse_cholesky(H, percdamp)
-    given = mask.to(W.device) if mask is not None else None
-    prune_mask = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
+    del H
+    prunedT = torch.zeros(cols, rows, dtype=torch.bool, device=WT.device)
+    givenT = (~mask.to(WT.device, torch.bool)).t() if mask is not None else None
 
     n, m = pattern.n, pattern.m
+    nm = pattern.is_nm and givenT is None
     if pattern.is_nm and blocksize % m:
         blocksize = max(m, blocksize - blocksize % m)  # an N:M group must not straddle blocks
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2]  # a view: updated in place
+        P1 = prunedT[i1:i2]
         Hinv1 = hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)
-        if given is not None:
-            mask1 = ~given[:, i1:i2]
+        d = torch.diagonal(Hinv1)
+        if givenT is not None:
+            P1.copy_(givenT[i1:i2])
         elif not pattern.is_nm:
-            tmp = W1.pow(2) / d.reshape(1, -1).pow(2)
-            k = int(tmp.numel() * pattern.sparsity)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool).reshape(-1)
+            k = int(count * rows * pattern.sparsity)
             if k:
-                mask1[torch.sort(tmp.reshape(-1), stable=True).indices[:k]] = True
-            mask1 = mask1.reshape(W1.shape)
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(count):
-            w = W1[:, i]
-            if given is None and pattern.is_nm and i % m == 0:
-                tmp = W1[:, i : i + m].pow(2) / d[i : i + m].reshape(1, -1).pow(2)
-                idx = torch.sort(tmp, dim=1, stable=True).indices[:, : m - n]
-                mask1.scatter_(1, i + idx, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        prune_mask[:, i1:i2] = mask1
-        W[:, i2:] -= Err1.matmul(hinv[i1:i2, i2:])
-    W[prune_mask] = 0
+                tmp = (W1.pow(2) / d.reshape(-1, 1).pow(2)).t().reshape(-1)  # reference order: [row, col]
+                flat = torch.zeros(rows * count, dtype=torch.bool, device=WT.device)
+                flat[torch.sort(tmp, stable=True).indices[:k]] = True
+                P1.copy_(flat.reshape(rows, count).t())
+        Err1 = _solve_block(W1, P1, Hinv1, nm, n, m, graph=count == blocksize and cols >= 2 * blocksize)
+        if i2 < cols:
+            WT[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
     return SolverResult(
-        weight=W.to(weight.dtype),
-        mask=~prune_mask,
+        weight=WT.t().to(weight.dtype).contiguous(),
+        mask=(~prunedT).t().contiguous(),
         damp=damp,
         retries=retries,
         dead_inputs=int(dead.sum()),
