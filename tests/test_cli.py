@@ -1,6 +1,7 @@
 """The console script end to end on a tiny random model saved to a temporary directory."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -162,3 +163,46 @@ def test_compress_command(tiny_dir, tmp_path, capsys):
     js = tmp_path / "e.json"
     assert run("eval", out, "--ppl", tiny_dir / "text.txt", "--eval-seqlen", 64, "--json", js, "--quiet") == 0
     assert json.loads(js.read_text())["perplexity"]["ppl"] > 1
+
+
+def test_prune_stream_equals_in_memory(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--method", "sparsegpt", "--pattern", "2:4", "--calibration", tiny_dir / "text.txt",
+              "--nsamples", 4, "--seqlen", 32, "--quiet", "--device", "cpu"]
+    assert run("prune", tiny_dir / "model", "--output", tmp_path / "mem", *common) == 0
+    assert run("prune", tiny_dir / "model", "--output", tmp_path / "str", "--stream", *common) == 0
+    assert run("verify", tmp_path / "str") == 0
+    mem = load_file(tmp_path / "mem" / "model.safetensors")
+    streamed = {}
+    for f in (tmp_path / "str").glob("*.safetensors"):
+        streamed.update(load_file(f))
+    for k, v in mem.items():
+        if k in streamed:
+            assert torch.equal(v, streamed[k]), k
+    assert {k for k in mem if "layers" in k} <= set(streamed)
+
+
+def test_torchrun_two_processes(tiny_dir, tmp_path):
+    """The documented launcher: torchrun -m dass prune, gloo on CPU; rank 0 writes."""
+    from safetensors.torch import load_file
+
+    common = ["--method", "dass", "--pattern", "2:4", "--calibration", str(tiny_dir / "text.txt"),
+              "--nsamples", "8", "--seqlen", "32", "--batch-size", "2", "--quiet", "--device", "cpu"]
+    assert run("prune", tiny_dir / "model", "--output", tmp_path / "one", *common) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_port()), "-m", "dass", "prune", str(tiny_dir / "model"), "--output", str(tmp_path / "two"),
+                          *common], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert json.loads((tmp_path / "two" / "dass.json").read_text())["world_size"] == 2
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

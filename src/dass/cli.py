@@ -104,18 +104,25 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from . import distributed
     from .checkpoint import CheckpointError, build_manifest, save_pruned
     from .data import sample_calibration
-    from .pipeline import prune, validate
     from .methods import get_method
     from .patterns import parse_pattern
+    from .pipeline import prune, validate
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
-    method = get_method(args.method, **_method_options(args, args.method))
+    options = _method_options(args, args.method)
+    method = get_method(args.method, **options)
     pattern = parse_pattern(args.pattern)
+    ctx, device = distributed.init_from_env(args.device)  # torchrun: one process per GPU
+    device = device or _device(args)
+    quiet = args.quiet or not ctx.is_main
     t0 = time.perf_counter()
+    if args.stream:
+        return _prune_streaming(args, method, pattern, options, device, quiet, t0)
     model, tokenizer = _load(args)
     validate(model, method, pattern, args.scope)  # fail before the calibration forward
     ids = None
@@ -128,20 +135,69 @@ def cmd_prune(args: argparse.Namespace) -> int:
         args.scope,
         calibration=ids,
         batch_size=args.batch_size,
-        device=_device(args),
-        progress=not args.quiet,
+        device=device,
+        activations=args.activations,
+        progress=not quiet,
     )
+    if not ctx.is_main:  # every rank holds the same pruned model; rank 0 writes it
+        ctx.barrier()
+        return 0
     manifest = build_manifest(
         report,
         calibration=_calibration_spec(args) if ids is not None else {},
-        extra={"source_model": args.model, "load_seconds": None},
+        extra={"source_model": args.model, "world_size": ctx.world},
     )
     path = save_pruned(model, tokenizer, out, manifest, overwrite=args.overwrite)
     if args.compress:
         from .checkpoint import compress_checkpoint
 
         compress_checkpoint(path)
+    ctx.barrier()
     print(f"{report.summary()} -> {path} ({time.perf_counter() - t0:.1f} s in all)")
+    return 0
+
+
+def _prune_streaming(args, method, pattern, options, device, quiet, t0) -> int:
+    """``--stream``: read each layer from the safetensors shards, prune it, write it, free
+    it; resumable (same command again continues from the last saved layer)."""
+    from transformers import AutoTokenizer
+
+    from . import distributed
+    from .data import sample_calibration
+    from .models import ModelError, default_model_dir
+    from .streaming import prune_checkpoint
+
+    src = default_model_dir() if args.model == "default" else Path(args.model)
+    if not src.is_dir():
+        raise ModelError(f"--stream needs a local checkpoint directory (or 'default'), got {args.model!r}")
+    ids = None
+    if method.needs_calibration:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        ids = sample_calibration(tokenizer, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    report = prune_checkpoint(
+        src,
+        args.output,
+        method.name,
+        pattern,
+        args.scope,
+        ids,
+        device=device,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        batch_size=args.batch_size,
+        activations=args.activations,
+        resume=not args.no_resume,
+        progress=not quiet,
+        overwrite=args.overwrite,
+        calibration_spec=_calibration_spec(args) if ids is not None else {},
+        manifest_extra={"world_size": distributed.current().world},
+        **options,
+    )
+    if distributed.current().is_main:
+        if args.compress:
+            from .checkpoint import compress_checkpoint
+
+            compress_checkpoint(args.output)
+        print(f"{report.summary()} -> {Path(args.output).resolve()} ({time.perf_counter() - t0:.1f} s in all)")
     return 0
 
 
@@ -279,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(p)
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--compress", action="store_true", help="also store N:M matrices compressed")
+    p.add_argument("--compress", action="store_true", help="store N:M matrices as values + bitmask")
+    p.add_argument("--stream", action="store_true", help="stream layers from disk (bounded memory, resumable)")
+    p.add_argument("--no-resume", action="store_true", help="with --stream: start over instead of resuming")
+    p.add_argument("--activations", default="auto", choices=["auto", "device", "cpu"],
+                   help="where calibration activations live between layers")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy")

@@ -36,6 +36,7 @@ from .memory import choose_store, to_store
 from .methods import MatrixResult, PruningMethod, get_method
 from .patterns import Pattern, nm_violations, parse_pattern, sparsity_of
 from .sparsegpt import accumulate_xtx, clear_graphs
+from . import distributed
 from .stats import FeatureStats
 
 try:  # progress bars are a nicety, never a requirement
@@ -519,6 +520,7 @@ def process_layer(
     finally:
         for handle in handles:
             handle.remove()
+    distributed.current().all_reduce_stats(stats)  # no-op in a single process
     if marks is not None:
         marks.append(_mark(device))
     prune_layer(plan, stats, method, pattern, report)
@@ -640,6 +642,19 @@ def activation_bytes(ids: torch.Tensor, hidden_size: int, dtype: torch.dtype) ->
 # --------------------------------------------------------------------------------------
 
 
+def calibration_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """This process's calibration batches: all of them, or under torch.distributed a
+    disjoint share (statistics are then all-reduced per layer)."""
+    ctx = distributed.current()
+    batches = list(ids.split(batch_size))
+    if len(batches) < ctx.world:
+        raise CalibrationError(
+            f"{len(batches)} calibration batches cannot be shared by {ctx.world} processes: "
+            "use more samples or a smaller --batch-size"
+        )
+    return ctx.shard(batches)
+
+
 def validate(model: nn.Module, method: PruningMethod, pattern: Pattern, scope: str) -> list[LayerPlan]:
     """Check everything that can be checked before the model is modified."""
     plans = plan_model(model, scope=scope, require_glu=method.requires_glu)
@@ -737,7 +752,7 @@ def _run_sequential(
     progress: bool,
 ) -> None:
     t_cap = time.perf_counter()
-    batches = list(ids.split(batch_size))
+    batches = calibration_batches(ids, batch_size)
     dtype = next(model.parameters()).dtype
     hidden_size = getattr(model.config, "hidden_size", None) or 0
     store = choose_store(dev, activations, activation_bytes(ids, hidden_size, dtype))

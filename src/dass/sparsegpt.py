@@ -58,7 +58,7 @@ def accumulate_xtx(xtx: torch.Tensor, x: torch.Tensor) -> None:
         except (RuntimeError, TypeError, NotImplementedError):
             _HALF_GEMM_FP32_OUT = False
     xf = x.float()
-    xtx.addmm_(xf.t(), xf)
+    xtx.add_(xf.t() @ xf)  # xtx may be an fp64 total (dass.stats)
 
 
 def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_retries: int = 6) -> tuple[torch.Tensor, float, int]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .arch import ArchitectureError, decoder_layers
+from . import distributed
 from .memory import choose_store, release_host_memory
 from .methods import get_method
 from .patterns import parse_pattern
@@ -40,6 +41,7 @@ from .pipeline import (
     PruneReport,
     activation_bytes,
     as_calibration_tensor,
+    calibration_batches,
     capture_inputs,
     check_options,
     process_layer,
@@ -194,7 +196,11 @@ def model_tensor_names(root: nn.Module) -> set[str]:
 
 
 def _partial_dir(out: Path) -> Path:
-    return out.parent / (out.name + ".partial")
+    """Where the run writes until it is complete. Under torch.distributed every rank other
+    than 0 keeps its own (its activations and resume state are its own) and discards it
+    at the end; only rank 0's becomes the output."""
+    rank = distributed.current().rank
+    return out.parent / (out.name + (".partial" if rank == 0 else f".rank{rank}.partial"))
 
 
 def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -371,7 +377,7 @@ def prune_checkpoint(
         store = choose_store(dev, activations, activation_bytes(ids, hidden_size, dtype), reserve=4 * layer_bytes)
         if store != dev:
             report.notes.append(f"calibration activations offloaded to {store}")
-        inputs = capture_inputs(model, list(ids.split(batch_size)), dev, store, progress, restore=False)
+        inputs = capture_inputs(model, calibration_batches(ids, batch_size), dev, store, progress, restore=False)
         if saved is not None and start > 0:
             loaded = state.activations(saved)
             if loaded is None or len(loaded) != len(inputs.hidden):
@@ -434,6 +440,11 @@ def prune_checkpoint(
     )
     write_json(partial / "dass.json", manifest)
     state.remove()
+    ctx = distributed.current()
+    if not ctx.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        ctx.barrier()
+        return report
     if out.exists():  # overwrite: the old output goes only once the new one is complete
         trash = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, trash)
@@ -441,6 +452,7 @@ def prune_checkpoint(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(partial, out)
+    ctx.barrier()
     return report
 
 
