@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patterns", default="2:4", help="comma-separated patterns")
     _add_prune_args(p)
     _add_calibration_args(p, nsamples=32, seqlen=512)
-    _add_eval_args(p, eval_seqlen=512, eval_tokens=None)
+    _add_eval_args(p, eval_seqlen=512, eval_tokens=32768)
     p.add_argument("--out", default="runs/compare", help="directory for results.json, results.md, the plot")
     p.set_defaults(func=cmd_compare)
 
