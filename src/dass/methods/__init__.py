@@ -10,5 +10,6 @@ from __future__ import annotations
 
 from .base import MatrixResult, PruningMethod, available_methods, get_method, register
 from . import magnitude, wanda, sparsegpt, dass  # noqa: F401  (registration side effects)
+from . import dass_obs  # noqa: F401
 
 __all__ = ["MatrixResult", "PruningMethod", "available_methods", "get_method", "register"]

@@ -4,17 +4,35 @@ Gate and up rows are scored by ``|W| * a_i ** alpha`` where ``a_i`` is the calib
 norm of intermediate neuron ``i``; comparison group = each input column (unstructured) or
 M consecutive output rows of one column (N:M, "output" orientation). Down and attention
 projections are scored like Wanda. No weight is updated.
+
+``alpha`` is a number (the paper's method, default 0.5) or ``"auto"``: for every GLU block
+the exponent is chosen from a small candidate set by the reconstruction error of the
+block's MLP output on kept calibration input rows (:mod:`dass.alpha`); the chosen value and
+the candidates' errors are recorded in the gate/up results' ``info``.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
+from ..alpha import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_MAX_NEURONS,
+    DEFAULT_SAMPLE_TOKENS,
+    alpha_errors,
+    choose_alpha,
+    dass_glu_masks,
+)
 from ..patterns import Orientation, Pattern, select_mask
 from ..scores import dass_glu_score
 from ..stats import FeatureStats
 from .base import MatrixResult, MethodError, PruningMethod, register
 from .wanda import wanda_mask
+
+#: alpha used by ``alpha="auto"`` when a block has no kept input rows to compare on.
+AUTO_FALLBACK_ALPHA = 0.5
 
 
 def dass_glu_mask(weight: torch.Tensor, h_stats: FeatureStats, pattern: Pattern, alpha: float) -> MatrixResult:
@@ -24,21 +42,53 @@ def dass_glu_mask(weight: torch.Tensor, h_stats: FeatureStats, pattern: Pattern,
     return MatrixResult(mask, "output" if pattern.is_nm else None)
 
 
+def _parse_alpha(alpha: object) -> float | str:
+    if isinstance(alpha, str) and alpha.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(alpha)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise MethodError(f"alpha must be a number or 'auto', got {alpha!r}") from None
+    if not value >= 0:
+        raise MethodError(f"alpha must be >= 0, got {alpha!r}")
+    return value
+
+
 @register
 class DaSS(PruningMethod):
     name = "dass"
     requires_glu = True
 
-    def __init__(self, alpha: float = 0.5) -> None:
-        try:
-            self.alpha = float(alpha)
-        except (TypeError, ValueError):
-            raise MethodError(f"alpha must be a number, got {alpha!r}") from None
-        if not self.alpha >= 0:
-            raise MethodError(f"alpha must be >= 0, got {alpha!r}")
+    def __init__(
+        self,
+        alpha: float | str = 0.5,
+        alpha_candidates: Sequence[float] | str | None = None,
+        sample_tokens: int | None = None,
+        max_neurons: int | None = None,
+    ) -> None:
+        self.alpha = _parse_alpha(alpha)
+        self.auto = self.alpha == "auto"
+        if isinstance(alpha_candidates, str):
+            alpha_candidates = [c for c in alpha_candidates.replace(",", " ").split() if c]
+        cands = DEFAULT_CANDIDATES if alpha_candidates is None else alpha_candidates
+        parsed = [_parse_alpha(c) for c in cands]
+        if not parsed or any(isinstance(c, str) for c in parsed):
+            raise MethodError(f"alpha_candidates must be non-negative numbers, got {alpha_candidates!r}")
+        self.alpha_candidates = tuple(float(c) for c in parsed)  # type: ignore[arg-type]
+        if not self.auto and (alpha_candidates is not None or sample_tokens is not None or max_neurons is not None):
+            raise MethodError("alpha_candidates, sample_tokens and max_neurons only apply to alpha='auto'")
+        self.max_neurons = DEFAULT_MAX_NEURONS if max_neurons is None else int(max_neurons)
+        k = DEFAULT_SAMPLE_TOKENS if sample_tokens is None else int(sample_tokens)
+        if self.auto and k < 1:
+            raise MethodError(f"sample_tokens must be >= 1, got {sample_tokens!r}")
+        # the pipeline keeps this many block input rows only when alpha is chosen from data
+        self.sample_tokens = k if self.auto else 0
 
     def options(self) -> dict:
-        return {"alpha": self.alpha}
+        if not self.auto:
+            return {"alpha": self.alpha}
+        return {"alpha": "auto", "alpha_candidates": list(self.alpha_candidates), "sample_tokens": self.sample_tokens,
+                "max_neurons": self.max_neurons}
 
     def orientation(self, role: str) -> Orientation:
         return "output" if role in ("gate", "up") else "input"
@@ -49,8 +99,24 @@ class DaSS(PruningMethod):
 
     def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
         assert h_stats is not None
-        return (
-            dass_glu_mask(gate, h_stats, pattern, self.alpha),
-            dass_glu_mask(up, h_stats, pattern, self.alpha),
-            wanda_mask(down, h_stats, pattern),
-        )
+        down_res = wanda_mask(down, h_stats, pattern)
+        if not self.auto:
+            return (
+                dass_glu_mask(gate, h_stats, pattern, self.alpha),  # type: ignore[arg-type]
+                dass_glu_mask(up, h_stats, pattern, self.alpha),  # type: ignore[arg-type]
+                down_res,
+            )
+        x = x_stats.sample() if x_stats is not None else None
+        orient = "output" if pattern.is_nm else None
+        if x is None or x.shape[0] == 0:
+            alpha, info = AUTO_FALLBACK_ALPHA, {"alpha": AUTO_FALLBACK_ALPHA, "alpha_auto": "no kept input rows; default used"}
+            mg, mu = dass_glu_masks(gate, up, h_stats.norm, pattern, alpha)
+        else:
+            x = x.to(gate.device)
+            errors = alpha_errors(gate, up, down, down_res.mask, h_stats.norm.to(gate.device), x, pattern,
+                                  self.alpha_candidates, act, max_neurons=self.max_neurons)
+            alpha = choose_alpha(errors)
+            info = {"alpha": alpha, "alpha_errors": {str(a): e for a, e in errors.items()}, "alpha_rows": int(x.shape[0])}
+            mg, mu = dass_glu_masks(gate, up, h_stats.norm.to(gate.device), pattern, alpha)
+        down_res.info = {"alpha": alpha}
+        return MatrixResult(mg, orient, info=dict(info)), MatrixResult(mu, orient, info=dict(info)), down_res

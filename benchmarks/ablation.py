@@ -1,0 +1,338 @@
+"""The DaSS ablation on the embedded model: methods x patterns x alpha, plus dass-obs.
+
+Reproduces the table of issue 7 for this implementation: every configuration prunes a
+fresh copy of the embedded SmolLM2-135M (MLP scope) with the same calibration windows and
+is scored by perplexity on the held-out text, with its pruning time from the same run.
+Writes JSON (``--out``), a plot (``--plot``, matplotlib) and prints a Markdown table.
+
+    # the issue's protocol (128 x 2048 calibration tokens, all held-out text); GPU-sized
+    python benchmarks/ablation.py --device cuda --out runs/ablation.json --plot runs/ablation.png
+    # what fits a 2-core CPU: 32 x 512 calibration tokens, 64 evaluation windows of 2048 tokens
+    python benchmarks/ablation.py --nsamples 32 --seqlen 512 --eval-tokens 131072 --out runs/ablation-cpu.json
+    # only some rows / patterns, and re-rendering saved results
+    python benchmarks/ablation.py --configs wanda dass:alpha=auto --patterns 2:4
+    python benchmarks/ablation.py --render runs/a.json runs/b.json --plot runs/ablation.png
+
+A configuration is ``method`` or ``method:key=value,key=value`` (options go to the
+method's constructor, e.g. ``dass:alpha=auto``, ``dass-obs:masks=fixed,alpha=1``);
+``dense`` is the unpruned model. Not a test: nothing here runs in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+#: The rows of the issue's table, then the weight-updating DaSS variants.
+DEFAULT_CONFIGS = [
+    "dense",
+    "magnitude",
+    "wanda",
+    "dass:alpha=0.5",
+    "dass:alpha=1",
+    "dass:alpha=2",
+    "dass:alpha=auto",
+    "sparsegpt",
+    "dass-obs:masks=fixed,alpha=1",
+    "dass-obs:alpha=1,order=natural",
+    "dass-obs:alpha=1",
+]
+DEFAULT_PATTERNS = ["2:4", "4:8", "0.5"]
+
+LABELS = {
+    "dense": "dense",
+    "magnitude": "magnitude",
+    "wanda": "Wanda",
+    "sparsegpt": "SparseGPT",
+}
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def parse_config(spec: str) -> tuple[str, dict]:
+    """``method:key=value,...`` -> (method, options); numbers are converted."""
+    method, _, rest = spec.partition(":")
+    opts: dict = {}
+    for kv in filter(None, rest.split(",")):
+        key, _, value = kv.partition("=")
+        try:
+            opts[key] = int(value)
+        except ValueError:
+            try:
+                opts[key] = float(value)
+            except ValueError:
+                opts[key] = value
+    return method, opts
+
+
+def label(spec: str) -> str:
+    method, opts = parse_config(spec)
+    if spec in LABELS:
+        return LABELS[spec]
+    if method == "dass":
+        return f"DaSS alpha {opts.get('alpha', 0.5)}"
+    if method == "dass-obs":
+        masks = opts.get("masks", "sweep")
+        if masks == "fixed":
+            return f"DaSS {opts.get('alpha', 1.0)} masks + OBS update (fixed)"
+        w = opts.get("weights", "dass")
+        extra = ", natural order" if opts.get("order") == "natural" else ""
+        if w == "taylor":
+            return "dass-obs sweep, taylor weights" + extra
+        return f"dass-obs sweep, alpha {opts.get('alpha', 1.0)}" + extra
+    return spec
+
+
+def pattern_label(p: str) -> str:
+    return "50%" if p in ("0.5", "50%", "unstructured:0.5") else p
+
+
+# --------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    from dass import prune
+    from dass.data import evaluation_tokens, sample_calibration
+    from dass.evaluate import perplexity
+    from dass.models import load_model
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, device="cpu")
+    model.to(device)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    calib = sample_calibration(tok, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    ev = evaluation_tokens(tok, args.eval_source)
+    if args.eval_tokens:
+        ev = ev[:, : args.eval_tokens]
+    log(f"model loaded; calibration {tuple(calib.shape)}; evaluation {ev.numel()} tokens; device {device}")
+
+    meta = {
+        "model": args.model,
+        "scope": args.scope,
+        "calibration": {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
+        "evaluation": {"source": args.eval_source, "seqlen": args.eval_seqlen,
+                       "tokens": int(ev.numel()) // args.eval_seqlen * args.eval_seqlen},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    rows: list[dict] = []
+    if args.warmup and device.type == "cuda":  # first CUDA calls (kernels, graphs) out of the timings
+        prune(model, "wanda", args.patterns[0], args.scope, calibration=calib, progress=False, device=device)
+        model.load_state_dict(dense_state)
+
+    def evaluate() -> float:
+        return perplexity(model, ev, seqlen=args.eval_seqlen, batch_size=args.eval_batch, progress=False)["ppl"]
+
+    # pattern-major, dense first: an interrupted run still leaves whole columns of the table
+    jobs = [(s, None) for s in args.configs if s == "dense"]
+    jobs += [(s, p) for p in args.patterns for s in args.configs if s != "dense"]
+    for spec, pat in jobs:
+        method, opts = parse_config(spec)
+        model.load_state_dict(dense_state)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rec: dict = {"config": spec, "label": label(spec), "method": method, "options": opts, "pattern": pat}
+        if method != "dense":
+            c0 = time.process_time()
+            try:
+                report = prune(model, method, pat, args.scope, calibration=calib, batch_size=args.batch_size,
+                               progress=False, device=device, **opts)
+            except Exception as exc:  # one broken configuration must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                log(f"{spec} {pat}: FAILED: {exc}")
+                continue
+            rec["prune_seconds"] = report.total_seconds
+            rec["prune_cpu_seconds"] = time.process_time() - c0  # all threads; robust to other jobs
+            rec["sparsity"] = report.sparsity
+            rec["method_options"] = report.options
+            alphas = [m.info.get("alpha") for m in report.matrices if m.role == "gate"]
+            if any(a is not None for a in alphas) and opts.get("alpha") == "auto":
+                rec["alpha_per_layer"] = alphas
+        ts = time.perf_counter()
+        rec["ppl"] = evaluate()
+        rec["eval_seconds"] = time.perf_counter() - ts
+        rows.append(rec)
+        log(f"{rec['label']:<45} {pattern_label(pat) if pat else '-':>5}  ppl {rec['ppl']:9.2f}"
+            + (f"  prune {rec['prune_seconds']:7.1f} s ({rec['prune_cpu_seconds']:.1f} CPU s)" if "prune_seconds" in rec else ""))
+        if args.out:  # partial results survive an interrupted run
+            _write(args.out, {"meta": meta, "rows": rows})
+    meta["total_seconds"] = time.perf_counter() - t0
+    return {"meta": meta, "rows": rows}
+
+
+def _write(path: str, data: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, p)
+
+
+# --------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------
+
+
+def _merge(datas: list[dict]) -> dict:
+    rows: list[dict] = []
+    seen = set()
+    for d in datas:
+        for r in d["rows"]:
+            key = (r["config"], r["pattern"])
+            if key in seen:
+                rows = [x for x in rows if (x["config"], x["pattern"]) != key]
+            seen.add(key)
+            rows.append(r)
+    return {"meta": datas[0]["meta"] if datas else {}, "rows": rows}
+
+
+def markdown(data: dict) -> str:
+    rows = data["rows"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    patterns = list(dict.fromkeys(r["pattern"] for r in rows if r["pattern"] is not None))
+    cell = {(r["config"], r["pattern"]): r for r in rows}
+    cpu = data.get("meta", {}).get("device", "cpu") == "cpu"
+    tkey = "prune_cpu_seconds" if cpu else "prune_seconds"  # CPU time on a shared CPU, wall time on a GPU
+    tname = "CPU s" if cpu else "prune s"
+    head = ["configuration"] + [f"{pattern_label(p)} {w}" for p in patterns for w in ("ppl", tname)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in configs:
+        cells = [label(c)]
+        if (c, None) in cell:  # dense
+            cells += [f"{cell[(c, None)]['ppl']:.2f}", "-"] + ["", ""] * (len(patterns) - 1)
+        else:
+            for p in patterns:
+                r = cell.get((c, p))
+                cells += ([f"{r['ppl']:.2f}", f"{r[tkey]:.1f}"] if r else ["", ""])
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    # the issue's targets, where the rows exist
+    notes = []
+    for p in patterns:
+        w, a = cell.get(("wanda", p)), cell.get(("dass:alpha=auto", p))
+        if w and a:
+            notes.append(f"- {pattern_label(p)}: dass auto / Wanda: ppl x{a['ppl'] / w['ppl']:.3f}, "
+                         f"time x{a[tkey] / w[tkey]:.2f}"
+                         + (f"; alpha per layer {_alpha_summary(a.get('alpha_per_layer'))}" if a.get("alpha_per_layer") else ""))
+        s = cell.get(("sparsegpt", p))
+        for c in configs:
+            if c.startswith("dass-obs") and s and (c, p) in cell:
+                r = cell[(c, p)]
+                notes.append(f"- {pattern_label(p)}: {label(c)} / SparseGPT: ppl x{r['ppl'] / s['ppl']:.3f}, "
+                             f"time x{r[tkey] / s[tkey]:.2f}")
+    return out + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def _alpha_summary(alphas) -> str:
+    from collections import Counter
+
+    cnt = Counter(a for a in alphas if a is not None)
+    return ", ".join(f"{k:g}: {v}" for k, v in sorted(cnt.items()))
+
+
+def plot(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    configs = [c for c in dict.fromkeys(r["config"] for r in rows) if c != "dense"]
+    patterns = list(dict.fromkeys(r["pattern"] for r in rows if r["pattern"] is not None))
+    cell = {(r["config"], r["pattern"]): r for r in rows}
+    autos = [cell[("dass:alpha=auto", p)] for p in patterns if ("dass:alpha=auto", p) in cell]
+    cpu = data.get("meta", {}).get("device", "cpu") == "cpu"
+    tkey = "prune_cpu_seconds" if cpu else "prune_seconds"
+    ncols = 3 if autos else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 5.5))
+    width = 0.8 / max(len(configs), 1)
+    cmap = plt.get_cmap("tab20")
+    for k, c in enumerate(configs):
+        xs = [i + (k - len(configs) / 2 + 0.5) * width for i in range(len(patterns))]
+        ppl = [cell[(c, p)]["ppl"] if (c, p) in cell else float("nan") for p in patterns]
+        sec = [cell[(c, p)][tkey] if (c, p) in cell else float("nan") for p in patterns]
+        axes[0].bar(xs, ppl, width, label=label(c), color=cmap(k))
+        axes[1].bar(xs, sec, width, color=cmap(k))
+    dense = cell.get(("dense", None))
+    if dense:
+        axes[0].axhline(dense["ppl"], color="k", ls="--", lw=1, label=f"dense {dense['ppl']:.1f}")
+    for ax, title in ((axes[0], "perplexity (log)"), (axes[1], "pruning CPU time, s" if cpu else "pruning time, s")):
+        ax.set_xticks(range(len(patterns)), [pattern_label(p) for p in patterns])
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7, loc="upper right")
+    if autos:
+        for r in autos:
+            axes[2].plot(r["alpha_per_layer"], marker="o", label=pattern_label(r["pattern"]))
+        axes[2].set_xlabel("layer")
+        axes[2].set_ylabel("chosen alpha")
+        axes[2].set_title("dass --alpha auto: alpha per layer")
+        axes[2].legend()
+    m = data.get("meta", {})
+    cal = m.get("calibration", {})
+    fig.suptitle(f"{m.get('model', '')} MLP scope, calibration {cal.get('nsamples')}x{cal.get('seqlen')}, "
+                 f"eval {m.get('evaluation', {}).get('tokens')} tokens, {m.get('device_name', m.get('device', ''))}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    ap.add_argument("--patterns", nargs="+", default=DEFAULT_PATTERNS)
+    ap.add_argument("--scope", default="mlp")
+    ap.add_argument("--calibration", default="default", help="calibration text source")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-source", default="default")
+    ap.add_argument("--eval-tokens", type=int, default=0, help="use the first N evaluation tokens (0 = all)")
+    ap.add_argument("--eval-seqlen", type=int, default=2048)
+    ap.add_argument("--eval-batch", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false")
+    ap.add_argument("--out", default=None, help="JSON results")
+    ap.add_argument("--plot", default=None, help="PNG plot")
+    ap.add_argument("--render", nargs="+", default=None, help="only render these saved JSON files (merged)")
+    args = ap.parse_args(argv)
+    if args.render:
+        data = _merge([json.loads(Path(p).read_text()) for p in args.render])
+        if args.out:
+            _write(args.out, data)
+    else:
+        data = run(args)
+        if args.out:
+            _write(args.out, data)
+    if args.plot:
+        plot(data, args.plot)
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Choosing DaSS's exponent alpha from calibration data (``dass --alpha auto``).
+
+Pure tensor code. DaSS scores a gate/up weight by ``|W[i, j]| * a_i ** alpha``; the paper
+fixes alpha = 0.5, but the best value depends on the model, the layer and the pattern.
+For one GLU block and a few kept calibration input rows ``X`` (``FeatureStats.sample()``),
+every candidate alpha gives gate/up masks; the block with those masks (and down pruned as
+DaSS prunes it, which does not depend on alpha) is run on ``X`` and the candidate whose
+MLP output is closest to the dense block's output wins:
+
+    err(alpha) = || W_down' (act(W_gate'(alpha) X) * W_up'(alpha) X) - W_down (act(W_gate X) * W_up X) ||^2
+
+The cost is three ``[k, d] x [d, D]``-sized products per candidate on ``k`` rows, plus one
+mask selection per candidate and matrix: independent of the calibration size, and small
+next to the layer forwards every method pays for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .patterns import Pattern, select_mask
+from .scores import dass_glu_score
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+#: Default candidate exponents for ``alpha="auto"`` (0 = magnitude within DaSS's groups).
+DEFAULT_CANDIDATES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+#: Default number of kept calibration input rows the candidates are compared on.
+DEFAULT_SAMPLE_TOKENS = 512
+#: Default number of intermediate neurons (whole N:M groups, evenly spaced) the candidates
+#: are compared on; the final masks always cover every neuron.
+DEFAULT_MAX_NEURONS = 512
+
+
+def neuron_subset(neurons: int, pattern: Pattern, max_neurons: int | None) -> torch.Tensor | None:
+    """Indices of evenly spaced whole groups of neurons (M consecutive ones for N:M, so
+    the subset's N:M masks are exactly the full masks restricted to it), at most
+    ``max_neurons`` of them; None when every neuron fits."""
+    if not max_neurons or neurons <= max_neurons:
+        return None
+    size = pattern.m if pattern.is_nm else 1
+    groups = neurons // size
+    keep = max(1, min(groups, max_neurons // size))
+    starts = torch.div(torch.arange(keep) * groups, keep, rounding_mode="floor")
+    return (starts.reshape(-1, 1) * size + torch.arange(size)).reshape(-1)
+
+
+def glu_forward(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    x: torch.Tensor,
+    act: Activation | None = None,
+) -> torch.Tensor:
+    """``W_down (act(W_gate x) * W_up x)`` in fp32 for rows ``x`` ``[k, d]`` (act: SiLU by default)."""
+    act = act or F.silu
+    xf = x.float()
+    h = act(xf @ gate.float().t()) * (xf @ up.float().t())
+    return h @ down.float().t()
+
+
+def dass_glu_masks(
+    gate: torch.Tensor, up: torch.Tensor, neuron_norm: torch.Tensor, pattern: Pattern, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DaSS's gate and up masks for one alpha (output-dimension groups, per-column ranking)."""
+    return tuple(  # type: ignore[return-value]
+        select_mask(dass_glu_score(w, neuron_norm, alpha), pattern, group="column", orientation="output")
+        for w in (gate, up)
+    )
+
+
+def alpha_errors(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    down_mask: torch.Tensor,
+    neuron_norm: torch.Tensor,
+    x: torch.Tensor,
+    pattern: Pattern,
+    candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    act: Activation | None = None,
+    max_neurons: int | None = None,
+) -> dict[float, float]:
+    """Relative block-output reconstruction error ``err(alpha) / ||y||^2`` for each candidate.
+
+    With ``max_neurons``, the block is restricted to an evenly spaced subset of whole
+    neuron groups (:func:`neuron_subset`): the error of that sub-block estimates the
+    block's at a fraction of the cost (exact masks for N:M; for unstructured sparsity the
+    per-column ranking runs within the subset).
+    """
+    act = act or F.silu
+    xf = x.float()
+    g, u, dn, dm, a = gate.float(), up.float(), down.float(), down_mask, neuron_norm.float()
+    idx = neuron_subset(g.shape[0], pattern, max_neurons)
+    if idx is not None:
+        idx = idx.to(g.device)
+        g, u, a, dn, dm = g[idx], u[idx], a[idx], dn[:, idx], dm[:, idx]
+    dense_h = act(xf @ g.t()) * (xf @ u.t())
+    y = dense_h @ dn.t()
+    d_pruned = dn * dm
+    scale = float(y.pow(2).sum()) or 1.0
+    out: dict[float, float] = {}
+    for alpha in candidates:
+        mg, mu = dass_glu_masks(g, u, a, pattern, float(alpha))
+        h = act(xf @ (g * mg).t()) * (xf @ (u * mu).t())
+        out[float(alpha)] = float((h @ d_pruned.t() - y).pow(2).sum()) / scale
+    return out
+
+
+def choose_alpha(errors: dict[float, float]) -> float:
+    """The candidate with the lowest error (the first listed among exact ties)."""
+    return min(errors, key=lambda a: errors[a])
