@@ -91,16 +91,22 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_into_place(done: Path, out: Path) -> None:
+    """Rename the complete directory ``done`` to ``out``; an existing ``out`` (overwrite)
+    is moved aside first and deleted only once the new one is in place."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(done, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(done, out)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -271,7 +271,7 @@ def prune_checkpoint(
     existing ``out_dir``.
     """
     t0 = time.perf_counter()
-    from .checkpoint import CheckpointError, build_manifest, write_json
+    from .checkpoint import CheckpointError, build_manifest, move_into_place, write_json
 
     src, out = Path(src_dir), Path(out_dir).resolve()
     if out.exists() and not overwrite:
@@ -445,13 +445,7 @@ def prune_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         ctx.barrier()
         return report
-    if out.exists():  # overwrite: the old output goes only once the new one is complete
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(partial, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(partial, out)
+    move_into_place(partial, out)
     ctx.barrier()
     return report
 
