@@ -236,7 +236,7 @@ def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[s
 def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tokens: int | None = None) -> None:
     p.add_argument("--ppl", default="default", help="default | wikitext2 | FILE | none")
     p.add_argument("--eval-seqlen", type=int, default=eval_seqlen, help="perplexity window (tokens)")
-    p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="use only the first N evaluation tokens")
+    p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="use only the first N evaluation tokens (0 = all)")
     p.add_argument("--zeroshot", default=None, help=f"comma-separated tasks, e.g. {ZEROSHOT_TASKS}")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: items per task (quick runs)")
     p.add_argument("--zeroshot-batch-size", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; 'dense' adds the unpruned row")
     p.add_argument("--patterns", default="2:4", help="comma-separated patterns")
     _add_prune_args(p)
-    _add_calibration_args(p, nsamples=32, seqlen=512)
-    _add_eval_args(p, eval_seqlen=512, eval_tokens=32768)
+    _add_calibration_args(p, nsamples=16, seqlen=512)  # CPU-sized defaults: see README
+    _add_eval_args(p, eval_seqlen=512, eval_tokens=16384)
     p.add_argument("--out", default="runs/compare", help="directory for results.json, results.md, the plot")
     p.set_defaults(func=cmd_compare)
 
