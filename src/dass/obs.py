@@ -24,11 +24,12 @@ synchronisation, and on CUDA a full block is replayed from a captured graph.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from .graphs import run_block
 from .patterns import Pattern
 from .sparsegpt import inverse_cholesky
 
@@ -77,64 +78,6 @@ def _block_loop(
         if i + 1 < count:
             W1[i + 1 :].addr_(Hinv1[i, i + 1 :], Err1[i], alpha=-1.0)
     W1.masked_fill_(P1, 0.0)
-
-
-class _GraphedBlock:
-    """:func:`_block_loop` for one block shape captured as a CUDA graph (a block is a few
-    hundred tiny kernels; a replay launches them at once)."""
-
-    def __init__(self, rows: int, count: int, groups: int, size: int, k: int, device: torch.device) -> None:
-        self.W1 = torch.zeros(count, rows, device=device)
-        self.P1 = torch.zeros(count, rows, dtype=torch.bool, device=device)
-        self.H1 = torch.eye(count, device=device)
-        self.Err1 = torch.zeros(count, rows, device=device)
-        self.r = torch.ones(rows, device=device)
-        args = (self.W1, self.P1, self.H1, self.Err1, self.r, groups, size, k)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture
-            _block_loop(*args)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.P1.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            _block_loop(*args)
-
-    def __call__(self, W1: torch.Tensor, P1: torch.Tensor, Hinv1: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        self.W1.copy_(W1)
-        self.P1.zero_()
-        self.H1.copy_(Hinv1)
-        self.r.copy_(r)
-        self.graph.replay()
-        W1.copy_(self.W1)
-        P1.copy_(self.P1)
-        return self.Err1
-
-
-_GRAPHS: dict[tuple, _GraphedBlock | None] = {}
-USE_CUDA_GRAPHS = os.environ.get("DASS_SPARSEGPT_GRAPHS", "1") != "0"
-
-
-def clear_graphs() -> None:
-    """Free the captured block graphs (and their buffers)."""
-    _GRAPHS.clear()
-
-
-def _solve_block(W1, P1, Hinv1, r, groups, size, k, graph: bool) -> torch.Tensor:
-    count, rows = W1.shape
-    if graph and USE_CUDA_GRAPHS and W1.is_cuda and count >= 16:
-        key = (W1.device, rows, count, groups, size, k)
-        if key not in _GRAPHS:
-            try:
-                _GRAPHS[key] = _GraphedBlock(rows, count, groups, size, k, W1.device)
-            except Exception:  # capture not possible here: run eagerly
-                _GRAPHS[key] = None
-        graphed = _GRAPHS[key]
-        if graphed is not None:
-            return graphed(W1, P1, Hinv1, r)
-    Err1 = torch.empty_like(W1)
-    _block_loop(W1, P1, Hinv1, Err1, r, groups, size, k)
-    return Err1
 
 
 def obs_prune_output_groups(
@@ -191,8 +134,9 @@ def obs_prune_output_groups(
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, P1 = WT[i1:i2], prunedT[i1:i2]  # views: updated in place
-        Err1 = _solve_block(W1, P1, hinv[i1:i2, i1:i2], r, groups, size, k,
-                            graph=(i2 - i1) == blocksize and cols >= 2 * blocksize)
+        Err1 = torch.empty_like(W1)
+        run_block(partial(_block_loop, groups=groups, size=size, k=k), ("obs", groups, size, k),
+                  (W1, P1, hinv[i1:i2, i1:i2], Err1, r), graph=(i2 - i1) == blocksize and cols >= 2 * blocksize)
         if i2 < cols:
             WT[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
     if perm is not None:

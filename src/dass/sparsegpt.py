@@ -19,11 +19,12 @@ zeroed once per block.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from .graphs import clear_graphs, run_block  # noqa: F401  (clear_graphs: re-exported)
 from .patterns import Pattern
 
 
@@ -114,71 +115,6 @@ def _block_loop(W1: torch.Tensor, P1: torch.Tensor, Hinv1: torch.Tensor, Err1: t
     W1.masked_fill_(P1, 0.0)
 
 
-class _GraphedBlock:
-    """:func:`_block_loop` for one block shape captured as a CUDA graph: a block is a few
-    hundred tiny kernels whose launch cost exceeds their run time; a replay launches them
-    all at once. Inputs are copied into static buffers and results copied back."""
-
-    def __init__(self, rows: int, count: int, nm: bool, n: int, m: int, device: torch.device) -> None:
-        self.W1 = torch.zeros(count, rows, device=device)
-        self.P1 = torch.zeros(count, rows, dtype=torch.bool, device=device)
-        self.H1 = torch.eye(count, device=device)
-        self.Err1 = torch.zeros(count, rows, device=device)
-        self.nm = nm
-        args = (self.W1, self.P1, self.H1, self.Err1, nm, n, m)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
-            _block_loop(*args)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            _block_loop(*args)
-
-    def __call__(self, W1: torch.Tensor, P1: torch.Tensor, Hinv1: torch.Tensor) -> torch.Tensor:
-        self.W1.copy_(W1)
-        if self.nm:
-            self.P1.zero_()
-        else:
-            self.P1.copy_(P1)
-        self.H1.copy_(Hinv1)
-        self.graph.replay()
-        W1.copy_(self.W1)
-        P1.copy_(self.P1)
-        return self.Err1
-
-
-_GRAPHS: dict[tuple, _GraphedBlock | None] = {}
-USE_CUDA_GRAPHS = os.environ.get("DASS_SPARSEGPT_GRAPHS", "1") != "0"
-
-
-def _solve_block(
-    W1: torch.Tensor, P1: torch.Tensor, Hinv1: torch.Tensor, nm: bool, n: int, m: int, graph: bool = False
-) -> torch.Tensor:
-    """Run :func:`_block_loop` on one block; returns the block's errors ``[count, rows]``
-    (valid until the next call). ``graph``: worth capturing (a full block of a matrix with
-    several), used on CUDA unless ``DASS_SPARSEGPT_GRAPHS=0``."""
-    count, rows = W1.shape
-    if graph and USE_CUDA_GRAPHS and W1.is_cuda and count >= 16:
-        key = (W1.device, rows, count, nm, n, m)
-        if key not in _GRAPHS:
-            try:
-                _GRAPHS[key] = _GraphedBlock(rows, count, nm, n, m, W1.device)
-            except Exception:  # capture not possible here: run eagerly
-                _GRAPHS[key] = None
-        graphed = _GRAPHS[key]
-        if graphed is not None:
-            return graphed(W1, P1, Hinv1)
-    Err1 = torch.empty_like(W1)
-    _block_loop(W1, P1, Hinv1, Err1, nm, n, m)
-    return Err1
-
-
-def clear_graphs() -> None:
-    """Free the captured block graphs (and their buffers)."""
-    _GRAPHS.clear()
-
-
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -229,7 +165,9 @@ def sparsegpt_prune(
                 flat = torch.zeros(rows * count, dtype=torch.bool, device=WT.device)
                 flat[torch.sort(tmp, stable=True).indices[:k]] = True
                 P1.copy_(flat.reshape(rows, count).t())
-        Err1 = _solve_block(W1, P1, Hinv1, nm, n, m, graph=count == blocksize and cols >= 2 * blocksize)
+        Err1 = torch.empty_like(W1)
+        run_block(partial(_block_loop, nm=nm, n=n, m=m), ("sparsegpt", nm, n, m), (W1, P1, Hinv1, Err1),
+                  graph=count == blocksize and cols >= 2 * blocksize)
         if i2 < cols:
             WT[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
     return SolverResult(
