@@ -12,6 +12,8 @@ Writes JSON (``--out``), a plot (``--plot``, matplotlib) and prints a Markdown t
     # only some rows / patterns, and re-rendering saved results
     python benchmarks/ablation.py --configs wanda dass:alpha=auto --patterns 2:4
     python benchmarks/ablation.py --render runs/a.json runs/b.json --plot runs/ablation.png
+    # why: single dense MLP blocks, reconstruction error per variant
+    python benchmarks/ablation.py --block-errors 1,10,20,29 --nsamples 32 --seqlen 512 --patterns 2:4
 
 A configuration is ``method`` or ``method:key=value,key=value`` (options go to the
 method's constructor, e.g. ``dass:alpha=auto``, ``dass-obs:masks=fixed,alpha=1``);
@@ -41,6 +43,7 @@ DEFAULT_CONFIGS = [
     "dass:alpha=1",
     "dass:alpha=2",
     "dass:alpha=auto",
+    "dass:alpha=auto,alpha_criterion=total",
     "sparsegpt",
     "dass-obs:masks=fixed,alpha=1",
     "dass-obs:alpha=1,order=natural",
@@ -81,7 +84,8 @@ def label(spec: str) -> str:
     if spec in LABELS:
         return LABELS[spec]
     if method == "dass":
-        return f"DaSS alpha {opts.get('alpha', 0.5)}"
+        crit = f" ({opts['alpha_criterion']} error)" if "alpha_criterion" in opts else ""
+        return f"DaSS alpha {opts.get('alpha', 0.5)}{crit}"
     if method == "dass-obs":
         masks = opts.get("masks", "sweep")
         if masks == "fixed":
@@ -132,6 +136,8 @@ def run(args) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine,
         "torch_threads": torch.get_num_threads(),
+        "prune_threads": args.prune_threads or torch.get_num_threads(),
+        "repeat": args.repeat,
         "torch": torch.__version__,
     }
     rows: list[dict] = []
@@ -151,26 +157,42 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         rec: dict = {"config": spec, "label": label(spec), "method": method, "options": opts, "pattern": pat}
+        if method == "dense" and args.no_eval:
+            continue
         if method != "dense":
-            c0 = time.process_time()
+            walls, cpus = [], []
             try:
-                report = prune(model, method, pat, args.scope, calibration=calib, batch_size=args.batch_size,
-                               progress=False, device=device, **opts)
+                for rep in range(args.repeat):
+                    if rep:
+                        model.load_state_dict(dense_state)
+                    threads = torch.get_num_threads()
+                    if args.prune_threads:
+                        torch.set_num_threads(args.prune_threads)
+                    c0 = time.process_time()
+                    try:
+                        report = prune(model, method, pat, args.scope, calibration=calib, batch_size=args.batch_size,
+                                       progress=False, device=device, **opts)
+                    finally:
+                        torch.set_num_threads(threads)
+                    walls.append(report.total_seconds)
+                    cpus.append(time.process_time() - c0)
             except Exception as exc:  # one broken configuration must not lose the others
                 import traceback
 
                 traceback.print_exc()
                 log(f"{spec} {pat}: FAILED: {exc}")
                 continue
-            rec["prune_seconds"] = report.total_seconds
-            rec["prune_cpu_seconds"] = time.process_time() - c0  # all threads; robust to other jobs
+            rec["prune_seconds"] = min(walls)
+            rec["prune_cpu_seconds"] = min(cpus)  # CPU time of all threads (min over repeats)
+            if args.repeat > 1:
+                rec["prune_seconds_all"], rec["prune_cpu_seconds_all"] = walls, cpus
             rec["sparsity"] = report.sparsity
             rec["method_options"] = report.options
             alphas = [m.info.get("alpha") for m in report.matrices if m.role == "gate"]
             if any(a is not None for a in alphas) and opts.get("alpha") == "auto":
                 rec["alpha_per_layer"] = alphas
         ts = time.perf_counter()
-        rec["ppl"] = evaluate()
+        rec["ppl"] = float("nan") if args.no_eval else evaluate()
         rec["eval_seconds"] = time.perf_counter() - ts
         rows.append(rec)
         log(f"{rec['label']:<45} {pattern_label(pat) if pat else '-':>5}  ppl {rec['ppl']:9.2f}"
@@ -195,16 +217,22 @@ def _write(path: str, data: dict) -> None:
 
 
 def _merge(datas: list[dict]) -> dict:
-    rows: list[dict] = []
-    seen = set()
+    """Rows of several result files by (configuration, pattern); a later file's fields win,
+    except a missing perplexity (a ``--no-eval`` timing run), which keeps the earlier one."""
+    merged: dict[tuple, dict] = {}
     for d in datas:
         for r in d["rows"]:
             key = (r["config"], r["pattern"])
-            if key in seen:
-                rows = [x for x in rows if (x["config"], x["pattern"]) != key]
-            seen.add(key)
-            rows.append(r)
-    return {"meta": datas[0]["meta"] if datas else {}, "rows": rows}
+            old = merged.get(key, {})
+            new = {**old, **r}
+            if r.get("ppl") != r.get("ppl") and "ppl" in old:  # NaN: timings only
+                new["ppl"] = old["ppl"]
+                new["timing_source"] = "separate timing run"
+            merged[key] = new
+    meta = dict(datas[0]["meta"]) if datas else {}
+    if len(datas) > 1:
+        meta["merged_from"] = [d.get("meta", {}) for d in datas]
+    return {"meta": meta, "rows": list(merged.values())}
 
 
 def markdown(data: dict) -> str:
@@ -299,6 +327,91 @@ def plot(data: dict, path: str) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------
+# block-level diagnostic: why the variants differ
+# --------------------------------------------------------------------------------------
+
+BLOCK_VARIANTS = [
+    "wanda",
+    "dass:alpha=1",
+    "dass:alpha=auto",
+    "dass:alpha=auto,alpha_criterion=total",
+    "sparsegpt",
+    "dass-obs:masks=fixed,alpha=1",
+    "dass-obs:alpha=1,order=natural",
+    "dass-obs:alpha=1",
+    "dass-obs:weights=taylor",
+]
+
+
+@torch.no_grad()
+def block_errors(args) -> dict:
+    """Relative reconstruction error ``||y' - y||^2 / ||y||^2`` of single MLP blocks of the
+    *dense* model: statistics from ``--nsamples`` calibration windows, error measured on
+    other windows (seed + 1), one row per layer and variant. No sequential propagation:
+    this isolates what each method does to one block."""
+    import torch.nn.functional as F
+
+    from dass.arch import plan_model
+    from dass.data import sample_calibration
+    from dass.methods import get_method
+    from dass.models import load_model
+    from dass.patterns import parse_pattern
+    from dass.stats import FeatureStats
+
+    model, tok = load_model(args.model, device="cpu")
+    layers = [int(v) for v in args.block_errors.split(",")]
+    plans = {p.index: p for p in plan_model(model, "mlp")}
+    calib = sample_calibration(tok, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    held = sample_calibration(tok, args.calibration, nsamples=max(2, args.nsamples // 4), seqlen=args.seqlen,
+                              seed=args.seed + 1)
+    xs: dict[int, list] = {i: [] for i in layers}
+    hooks = [plans[i].glu[0].gate.module.register_forward_hook(lambda m, inp, out, i=i: xs[i].append(inp[0]))
+             for i in layers]
+    for batch in torch.cat([calib, held]).split(args.batch_size):
+        model(input_ids=batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    ncal = calib.numel()
+    out: dict = {"layers": layers, "rows": []}
+    for i in layers:
+        block = plans[i].glu[0]
+        act = block.act or F.silu
+        gate, up, down = (r.get().detach().float() for r in (block.gate, block.up, block.down))
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs[i]]).float()
+        xc, xh = x[:ncal], x[ncal:]
+        y = (act(xh @ gate.t()) * (xh @ up.t())) @ down.t()
+        for pat in args.patterns:
+            p = parse_pattern(pat)
+            for spec in args.configs:
+                method, opts = parse_config(spec)
+                m = get_method(method, **opts)
+                sx = FeatureStats(x.shape[1], with_hessian=m.needs_hessian, max_samples=m.sample_tokens)
+                sh = FeatureStats(gate.shape[0], with_hessian=m.needs_hessian)
+                for chunk in xc.split(4096):
+                    sx.add(chunk)
+                    sh.add(act(chunk @ gate.t()) * (chunk @ up.t()))
+                res = m.prune_glu(gate, up, down, sx, sh, p, act=act)
+                w = [r.weight.float() if r.weight is not None else W * r.mask for r, W in zip(res, (gate, up, down))]
+                yp = (act(xh @ w[0].t()) * (xh @ w[1].t())) @ w[2].t()
+                err = float((yp - y).pow(2).sum() / y.pow(2).sum())
+                out["rows"].append({"layer": i, "pattern": pat, "config": spec, "error": err})
+                log(f"layer {i:2d} {pattern_label(pat):>4} {label(spec):<45} {err:.4f}")
+    return out
+
+
+def block_markdown(data: dict) -> str:
+    rows = data["rows"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    cols = list(dict.fromkeys((r["layer"], r["pattern"]) for r in rows))
+    cell = {(r["config"], r["layer"], r["pattern"]): r["error"] for r in rows}
+    head = ["block error"] + [f"L{l} {pattern_label(p)}" for l, p in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in configs:
+        lines.append("| " + " | ".join([label(c)] + [f"{cell[(c, l, p)]:.4f}" for l, p in cols]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -315,12 +428,27 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-batch", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--prune-threads", type=int, default=0,
+                    help="torch threads while pruning (1 gives CPU times that other jobs on a shared CPU barely disturb)")
+    ap.add_argument("--repeat", type=int, default=1, help="prune each configuration this many times; times are the minimum")
+    ap.add_argument("--no-eval", action="store_true", help="timings only: skip the perplexity evaluations")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--out", default=None, help="JSON results")
     ap.add_argument("--plot", default=None, help="PNG plot")
     ap.add_argument("--render", nargs="+", default=None, help="only render these saved JSON files (merged)")
+    ap.add_argument("--block-errors", default=None, metavar="LAYERS",
+                    help="diagnostic instead of the ablation: reconstruction error of these layers' MLP blocks "
+                         "(comma-separated indices) of the dense model, per variant (--configs default: a short list)")
     args = ap.parse_args(argv)
+    if args.block_errors:
+        if args.configs == DEFAULT_CONFIGS:
+            args.configs = BLOCK_VARIANTS
+        data = block_errors(args)
+        if args.out:
+            _write(args.out, data)
+        print(block_markdown(data))
+        return
     if args.render:
         data = _merge([json.loads(Path(p).read_text()) for p in args.render])
         if args.out:

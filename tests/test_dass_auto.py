@@ -20,11 +20,15 @@ def stats(x, keep=0):
     return s
 
 
-def block_error(gate, up, down, x, mg, mu, md):
-    """Written-out relative error of the pruned block's output on rows ``x``."""
+def block_error(gate, up, down, x, mg, mu, md, criterion="token"):
+    """Written-out relative error of the pruned block's output on rows ``x``: per row, then
+    averaged ("token"), or summed over all rows ("total")."""
     y = (F.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
     yp = (F.silu(x @ (gate * mg).t()) * (x @ (up * mu).t())) @ (down * md).t()
-    return float(((yp - y) ** 2).sum() / (y**2).sum())
+    if criterion == "total":
+        return float(((yp - y) ** 2).sum() / (y**2).sum())
+    per_row = [float(((yp[t] - y[t]) ** 2).sum() / (y[t] ** 2).sum()) for t in range(y.shape[0])]
+    return sum(per_row) / len(per_row)
 
 
 @pytest.fixture
@@ -53,12 +57,13 @@ def test_fixed_alpha_is_the_paper_method(glu):
         assert torch.equal(rd.mask, get_method("wanda").prune_linear(down, stats(h), p).mask)
 
 
+@pytest.mark.parametrize("criterion", ["token", "total"])
 @pytest.mark.parametrize("spec", ["2:4", "4:8", "0.5"])
-def test_auto_picks_the_candidate_with_the_lowest_error(glu, spec):
+def test_auto_picks_the_candidate_with_the_lowest_error(glu, spec, criterion):
     gate, up, down, x = glu
     h = F.silu(x @ gate.t()) * (x @ up.t())
     p = parse_pattern(spec)
-    m = get_method("dass", alpha="auto", sample_tokens=40)
+    m = get_method("dass", alpha="auto", sample_tokens=40, alpha_criterion=criterion)
     sx = stats(x, keep=m.sample_tokens)
     rows = sx.sample()
     assert rows.shape == (40, x.shape[1])
@@ -67,7 +72,7 @@ def test_auto_picks_the_candidate_with_the_lowest_error(glu, spec):
     errs = {}
     for a in DEFAULT_CANDIDATES:
         fg, fu, fd = get_method("dass", alpha=a).prune_glu(gate, up, down, stats(x), stats(h), p)
-        errs[a] = block_error(gate, up, down, rows, fg.mask, fu.mask, fd.mask)
+        errs[a] = block_error(gate, up, down, rows, fg.mask, fu.mask, fd.mask, criterion)
     best = min(errs, key=errs.get)
     assert rg.info["alpha"] == ru.info["alpha"] == rd.info["alpha"] == best
     assert rg.info["alpha_rows"] == 40
@@ -94,9 +99,9 @@ def hand_made_block(noise, w_busy, w_quiet, down_busy, T=512, seed=0):
     return rows.clone(), rows.clone(), down, x
 
 
-def _auto(gate, up, down, x):
+def _auto(gate, up, down, x, criterion="token"):
     h = F.silu(x @ gate.t()) * (x @ up.t())
-    m = get_method("dass", alpha="auto", sample_tokens=64)
+    m = get_method("dass", alpha="auto", sample_tokens=64, alpha_criterion=criterion)
     return m.prune_glu(gate, up, down, stats(x, keep=64), stats(h), parse_pattern("2:4"), act=F.silu)
 
 
@@ -109,13 +114,16 @@ def test_auto_chooses_zero_when_busy_neurons_do_not_matter():
     assert all(e > 0.5 for a, e in rg.info["alpha_errors"].items() if a != "0.0")
 
 
-def test_auto_chooses_a_large_alpha_when_neuron_norms_differ_little():
+@pytest.mark.parametrize("criterion", ["token", "total"])
+def test_auto_chooses_a_large_alpha_when_neuron_norms_differ_little(criterion):
     # busy neurons matter, but their norms exceed the quiet ones' only a little while their
     # weights are 1.5x smaller: only a large alpha ranks (all) the busy rows first
-    rg, ru, _ = _auto(*hand_made_block(noise=1.5, w_busy=0.6, w_quiet=0.9, down_busy=1.0))
+    rg, ru, _ = _auto(*hand_made_block(noise=1.5, w_busy=0.6, w_quiet=0.9, down_busy=1.0), criterion)
     errs = {float(a): e for a, e in rg.info["alpha_errors"].items()}
     assert rg.info["alpha"] == ru.info["alpha"] == 3.0
-    assert errs[3.0] < errs[2.0] < errs[1.0] and errs[3.0] < 0.5 * errs[0.5]
+    assert all(errs[3.0] < 0.75 * e for a, e in errs.items() if a != 3.0)
+    if criterion == "total":
+        assert errs[3.0] < errs[2.0] < errs[1.0] and errs[3.0] < 0.5 * errs[0.5]
 
 
 def test_auto_without_kept_rows_falls_back():
@@ -124,6 +132,22 @@ def test_auto_without_kept_rows_falls_back():
     h = F.silu(x @ gate.t()) * (x @ up.t())
     rg, _, _ = get_method("dass", alpha="auto").prune_glu(gate, up, down, stats(x), stats(h), parse_pattern("2:4"))
     assert rg.info["alpha"] == 0.5 and "alpha_auto" in rg.info
+
+
+def test_relative_error_per_token_and_total_by_hand():
+    from dass.alpha import relative_error
+
+    dense = torch.tensor([[10.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # a massive token, two small, one silent
+    a = torch.tensor([[10.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # the massive token exact, the small ones lost
+    b = torch.tensor([[9.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 3.0]])  # the massive token off by 1, the silent one by 3
+    assert relative_error(a, dense, "total") == pytest.approx(2 / 102)
+    assert relative_error(b, dense, "total") == pytest.approx(10 / 102)
+    # per token (the silent token has no scale and is left out): (0 + 1 + 1) / 3 vs (0.01 + 0 + 0) / 3
+    assert relative_error(a, dense, "token") == pytest.approx(2 / 3)
+    assert relative_error(b, dense, "token") == pytest.approx(0.01 / 3)
+    assert relative_error(a, dense) == relative_error(a, dense, "token")  # the default
+    with pytest.raises(ValueError):
+        relative_error(a, dense, "mean")
 
 
 def test_choose_alpha_ties_go_to_the_first_candidate():
@@ -145,8 +169,13 @@ def test_bad_options():
         get_method("dass", alpha=1.0, alpha_candidates=[0.5, 1])
     with pytest.raises(MethodError):
         get_method("dass", alpha="auto", alpha_candidates=[-1])
+    with pytest.raises(MethodError):
+        get_method("dass", alpha="auto", alpha_criterion="median")
+    with pytest.raises(MethodError):
+        get_method("dass", alpha=0.5, alpha_criterion="total")
     m = get_method("dass", alpha="AUTO", alpha_candidates="0.5, 1 2")
-    assert m.options() == {"alpha": "auto", "alpha_candidates": [0.5, 1.0, 2.0], "sample_tokens": 512, "max_neurons": 512}
+    assert m.options() == {"alpha": "auto", "alpha_candidates": [0.5, 1.0, 2.0], "alpha_criterion": "token",
+                           "sample_tokens": 512, "max_neurons": 512}
 
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral", "phi3"])

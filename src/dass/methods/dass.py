@@ -7,7 +7,8 @@ projections are scored like Wanda. No weight is updated.
 
 ``alpha`` is a number (the paper's method, default 0.5) or ``"auto"``: for every GLU block
 the exponent is chosen from a small candidate set by the reconstruction error of the
-block's MLP output on kept calibration input rows (:mod:`dass.alpha`); the chosen value and
+block's MLP output on kept calibration input rows, averaged per token by default
+(``alpha_criterion``, :mod:`dass.alpha`); the chosen value and
 the candidates' errors are recorded in the gate/up results' ``info``.
 """
 
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 
 from ..alpha import (
+    CRITERIA,
     DEFAULT_CANDIDATES,
     DEFAULT_MAX_NEURONS,
     DEFAULT_SAMPLE_TOKENS,
@@ -65,6 +67,7 @@ class DaSS(PruningMethod):
         alpha_candidates: Sequence[float] | str | None = None,
         sample_tokens: int | None = None,
         max_neurons: int | None = None,
+        alpha_criterion: str | None = None,
     ) -> None:
         self.alpha = _parse_alpha(alpha)
         self.auto = self.alpha == "auto"
@@ -75,8 +78,11 @@ class DaSS(PruningMethod):
         if not parsed or any(isinstance(c, str) for c in parsed):
             raise MethodError(f"alpha_candidates must be non-negative numbers, got {alpha_candidates!r}")
         self.alpha_candidates = tuple(float(c) for c in parsed)  # type: ignore[arg-type]
-        if not self.auto and (alpha_candidates is not None or sample_tokens is not None or max_neurons is not None):
-            raise MethodError("alpha_candidates, sample_tokens and max_neurons only apply to alpha='auto'")
+        if not self.auto and any(v is not None for v in (alpha_candidates, sample_tokens, max_neurons, alpha_criterion)):
+            raise MethodError("alpha_candidates, alpha_criterion, sample_tokens and max_neurons only apply to alpha='auto'")
+        self.alpha_criterion = CRITERIA[0] if alpha_criterion is None else str(alpha_criterion)
+        if self.alpha_criterion not in CRITERIA:
+            raise MethodError(f"alpha_criterion must be one of {', '.join(CRITERIA)}, got {alpha_criterion!r}")
         self.max_neurons = DEFAULT_MAX_NEURONS if max_neurons is None else int(max_neurons)
         k = DEFAULT_SAMPLE_TOKENS if sample_tokens is None else int(sample_tokens)
         if self.auto and k < 1:
@@ -87,8 +93,8 @@ class DaSS(PruningMethod):
     def options(self) -> dict:
         if not self.auto:
             return {"alpha": self.alpha}
-        return {"alpha": "auto", "alpha_candidates": list(self.alpha_candidates), "sample_tokens": self.sample_tokens,
-                "max_neurons": self.max_neurons}
+        return {"alpha": "auto", "alpha_candidates": list(self.alpha_candidates), "alpha_criterion": self.alpha_criterion,
+                "sample_tokens": self.sample_tokens, "max_neurons": self.max_neurons}
 
     def orientation(self, role: str) -> Orientation:
         return "output" if role in ("gate", "up") else "input"
@@ -114,7 +120,8 @@ class DaSS(PruningMethod):
         else:
             x = x.to(gate.device)
             errors = alpha_errors(gate, up, down, down_res.mask, h_stats.norm.to(gate.device), x, pattern,
-                                  self.alpha_candidates, act, max_neurons=self.max_neurons)
+                                  self.alpha_candidates, act, max_neurons=self.max_neurons,
+                                  criterion=self.alpha_criterion)
             alpha = choose_alpha(errors)
             info = {"alpha": alpha, "alpha_errors": {str(a): e for a, e in errors.items()}, "alpha_rows": int(x.shape[0])}
             mg, mu = dass_glu_masks(gate, up, h_stats.norm.to(gate.device), pattern, alpha)
