@@ -331,16 +331,9 @@ def plot(data: dict, path: str) -> None:
 # block-level diagnostic: why the variants differ
 # --------------------------------------------------------------------------------------
 
-BLOCK_VARIANTS = [
-    "wanda",
-    "dass:alpha=1",
-    "dass:alpha=auto",
-    "dass:alpha=auto,alpha_criterion=total",
-    "sparsegpt",
-    "dass-obs:masks=fixed,alpha=1",
-    "dass-obs:alpha=1,order=natural",
-    "dass-obs:alpha=1",
-    "dass-obs:weights=taylor",
+#: The block diagnostic's rows: the ablation's, less the weakest, plus Taylor neuron weights.
+BLOCK_VARIANTS = [c for c in DEFAULT_CONFIGS if c not in ("dense", "magnitude", "dass:alpha=0.5", "dass:alpha=2")] + [
+    "dass-obs:weights=taylor"
 ]
 
 

@@ -31,7 +31,7 @@ import torch
 
 from .graphs import run_block
 from .patterns import Pattern
-from .sparsegpt import inverse_cholesky
+from .sparsegpt import prepare
 
 
 @dataclass
@@ -117,18 +117,11 @@ def obs_prune_output_groups(
         raise ValueError(f"{rows // row_groups} rows are not divisible by M={pattern.m}")
     device = weight.device
     r = (torch.ones(rows) if row_weight is None else row_weight.detach()).to(device, torch.float32).contiguous()
-    H = hessian.detach().to(device, torch.float32).clone()
     perm = None
     if order == "hessian":
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        H = H[perm][:, perm]
-    dead = torch.diagonal(H) == 0
-    torch.diagonal(H).masked_fill_(dead, 1.0)
-    WT = weight.detach().t().to(torch.float32)  # row j = input column j
-    WT = (WT[perm] if perm is not None else WT).contiguous()
-    WT.masked_fill_(dead.reshape(-1, 1), 0.0)
-    hinv, damp, retries = inverse_cholesky(H, percdamp)
-    del H
+        diag = torch.diagonal(hessian.detach()).to(device, torch.float32)
+        perm = torch.argsort(diag, descending=True, stable=True)
+    WT, hinv, damp, retries, dead = prepare(weight, hessian, percdamp, perm)
     prunedT = torch.zeros(cols, rows, dtype=torch.bool, device=device)
     groups, size, k = _group_shape(rows, pattern, row_groups)
     for i1 in range(0, cols, blocksize):

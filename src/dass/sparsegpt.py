@@ -87,6 +87,28 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_retries:
     raise SolverError(f"Cholesky factorisation failed even with dampening {damp / 10:g} x mean(diag H)")
 
 
+def prepare(
+    weight: torch.Tensor, hessian: torch.Tensor, percdamp: float, perm: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float, int, torch.Tensor]:
+    """What every OBS sweep starts from: the transposed fp32 weight ``WT`` (row j = input
+    column j, contiguous; rows of dead inputs zeroed), the upper Cholesky factor of the
+    dampened ``H^-1`` (dead inputs' diagonal set to 1 first), the dampening used, the
+    number of retries and the dead-input flags. With ``perm``, input columns are taken in
+    that order (``WT``, ``H`` and the flags all permuted)."""
+    H = hessian.detach().to(weight.device, torch.float32)
+    if perm is not None:
+        H = H[perm][:, perm]
+    elif H.data_ptr() == hessian.data_ptr():
+        H = H.clone()
+    dead = torch.diagonal(H) == 0
+    torch.diagonal(H).masked_fill_(dead, 1.0)
+    WT = weight.detach().t().to(torch.float32)
+    WT = (WT[perm] if perm is not None else WT).contiguous()
+    WT.masked_fill_(dead.reshape(-1, 1), 0.0)
+    hinv, damp, retries = inverse_cholesky(H, percdamp)
+    return WT, hinv, damp, retries, dead
+
+
 def _nm_group(WT: torch.Tensor, d: torch.Tensor, i: int, n: int, m: int, pruned: torch.Tensor) -> None:
     """Choose the ``m - n`` weights to prune in columns ``i..i+m`` of every row (rows of the
     transposed block ``WT``), from their current values: lowest ``w^2 / d^2``."""
@@ -132,16 +154,7 @@ def sparsegpt_prune(
     of ``weight``.
     """
     rows, cols = weight.shape
-    H = hessian.detach().to(weight.device, torch.float32)
-    dead = torch.diagonal(H) == 0
-    if H.data_ptr() == hessian.data_ptr():
-        H = H.clone()
-    torch.diagonal(H).masked_fill_(dead, 1.0)
-    # the transposed weight: row j of WT is input column j of W, contiguous
-    WT = weight.detach().t().to(torch.float32).contiguous()
-    WT.masked_fill_(dead.reshape(-1, 1), 0.0)
-    hinv, damp, retries = inverse_cholesky(H, percdamp)
-    del H
+    WT, hinv, damp, retries, dead = prepare(weight, hessian, percdamp)
     prunedT = torch.zeros(cols, rows, dtype=torch.bool, device=WT.device)
     givenT = (~mask.to(WT.device, torch.bool)).t() if mask is not None else None
 
