@@ -66,7 +66,7 @@ def test_auto_picks_the_candidate_with_the_lowest_error(glu, spec, criterion):
     m = get_method("dass", alpha="auto", sample_tokens=40, alpha_criterion=criterion)
     sx = stats(x, keep=m.sample_tokens)
     rows = sx.sample()
-    assert rows.shape == (40, x.shape[1])
+    assert 20 <= rows.shape[0] <= 40 and rows.shape[1] == x.shape[1]
     rg, ru, rd = m.prune_glu(gate, up, down, sx, stats(h), p, act=F.silu)
     # brute force: the fixed-alpha method's masks for every candidate, scored on the kept rows
     errs = {}
@@ -75,7 +75,7 @@ def test_auto_picks_the_candidate_with_the_lowest_error(glu, spec, criterion):
         errs[a] = block_error(gate, up, down, rows, fg.mask, fu.mask, fd.mask, criterion)
     best = min(errs, key=errs.get)
     assert rg.info["alpha"] == ru.info["alpha"] == rd.info["alpha"] == best
-    assert rg.info["alpha_rows"] == 40
+    assert rg.info["alpha_rows"] == rows.shape[0]
     for a in DEFAULT_CANDIDATES:
         assert rg.info["alpha_errors"][str(float(a))] == pytest.approx(errs[a], rel=1e-4)
     # the masks are exactly the fixed-alpha DaSS masks of the chosen value

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dass.stats import FeatureStats
@@ -54,13 +55,40 @@ def test_totals_do_not_depend_on_the_batch_split():
     assert torch.equal(one.norm, many.norm)
 
 
-def test_sample_keeps_strided_rows_up_to_cap():
-    acc = FeatureStats(3, max_samples=5)
-    x1 = torch.arange(30.0).reshape(10, 3)
-    x2 = torch.arange(30.0, 90.0).reshape(20, 3)
-    acc.add(x1)
-    acc.add(x2)
+def _expected_sample(x: torch.Tensor, cap: int) -> torch.Tensor:
+    """Written out: the rows whose number is a multiple of the smallest stride 7 * 2^k
+    that keeps at most ``cap`` of them."""
+    stride = 7
+    while len(range(0, x.shape[0], stride)) > cap:
+        stride *= 2
+    return x[0::stride]
+
+
+def test_sample_is_spread_over_all_tokens_and_capped():
+    x = torch.randn(5000, 3)
+    acc = FeatureStats(3, max_samples=40)
+    for chunk in x.split(64):
+        acc.add(chunk)
     s = acc.sample()
-    assert s.shape == (5, 3)
-    assert torch.equal(s, torch.cat([x1[::8], x2[::8]])[:5])
+    want = _expected_sample(x, 40)
+    assert torch.equal(s, want)
+    assert 20 < s.shape[0] <= 40
+    assert acc.sample_index[-1][-1] > 5000 - 2 * acc.sample_stride  # reaches the last batches
     assert FeatureStats(3).sample() is None
+
+
+@pytest.mark.parametrize("sizes", [[5000], [1, 999, 4000], [7] * 700 + [100], [333] * 15 + [5]])
+def test_sample_does_not_depend_on_batching(sizes):
+    x = torch.randn(sum(sizes), 3)
+    acc = FeatureStats(3, max_samples=64)
+    for chunk in x.split(sizes):
+        acc.add(chunk)
+    assert torch.equal(acc.sample(), _expected_sample(x, 64))
+
+
+def test_sample_of_merged_accumulators_is_capped():
+    a, b = FeatureStats(3, max_samples=10), FeatureStats(3, max_samples=10)
+    a.add(torch.randn(200, 3))
+    b.add(torch.randn(300, 3))
+    a.merge(b)
+    assert 0 < a.sample().shape[0] <= 10 and a.tokens == 500

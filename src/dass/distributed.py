@@ -70,6 +70,7 @@ def _share_samples(acc: FeatureStats) -> None:
     objs = [sample.cpu() if sample is not None else None]
     dist.broadcast_object_list(objs, src=0)
     acc.samples = [objs[0].to(acc.sqsum.device)] if objs[0] is not None else []
+    acc.sample_index = [torch.arange(objs[0].shape[0])] if objs[0] is not None else []
 
 
 _CURRENT = Dist()

@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: First stride of the kept-row thinning. Odd, so that doubled strides (7 * 2^k) do not
+#: divide a power-of-two window length: the kept rows fall on different positions in
+#: different windows instead of always on the first token (an attention sink).
+SAMPLE_STRIDE = 7
+
 
 @dataclass
 class FeatureStats:
@@ -31,6 +36,8 @@ class FeatureStats:
     xtx: torch.Tensor | None = field(init=False, default=None)
     tokens: int = field(init=False, default=0)
     samples: list[torch.Tensor] = field(init=False, default_factory=list)
+    sample_index: list[torch.Tensor] = field(init=False, default_factory=list)  # global row numbers of samples
+    sample_stride: int = field(init=False, default=SAMPLE_STRIDE)
 
     def __post_init__(self) -> None:
         self.sqsum = torch.zeros(self.features, dtype=torch.float64, device=self.device)
@@ -48,17 +55,31 @@ class FeatureStats:
         self.sqsum.add_(xf.pow(2).sum(0))
         if self.xtx is not None:
             self.xtx.add_(xf.t() @ xf)
+        if self.max_samples:
+            self._keep_sample(x, self.tokens)
         self.tokens += x.shape[0]
-        self._keep_sample(x)
 
-    def _keep_sample(self, x: torch.Tensor) -> None:
-        """Keep an evenly strided subset of rows (the first ``max_samples`` of a stride-8
-        thinning), in the input dtype, so candidate masks can be tried on real inputs."""
-        have = sum(t.shape[0] for t in self.samples)
-        if have >= self.max_samples:
-            return
-        rows = x[::8][: self.max_samples - have]
-        self.samples.append(rows.detach().to(self.sqsum.device).clone())
+    def _keep_sample(self, x: torch.Tensor, start: int) -> None:
+        """Keep the rows whose global row number is a multiple of ``sample_stride`` (in the
+        input dtype), doubling the stride and thinning what is kept whenever more than
+        ``max_samples`` rows would be kept. The kept rows are spread evenly over *all* the
+        calibration tokens seen so far (between half and all of ``max_samples`` of them once
+        there are enough), and they do not depend on how the tokens were split into batches.
+        Candidate masks are tried on them (``dass --alpha auto``), so they must represent
+        every calibration window, not the first batch."""
+        first = (-start) % self.sample_stride
+        if first < x.shape[0]:
+            rows = x[first :: self.sample_stride]
+            idx = start + first + self.sample_stride * torch.arange(rows.shape[0])
+            self.samples.append(rows.detach().to(self.sqsum.device).clone())
+            self.sample_index.append(idx)
+        while sum(t.shape[0] for t in self.samples) > self.max_samples:
+            self.sample_stride *= 2
+            kept = [(r, i) for r, i in ((r[(i % self.sample_stride == 0).nonzero().flatten().to(r.device)],
+                                         i[i % self.sample_stride == 0])
+                                        for r, i in zip(self.samples, self.sample_index)) if i.numel()]
+            self.samples = [r for r, _ in kept]
+            self.sample_index = [i for _, i in kept]
 
     def sample(self) -> torch.Tensor | None:
         """The kept input rows ``[k, features]`` or None."""
@@ -69,14 +90,17 @@ class FeatureStats:
         self.sqsum.add_(other.sqsum.to(self.sqsum.device))
         if self.xtx is not None and other.xtx is not None:
             self.xtx.add_(other.xtx.to(self.xtx.device))
+        if self.max_samples and other.samples:
+            # both sets of kept rows, every other row dropped while over the cap (exact
+            # batch independence holds for add(), not across merges)
+            mine = [self.sample()] if self.samples else []
+            rows = torch.cat(mine + [other.sample().to(self.sqsum.device)])
+            idx = torch.cat(self.sample_index + [i + self.tokens for i in other.sample_index])
+            while rows.shape[0] > self.max_samples:
+                rows, idx = rows[::2], idx[::2]
+            self.samples, self.sample_index = [rows], [idx]
+            self.sample_stride = max(self.sample_stride, other.sample_stride)
         self.tokens += other.tokens
-        for t in other.samples:
-            self._keep_sample_rows(t)
-
-    def _keep_sample_rows(self, rows: torch.Tensor) -> None:
-        have = sum(t.shape[0] for t in self.samples)
-        if have < self.max_samples:
-            self.samples.append(rows[: self.max_samples - have].to(self.sqsum.device))
 
     @property
     def norm(self) -> torch.Tensor:
