@@ -220,11 +220,13 @@ def _merge(datas: list[dict]) -> dict:
     """Rows of several result files by (configuration, pattern); a later file's fields win,
     except a missing perplexity (a ``--no-eval`` timing run), which keeps the earlier one."""
     merged: dict[tuple, dict] = {}
-    for d in datas:
+    for run, d in enumerate(datas):
         for r in d["rows"]:
             key = (r["config"], r["pattern"])
             old = merged.get(key, {})
             new = {**old, **r}
+            if len(datas) > 1 and "prune_seconds" in r:
+                new["timing_run"] = run  # times compare only within one run
             if r.get("ppl") != r.get("ppl") and "ppl" in old:  # NaN: timings only
                 new["ppl"] = old["ppl"]
                 new["timing_source"] = "separate timing run"
@@ -257,18 +259,27 @@ def markdown(data: dict) -> str:
     out = "\n".join(lines)
     # the issue's targets, where the rows exist
     notes = []
+
+    def time_ratio(r: dict, ref: dict) -> str:
+        if r.get("timing_run") != ref.get("timing_run"):
+            return "time: not from one run"
+        return f"time x{r[tkey] / ref[tkey]:.2f}"
+
+    runs = {r.get("timing_run") for r in rows if "timing_run" in r}
+    if len(runs) > 1:
+        notes.append(f"- times come from {len(runs)} runs (row field timing_run); ratios only within one run")
     for p in patterns:
         w, a = cell.get(("wanda", p)), cell.get(("dass:alpha=auto", p))
         if w and a:
             notes.append(f"- {pattern_label(p)}: dass auto / Wanda: ppl x{a['ppl'] / w['ppl']:.3f}, "
-                         f"time x{a[tkey] / w[tkey]:.2f}"
+                         f"{time_ratio(a, w)}"
                          + (f"; alpha per layer {_alpha_summary(a.get('alpha_per_layer'))}" if a.get("alpha_per_layer") else ""))
         s = cell.get(("sparsegpt", p))
         for c in configs:
             if c.startswith("dass-obs") and s and (c, p) in cell:
                 r = cell[(c, p)]
                 notes.append(f"- {pattern_label(p)}: {label(c)} / SparseGPT: ppl x{r['ppl'] / s['ppl']:.3f}, "
-                             f"time x{r[tkey] / s[tkey]:.2f}")
+                             f"{time_ratio(r, s)}")
     return out + ("\n\n" + "\n".join(notes) if notes else "")
 
 

@@ -39,8 +39,10 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_CANDIDATES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 #: How candidates' block-output errors are compared (see the module docstring).
 CRITERIA = ("token", "total")
-#: Default number of kept calibration input rows the candidates are compared on.
-DEFAULT_SAMPLE_TOKENS = 512
+#: Default cap on the kept calibration input rows the candidates are compared on (the rows
+#: are spread over all calibration tokens, between half the cap and the cap of them:
+#: :meth:`dass.stats.FeatureStats._keep_sample`).
+DEFAULT_SAMPLE_TOKENS = 1024
 #: Default number of intermediate neurons (whole N:M groups, evenly spaced) the candidates
 #: are compared on; the final masks always cover every neuron.
 DEFAULT_MAX_NEURONS = 512
