@@ -56,6 +56,9 @@ LABELS = {
     "magnitude": "magnitude",
     "wanda": "Wanda",
     "sparsegpt": "SparseGPT",
+    # rows kept from runs before the kept calibration rows were spread over all windows
+    "dass:alpha=auto,rows=first-batch": "DaSS alpha auto (old rows: first batch, 512)",
+    "dass:alpha=auto,alpha_criterion=total,rows=first-batch": "DaSS alpha auto (total error; old rows)",
 }
 
 
