@@ -319,7 +319,10 @@ def plot(data: dict, path: str) -> None:
     dense = cell.get(("dense", None))
     if dense:
         axes[0].axhline(dense["ppl"], color="k", ls="--", lw=1, label=f"dense {dense['ppl']:.1f}")
-    for ax, title in ((axes[0], "perplexity (log)"), (axes[1], "pruning CPU time, s" if cpu else "pruning time, s")):
+    ttitle = "pruning CPU time, s" if cpu else "pruning time, s"
+    if len({r.get("timing_run") for r in rows if "timing_run" in r}) > 1:
+        ttitle += " (merged runs: compare within one run)"
+    for ax, title in ((axes[0], "perplexity (log)"), (axes[1], ttitle)):
         ax.set_xticks(range(len(patterns)), [pattern_label(p) for p in patterns])
         ax.set_title(title)
     axes[0].set_yscale("log")
