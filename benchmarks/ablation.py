@@ -362,6 +362,7 @@ def block_errors(args) -> dict:
     this isolates what each method does to one block."""
     import torch.nn.functional as F
 
+    from dass.alpha import glu_forward, relative_error
     from dass.arch import plan_model
     from dass.data import sample_calibration
     from dass.methods import get_method
@@ -390,7 +391,7 @@ def block_errors(args) -> dict:
         gate, up, down = (r.get().detach().float() for r in (block.gate, block.up, block.down))
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs[i]]).float()
         xc, xh = x[:ncal], x[ncal:]
-        y = (act(xh @ gate.t()) * (xh @ up.t())) @ down.t()
+        y = glu_forward(gate, up, down, xh, act)
         for pat in args.patterns:
             p = parse_pattern(pat)
             for spec in args.configs:
@@ -403,8 +404,7 @@ def block_errors(args) -> dict:
                     sh.add(act(chunk @ gate.t()) * (chunk @ up.t()))
                 res = m.prune_glu(gate, up, down, sx, sh, p, act=act)
                 w = [r.weight.float() if r.weight is not None else W * r.mask for r, W in zip(res, (gate, up, down))]
-                yp = (act(xh @ w[0].t()) * (xh @ w[1].t())) @ w[2].t()
-                err = float((yp - y).pow(2).sum() / y.pow(2).sum())
+                err = relative_error(glu_forward(*w, xh, act), y, "total")
                 out["rows"].append({"layer": i, "pattern": pat, "config": spec, "error": err})
                 log(f"layer {i:2d} {pattern_label(pat):>4} {label(spec):<45} {err:.4f}")
     return out

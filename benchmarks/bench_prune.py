@@ -329,7 +329,7 @@ def bench_solver(device, rows=4096, cols=11008, old=True):
     results = {}
     for name, graphs in (("graph", True), ("eager", False)):
         dass.graphs.USE_CUDA_GRAPHS = graphs
-        sg.clear_graphs()
+        dass.graphs.clear_graphs()
         sg.sparsegpt_prune(w[:, :1024], h[:1024, :1024], p)  # warm-up (and graph capture for that shape)
         sync(device)
         t = time.perf_counter()
@@ -349,7 +349,7 @@ def bench_solver(device, rows=4096, cols=11008, old=True):
         out["old_s"] = time.perf_counter() - t
         out["rel_diff_vs_old"] = float((ref_w - results["eager"].weight).norm() / ref_w.norm())
         out["same_mask_as_old"] = bool(torch.equal(ref_m, results["eager"].mask))
-    sg.clear_graphs()
+    dass.graphs.clear_graphs()
     log(f"solver {rows}x{cols} 2:4: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
     return {"mode": "solver", "rows": rows, "cols": cols, **out}
 

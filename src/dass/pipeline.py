@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import MLP_NAMES, ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
+from .graphs import clear_graphs
 from .memory import choose_store, to_store
 from .methods import MatrixResult, PruningMethod, get_method
 from .patterns import Pattern, nm_violations, parse_pattern, sparsity_of
-from .sparsegpt import accumulate_xtx, clear_graphs
+from .sparsegpt import accumulate_xtx
 from . import distributed
 from .stats import FeatureStats
 

@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 
-from .graphs import clear_graphs, run_block  # noqa: F401  (clear_graphs: re-exported)
+from .graphs import run_block
 from .patterns import Pattern
 
 

@@ -75,11 +75,13 @@ class FeatureStats:
             self.sample_index.append(idx)
         while sum(t.shape[0] for t in self.samples) > self.max_samples:
             self.sample_stride *= 2
-            kept = [(r, i) for r, i in ((r[(i % self.sample_stride == 0).nonzero().flatten().to(r.device)],
-                                         i[i % self.sample_stride == 0])
-                                        for r, i in zip(self.samples, self.sample_index)) if i.numel()]
-            self.samples = [r for r, _ in kept]
-            self.sample_index = [i for _, i in kept]
+            samples, index = [], []
+            for rows, idx in zip(self.samples, self.sample_index):
+                pos = (idx % self.sample_stride == 0).nonzero().flatten()
+                if pos.numel():
+                    samples.append(rows[pos.to(rows.device)])
+                    index.append(idx[pos])
+            self.samples, self.sample_index = samples, index
 
     def sample(self) -> torch.Tensor | None:
         """The kept input rows ``[k, features]`` or None."""

@@ -49,7 +49,7 @@ from .pipeline import (
     tqdm,
     validate,
 )
-from .sparsegpt import clear_graphs
+from .graphs import clear_graphs
 from .resume import RunState, atomic_save_tensors, atomic_write_bytes, tensor_digest
 
 INDEX = "model.safetensors.index.json"
