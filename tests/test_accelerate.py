@@ -53,6 +53,27 @@ def test_kernel_layout_round_trip(orientation, shape):
     assert torch.equal(from_kernel_layout(values, meta, shape, orientation), W)
 
 
+
+def test_nibble_encoding_by_hand():
+    """The six ways to keep 2 of 4, in both orientations, against the written-out flags
+    (bit 0: i0 == 0, bit 1: i0 == 1, bit 2: i1 == 1, bit 3: i1 == 3), two groups per byte."""
+    from dass.kernels.layout import decode_positions, encode_positions
+
+    kept = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    expected = [0b0101, 0b0001, 0b1001, 0b0010, 0b1010, 0b1000]
+    row = torch.zeros(4 * len(kept), dtype=torch.bfloat16)
+    for g, (a, b) in enumerate(kept):
+        row[4 * g + a], row[4 * g + b] = 1.0 + g, -2.0 - g
+    _, meta_in = to_kernel_layout(row.view(1, -1), "input")
+    lo, hi = (meta_in[0] & 15).tolist(), (meta_in[0] >> 4).tolist()
+    assert [v for pair in zip(lo, hi) for v in pair] == expected
+    _, meta_out = to_kernel_layout(row.view(-1, 1), "output")  # the same groups down one column
+    lo, hi = (meta_out[:, 0] & 15).tolist(), (meta_out[:, 0] >> 4).tolist()
+    assert [v for pair in zip(lo, hi) for v in pair] == expected
+    i0, i1 = decode_positions(torch.tensor(expected))
+    assert list(zip(i0.tolist(), i1.tolist())) == kept
+    assert encode_positions(i0, i1).tolist() == expected
+
 @pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without a GPU")
 def test_refuses_without_gpu():
     model = nn.Sequential(nn.Linear(64, 64))

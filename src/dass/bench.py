@@ -147,8 +147,12 @@ def bench_matrix(timer: Timer, N: int, K: int, T: int, orientations: list[str], 
                 g = lambda i: F.linear(x, nm24_decompress(lay[i % nc][0], lay[i % nc][1], N, K, o))  # noqa: E731
                 row[f"decomp_{o}_graph_ms"] = _safe(lambda: timer.graph(g, nc), errors, f"decompress+dense {N}x{K} T={T}")
         if o == "input" and device == "cuda":
+            from .accelerate import cslt_search
+
             packed = [torch._cslt_compress(w) for w in Ws]
-            c = lambda i: torch._cslt_sparse_mm(packed[i % nc], x.t(), transpose_result=True)  # noqa: E731
+            alg = _safe(lambda: cslt_search(packed[0], x.t()), errors, f"cslt search {N}x{K} T={T}") or 0
+            row["cslt_alg_id"] = alg  # what NM24Linear uses (AccelerateConfig.cslt_alg_search)
+            c = lambda i: torch._cslt_sparse_mm(packed[i % nc], x.t(), transpose_result=True, alg_id=alg)  # noqa: E731
             row["cslt_eager_ms"] = _safe(lambda: timer.eager(c, nc), errors, f"cslt {N}x{K} T={T}")
             row["cslt_graph_ms"] = _safe(lambda: timer.graph(c, nc), errors, f"cslt graph {N}x{K} T={T}")
             del packed
@@ -367,11 +371,13 @@ def gemv(timer: Timer, shapes, dtype, device, errors: list) -> dict[str, Any]:
     every MLP matrix shape; installs the fastest config; also checks every kernel path."""
     from .kernels import nm24_decompress, nm24_matmul, set_config, to_kernel_layout
 
-    def c(b, k, w=4, sp=1):
-        return dict(BLOCK=b, BLOCK_K=k, BLOCK_T=1, num_warps=w, num_stages=1, SPLIT_K=sp)
+    def c(b, k, w=4, sp=1, st=1):
+        return dict(BLOCK=b, BLOCK_K=k, BLOCK_T=1, num_warps=w, num_stages=st, SPLIT_K=sp)
 
-    cfgs = {"output": [c(2, 512), c(2, 1024, 8), c(4, 256), c(4, 512, 8)],
-            "input": [c(8, 128), c(16, 128), c(8, 256), c(16, 128, sp=2), c(8, 128, sp=2)]}
+    cfgs = {"output": [c(2, 512), c(2, 1024, 8), c(4, 256), c(4, 512), c(4, 512, 8), c(8, 256), c(8, 256, 8),
+                       c(8, 512, 8), c(4, 256, st=2), c(4, 512, 8, st=2), c(16, 128), c(16, 256, 8)],
+            "input": [c(8, 128), c(16, 128), c(8, 256), c(16, 64), c(32, 64), c(32, 128, 8), c(16, 256, 8),
+                      c(16, 128, st=2), c(16, 128, sp=2), c(8, 128, sp=2), c(32, 64, sp=2)]}
     out: dict[str, Any] = {"rows": [], "checks": []}
     for name, d, D in shapes:
         for kind, o, N, K in (("gate", "output", D, d), ("gate", "input", D, d), ("down", "input", d, D)):
@@ -427,6 +433,54 @@ def gemv(timer: Timer, shapes, dtype, device, errors: list) -> dict[str, Any]:
     return out
 
 
+def cslt_layouts(timer: Timer, shapes, tokens, dtype, device, errors: list) -> list[dict[str, Any]]:
+    """cuSPARSELt called four ways (the dense operand as ``x.t()`` or as a contiguous
+    ``[K, T]``, result transposed or not), each with the default algorithm and with
+    ``_cslt_sparse_mm_search``'s, against dense ``F.linear``; CUDA-graph replays (GPU time)."""
+    rows: list[dict[str, Any]] = []
+    for name, d, D in shapes:
+        for kind, N, K in (("gate", D, d), ("down", d, D)):
+            W = prune24(torch.randn(N, K, device=device, dtype=dtype) * 0.02, "input")
+            Wc = torch._cslt_compress(W)
+            for T in tokens:
+                if T < 16:
+                    continue
+                x = torch.randn(T, K, device=device, dtype=dtype)
+                xtc = x.t().contiguous()
+                ref = F.linear(x, W).float()
+                row: dict[str, Any] = {"shape": name, "kind": kind, "N": N, "K": K, "T": T,
+                                       "dense_graph_ms": timer.graph(lambda i: F.linear(x, W)), "variants": {}}
+                forms = {"xt_T": (lambda: x.t(), True), "xt": (lambda: x.t(), False),
+                         "xtc_T": (lambda: xtc, True), "xtc": (lambda: xtc, False)}
+                for form, (B, tr) in forms.items():
+                    algs = {"alg0": 0}
+                    try:
+                        found = torch._cslt_sparse_mm_search(Wc, B(), transpose_result=tr)
+                        algs["search"] = int(found[0] if isinstance(found, (tuple, list)) else found)
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(f"cslt search {form} {N}x{K} T={T}: {type(e).__name__}: {e}")
+                    for an, alg in algs.items():
+                        def f(i, B=B, tr=tr, alg=alg):
+                            return torch._cslt_sparse_mm(Wc, B(), transpose_result=tr, alg_id=alg)
+                        y = _safe(lambda: f(0), errors, f"cslt {form} {an}")
+                        if y is None:
+                            continue
+                        y = y.float() if tr else y.float().t()
+                        err = ((y - ref).norm() / ref.norm()).item()
+                        ms = _safe(lambda: timer.graph(f), errors, f"cslt time {form} {an}")
+                        row["variants"][f"{form}/{an}"] = {"ms": ms, "alg_id": alg, "rel_err": err}
+                best = min((v["ms"], k) for k, v in row["variants"].items() if v["ms"] and v["rel_err"] < 1e-2)
+                row["best"] = best[1]
+                dense = row["dense_graph_ms"]
+                print(f"  cslt {name} {kind} {N}x{K} T={T}: dense {dense * 1e3:.1f} us; "
+                      + ", ".join(f"{k} {v['ms'] * 1e3:.1f} ({dense / v['ms']:.2f}x)" for k, v in row["variants"].items() if v["ms"]),
+                      flush=True)
+                rows.append(row)
+            del W, Wc
+            torch.cuda.empty_cache()
+    return rows
+
+
 def ceilings(timer: Timer, device) -> dict[str, float]:
     a = torch.empty(2**30, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
@@ -478,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="7b,13b,70b", help="comma list of 7b,13b,70b or DxD' (e.g. 256x704)")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--what", default="matrix,mlp", help="comma list of matrix,mlp,e2e,sweep,ceilings")
+    p.add_argument("--what", default="matrix,mlp", help="comma list of matrix,mlp,e2e,sweep,gemv,cslt,ceilings")
     p.add_argument("--e2e-layers", type=int, default=8)
     p.add_argument("--e2e-prefill", default="2048")
     p.add_argument("--e2e-decode-ctx", type=int, default=512)
@@ -554,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         print("ceilings:", res["ceilings"], flush=True)
     if "gemv" in what:
         res["gemv"] = gemv(timer, shapes, dtype, device, errors)
+        dump()
+    if "cslt" in what and device == "cuda":
+        res["cslt"] = cslt_layouts(timer, shapes, [t for t in tokens if t >= 16], dtype, device, errors)
         dump()
     if "sweep" in what:
         res["sweep"] = sweep(timer, dtype, device, errors, shapes[0][1], shapes[0][2])

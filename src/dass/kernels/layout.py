@@ -1,9 +1,17 @@
 """Kernel layouts of 2:4 matrices (pure torch; no triton needed).
 
 Both layouts store the kept values exactly as :func:`dass.sparse_format.compress_nm` does,
-plus a metadata tensor of 4-bit "nibbles", one per group of 4: ``i0 | i1 << 2`` with
-``i0 < i1`` the positions of the two kept weights inside the group. Two nibbles share a
-byte (low nibble = even group).
+plus a metadata tensor of 4-bit "nibbles", one per group of 4. With ``i0 < i1`` the
+positions of the two kept weights inside the group (so ``i0`` is 0, 1 or 2 and ``i1`` is
+1, 2 or 3) the nibble's bits are one-hot flags::
+
+    bit 0: i0 == 0    bit 1: i0 == 1    bit 2: i1 == 1    bit 3: i1 == 3
+
+(``i0 == 2`` when bits 0-1 are clear, ``i1 == 2`` when bits 2-3 are clear). Why not the
+plain ``i0 | i1 << 2``: a kernel decodes a group with one bit test per row and no compares
+of 2-bit fields, which roughly halves the integer instructions of the 1-token kernels,
+whose speed is bounded by them, not by memory (docs/speed.md). Two nibbles share a byte
+(low nibble = even group).
 
 orientation "output" (groups of 4 output rows within each column; ``W`` is ``[N, K]``)
     ``values[2g + s, j]`` (shape ``[N/2, K]``): the s-th kept weight of rows ``4g..4g+3``
@@ -22,11 +30,11 @@ import torch
 
 from ..sparse_format import compress_nm, nm_mask
 
-__all__ = ["to_kernel_layout", "from_kernel_layout", "nibbles_from_mask"]
+__all__ = ["to_kernel_layout", "from_kernel_layout", "nibbles_from_mask", "encode_positions", "decode_positions"]
 
 
 def nibbles_from_mask(keep: torch.Tensor, orientation: str) -> torch.Tensor:
-    """uint8 nibble per group (``i0 | i1 << 2``) from a 2:4 keep-mask of shape [N, K]."""
+    """uint8 nibble per group (one-hot flags, module docstring) from a 2:4 keep-mask [N, K]."""
     N, K = keep.shape
     if orientation == "output":
         kg = keep.reshape(N // 4, 4, K)
@@ -36,7 +44,21 @@ def nibbles_from_mask(keep: torch.Tensor, orientation: str) -> torch.Tensor:
         gdim = 2
     pos = torch.sort((~kg).to(torch.int8), dim=gdim, stable=True).indices.narrow(gdim, 0, 2)
     i0, i1 = pos.unbind(gdim)
-    return (i0 | (i1 << 2)).to(torch.uint8)  # [N/4, K] or [N, K/4]
+    return encode_positions(i0, i1)  # [N/4, K] or [N, K/4]
+
+
+def encode_positions(i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
+    """uint8 nibbles (one-hot flags, module docstring) from the kept positions ``i0 < i1``."""
+    nib = (i0 == 0).to(torch.uint8) | ((i0 == 1).to(torch.uint8) << 1)
+    return nib | ((i1 == 1).to(torch.uint8) << 2) | ((i1 == 3).to(torch.uint8) << 3)
+
+
+def decode_positions(nib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept positions ``(i0, i1)`` (int64) from nibbles; inverse of :func:`encode_positions`."""
+    nib = nib.long()
+    i0 = torch.where(nib & 1 != 0, 0, torch.where(nib & 2 != 0, 1, 2))
+    i1 = torch.where(nib & 4 != 0, 1, torch.where(nib & 8 != 0, 3, 2))
+    return i0, i1
 
 
 def _pair_pack(nib: torch.Tensor, dim: int) -> torch.Tensor:
@@ -67,7 +89,7 @@ def from_kernel_layout(values: torch.Tensor, meta: torch.Tensor, shape, orientat
     if orientation == "output":
         NG = N // 4
         nib = torch.stack([meta & 15, meta >> 4], dim=1).reshape(-1, K)[:NG]  # [NG, K]
-        i0, i1 = (nib & 3).long(), (nib >> 2).long()
+        i0, i1 = decode_positions(nib)
         v = values.view(NG, 2, K)
         out = torch.zeros(NG, 4, K, dtype=values.dtype, device=values.device)
         out.scatter_(1, i0.unsqueeze(1), v[:, 0:1])
@@ -75,7 +97,7 @@ def from_kernel_layout(values: torch.Tensor, meta: torch.Tensor, shape, orientat
         return out.view(N, K)
     NC = K // 4
     nib = torch.stack([meta & 15, meta >> 4], dim=2).reshape(N, -1)[:, :NC]  # [N, NC]
-    i0, i1 = (nib & 3).long(), (nib >> 2).long()
+    i0, i1 = decode_positions(nib)
     v = values.view(N, NC, 2)
     out = torch.zeros(N, NC, 4, dtype=values.dtype, device=values.device)
     out.scatter_(2, i0.unsqueeze(2), v[:, :, 0:1])

@@ -24,6 +24,7 @@ def _nm24_out_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, NG, K, stride_xt, stride_yt, stride_ys, k_per_split,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN: tl.constexpr = False,
 ):
     pid_g = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -40,35 +41,69 @@ def _nm24_out_kernel(
     rows = 4 * g64
     y_base = y_ptr + pid_k.to(tl.int64) * stride_ys
     if BLOCK_T == 1:
+        # GEMV over BLOCK_G // 2 pairs of groups: a pair shares one metadata byte (group 2h in
+        # the low nibble, 2h + 1 in the high one), so each byte is loaded once and every row is
+        # one bit test + one select; row 2 of a group is its total minus rows 0, 1 and 3.
+        HP: tl.constexpr = BLOCK_G // 2
         t = pid_t.to(tl.int64)
-        acc0 = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float32)
+        hh = pid_g * HP + tl.arange(0, HP)
+        h64 = hh.to(tl.int64)
+        amask = (2 * hh) < NG
+        bmask = (2 * hh + 1) < NG
+        ra = (4 * h64) * K
+        mr = h64 * K
+        a0 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+        a1 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+        a3 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+        at = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+        b0 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+        b1 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+        b3 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+        bt = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
         for kk in range(0, k_per_split, BLOCK_K):
-            k0 = k_lo + kk
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < k_hi
-            m2 = gmask[:, None] & kmask[None, :]
-            v0 = tl.load(v_ptr + vrow0[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
-            v1 = tl.load(v_ptr + vrow1[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
-            mb = tl.load(m_ptr + mrow[:, None] + k[None, :], mask=m2, other=0).to(tl.int32)
-            xv = tl.load(x_ptr + t * stride_xt + k, mask=kmask, other=0.0).to(tl.float32)[None, :]
-            nib = (mb >> shift) & 15
-            i0 = nib & 3
-            i1 = nib >> 2
-            a0 = v0 * xv
-            a1 = v1 * xv
-            acc0 += tl.where(i0 == 0, a0, 0.0)
-            acc1 += tl.where(i0 == 1, a0, tl.where(i1 == 1, a1, 0.0))
-            acc2 += tl.where(i0 == 2, a0, tl.where(i1 == 2, a1, 0.0))
-            acc3 += tl.where(i1 == 3, a1, 0.0)
-        yp = y_base + t * stride_yt + rows
+            k = k_lo + kk + tl.arange(0, BLOCK_K)
+            kp = k[None, :]
+            if EVEN:  # every block full: no masks (their predicates cost as much as the decode)
+                xv = tl.load(x_ptr + t * stride_xt + k).to(tl.float32)[None, :]
+                mb = tl.load(m_ptr + mr[:, None] + kp).to(tl.int32)
+                u0 = tl.load(v_ptr + ra[:, None] + kp).to(tl.float32)
+                u1 = tl.load(v_ptr + (ra + K)[:, None] + kp).to(tl.float32)
+                w0 = tl.load(v_ptr + (ra + 2 * K)[:, None] + kp).to(tl.float32)
+                w1 = tl.load(v_ptr + (ra + 3 * K)[:, None] + kp).to(tl.float32)
+            else:
+                km = k < k_hi
+                ma = amask[:, None] & km[None, :]
+                mbm = bmask[:, None] & km[None, :]
+                xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)[None, :]
+                mb = tl.load(m_ptr + mr[:, None] + kp, mask=ma, other=0).to(tl.int32)
+                u0 = tl.load(v_ptr + ra[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
+                u1 = tl.load(v_ptr + (ra + K)[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
+                w0 = tl.load(v_ptr + (ra + 2 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
+                w1 = tl.load(v_ptr + (ra + 3 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
+            a0 += tl.where((mb & 1) != 0, u0, 0.0) * xv
+            a1 += tl.where((mb & 2) != 0, u0, tl.where((mb & 4) != 0, u1, 0.0)) * xv
+            a3 += tl.where((mb & 8) != 0, u1, 0.0) * xv
+            at += (u0 + u1) * xv
+            b0 += tl.where((mb & 16) != 0, w0, 0.0) * xv
+            b1 += tl.where((mb & 32) != 0, w0, tl.where((mb & 64) != 0, w1, 0.0)) * xv
+            b3 += tl.where((mb & 128) != 0, w1, 0.0) * xv
+            bt += (w0 + w1) * xv
         ety = y_ptr.dtype.element_ty
-        tl.store(yp + 0, tl.sum(acc0, axis=1).to(ety), mask=gmask)
-        tl.store(yp + 1, tl.sum(acc1, axis=1).to(ety), mask=gmask)
-        tl.store(yp + 2, tl.sum(acc2, axis=1).to(ety), mask=gmask)
-        tl.store(yp + 3, tl.sum(acc3, axis=1).to(ety), mask=gmask)
+        yp = y_base + t * stride_yt + 8 * h64
+        s0 = tl.sum(a0, axis=1)
+        s1 = tl.sum(a1, axis=1)
+        s3 = tl.sum(a3, axis=1)
+        tl.store(yp + 0, s0.to(ety), mask=amask)
+        tl.store(yp + 1, s1.to(ety), mask=amask)
+        tl.store(yp + 2, (tl.sum(at, axis=1) - s0 - s1 - s3).to(ety), mask=amask)
+        tl.store(yp + 3, s3.to(ety), mask=amask)
+        s0 = tl.sum(b0, axis=1)
+        s1 = tl.sum(b1, axis=1)
+        s3 = tl.sum(b3, axis=1)
+        tl.store(yp + 4, s0.to(ety), mask=bmask)
+        tl.store(yp + 5, s1.to(ety), mask=bmask)
+        tl.store(yp + 6, (tl.sum(bt, axis=1) - s0 - s1 - s3).to(ety), mask=bmask)
+        tl.store(yp + 7, s3.to(ety), mask=bmask)
     else:
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
@@ -89,14 +124,12 @@ def _nm24_out_kernel(
                 x_ptr + t64[None, :] * stride_xt + k[:, None],
                 mask=kmask[:, None] & tmask[None, :], other=0.0,
             )
-            nib = (mb >> shift) & 15
-            i0 = nib & 3
-            i1 = nib >> 2
+            nib = mb >> shift
             z = tl.zeros_like(v0)
-            w0 = tl.where(i0 == 0, v0, z)
-            w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, z))
-            w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, z))
-            w3 = tl.where(i1 == 3, v1, z)
+            w0 = tl.where((nib & 1) != 0, v0, z)
+            w1 = tl.where((nib & 2) != 0, v0, tl.where((nib & 4) != 0, v1, z))
+            w2 = tl.where((nib & 3) == 0, v0, tl.where((nib & 12) == 0, v1, z))
+            w3 = tl.where((nib & 8) != 0, v1, z)
             acc0 = tl.dot(w0, xt, acc0)
             acc1 = tl.dot(w1, xt, acc1)
             acc2 = tl.dot(w2, xt, acc2)
@@ -115,6 +148,7 @@ def _nm24_in_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, N, NC, stride_xt, stride_yt, stride_ys, c_per_split,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN: tl.constexpr = False,
 ):
     # W is [N, 4*NC]; values [N, 2*NC]; meta [N, ceil(NC/2)]
     pid_m = tl.program_id(0)
@@ -137,23 +171,29 @@ def _nm24_in_kernel(
         for cc in range(0, c_per_split, BLOCK_C):
             c0 = c_lo + cc
             c = c0 + tl.arange(0, BLOCK_C)
-            cmask = c < c_hi
             vc = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
-            vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
-                         mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
-            v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
             mc = c0 // 2 + tl.arange(0, BLOCK_C // 2)
-            mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
-                         mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
+            if EVEN:
+                vv = tl.load(v_ptr + vrow[:, None] + vc[None, :])
+                mb = tl.load(m_ptr + mrow[:, None] + mc[None, :]).to(tl.int32)
+                x0 = tl.load(xrow + 4 * c + 0).to(tl.float32)[None, :]
+                x1 = tl.load(xrow + 4 * c + 1).to(tl.float32)[None, :]
+                x2 = tl.load(xrow + 4 * c + 2).to(tl.float32)[None, :]
+                x3 = tl.load(xrow + 4 * c + 3).to(tl.float32)[None, :]
+            else:
+                cmask = c < c_hi
+                vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
+                             mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
+                mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
+                             mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
+                x0 = tl.load(xrow + 4 * c + 0, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                x1 = tl.load(xrow + 4 * c + 1, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                x2 = tl.load(xrow + 4 * c + 2, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                x3 = tl.load(xrow + 4 * c + 3, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
             nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
-            i0 = nib & 3
-            i1 = nib >> 2
-            x0 = tl.load(xrow + 4 * c + 0, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            x1 = tl.load(xrow + 4 * c + 1, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            x2 = tl.load(xrow + 4 * c + 2, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            x3 = tl.load(xrow + 4 * c + 3, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            xs0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
-            xs1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+            xs0 = tl.where((nib & 1) != 0, x0, tl.where((nib & 2) != 0, x1, x2))
+            xs1 = tl.where((nib & 8) != 0, x3, tl.where((nib & 4) != 0, x1, x2))
             acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
         out = tl.sum(acc, axis=1)
         tl.store(y_base + t * stride_yt + r64, out.to(y_ptr.dtype.element_ty), mask=rmask)
@@ -174,18 +214,16 @@ def _nm24_in_kernel(
             mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
                          mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
             nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
-            i0 = nib & 3
-            i1 = nib >> 2
             z = tl.zeros_like(v0)
             xm = cmask[:, None] & tmask[None, :]
             xb = x_ptr + t64[None, :] * stride_xt + 4 * c[:, None]
-            d0 = tl.where(i0 == 0, v0, z)
+            d0 = tl.where((nib & 1) != 0, v0, z)
             acc = tl.dot(d0, tl.load(xb + 0, mask=xm, other=0.0), acc)
-            d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, z))
+            d1 = tl.where((nib & 2) != 0, v0, tl.where((nib & 4) != 0, v1, z))
             acc = tl.dot(d1, tl.load(xb + 1, mask=xm, other=0.0), acc)
-            d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, z))
+            d2 = tl.where((nib & 3) == 0, v0, tl.where((nib & 12) == 0, v1, z))
             acc = tl.dot(d2, tl.load(xb + 2, mask=xm, other=0.0), acc)
-            d3 = tl.where(i1 == 3, v1, z)
+            d3 = tl.where((nib & 8) != 0, v1, z)
             acc = tl.dot(d3, tl.load(xb + 3, mask=xm, other=0.0), acc)
         yp = y_base + t64[None, :] * stride_yt + r64[:, None]
         tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & tmask[None, :])
@@ -201,14 +239,12 @@ def _nm24_out_decompress_kernel(v_ptr, m_ptr, w_ptr, NG, K, BLOCK_G: tl.constexp
     v1 = tl.load(v_ptr + ((2 * g64 + 1) * K)[:, None] + k[None, :], mask=m2, other=0.0)
     mb = tl.load(m_ptr + ((g64 // 2) * K)[:, None] + k[None, :], mask=m2, other=0).to(tl.int32)
     nib = (mb >> ((g % 2) * 4)[:, None]) & 15
-    i0 = nib & 3
-    i1 = nib >> 2
     z = tl.zeros_like(v0)
     base = w_ptr + ((4 * g64) * K)[:, None] + k[None, :]
-    tl.store(base, tl.where(i0 == 0, v0, z), mask=m2)
-    tl.store(base + K, tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, z)), mask=m2)
-    tl.store(base + 2 * K, tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, z)), mask=m2)
-    tl.store(base + 3 * K, tl.where(i1 == 3, v1, z), mask=m2)
+    tl.store(base, tl.where((nib & 1) != 0, v0, z), mask=m2)
+    tl.store(base + K, tl.where((nib & 2) != 0, v0, tl.where((nib & 4) != 0, v1, z)), mask=m2)
+    tl.store(base + 2 * K, tl.where((nib & 3) == 0, v0, tl.where((nib & 12) == 0, v1, z)), mask=m2)
+    tl.store(base + 3 * K, tl.where((nib & 8) != 0, v1, z), mask=m2)
 
 
 @triton.jit
@@ -225,13 +261,11 @@ def _nm24_in_decompress_kernel(v_ptr, m_ptr, w_ptr, N, NC, BLOCK_M: tl.constexpr
     mb = tl.load(m_ptr + (r64 * ((NC + 1) // 2))[:, None] + mc[None, :],
                  mask=rmask[:, None] & (2 * mc < NC)[None, :], other=0).to(tl.int32)
     nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
-    i0 = nib & 3
-    i1 = nib >> 2
     z = tl.zeros_like(v0)
-    d0 = tl.where(i0 == 0, v0, z)
-    d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, z))
-    d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, z))
-    d3 = tl.where(i1 == 3, v1, z)
+    d0 = tl.where((nib & 1) != 0, v0, z)
+    d1 = tl.where((nib & 2) != 0, v0, tl.where((nib & 4) != 0, v1, z))
+    d2 = tl.where((nib & 3) == 0, v0, tl.where((nib & 12) == 0, v1, z))
+    d3 = tl.where((nib & 8) != 0, v1, z)
     # interleave the four phases back into 4*BLOCK_C contiguous columns
     w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_M, 4 * BLOCK_C))
     wc = 4 * c0 + tl.arange(0, 4 * BLOCK_C)
