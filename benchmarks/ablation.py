@@ -88,6 +88,12 @@ def label(spec: str) -> str:
         return LABELS[spec]
     if method == "dass":
         crit = f" ({opts['alpha_criterion']} error)" if "alpha_criterion" in opts else ""
+        if opts.get("rescale", "none") != "none":
+            crit += f" + rescale {opts['rescale']}"
+            if opts.get("rescale_target", "block") != "block":
+                crit += f" ({opts['rescale_target']} target)"
+            if str(opts.get("alpha_rescaled", "")).lower() in ("1", "true"):
+                crit += ", alpha judged rescaled"
         return f"DaSS alpha {opts.get('alpha', 0.5)}{crit}"
     if method == "dass-obs":
         masks = opts.get("masks", "sweep")

@@ -114,6 +114,8 @@ def alpha_errors(
     act: Activation | None = None,
     max_neurons: int | None = None,
     criterion: str = "token",
+    rescale: str = "none",
+    rescale_target: str = "block",
 ) -> dict[float, float]:
     """Relative block-output reconstruction error (:func:`relative_error`) for each candidate.
 
@@ -121,7 +123,13 @@ def alpha_errors(
     neuron groups (:func:`neuron_subset`): the error of that sub-block estimates the
     block's at a fraction of the cost (exact masks for N:M; for unstructured sparsity the
     per-column ranking runs within the subset).
+
+    With ``rescale`` ("down" or "all"), each candidate's block is judged after the
+    least-squares row rescaling of :func:`dass.rescale.rescale_glu` (fitted on the same rows
+    and sub-block), i.e. as it will be applied.
     """
+    from .rescale import rescale_glu
+
     act = act or F.silu
     xf = x.float()
     g, u, dn, dm, a = gate.float(), up.float(), down.float(), down_mask, neuron_norm.float()
@@ -135,6 +143,11 @@ def alpha_errors(
     out: dict[float, float] = {}
     for alpha in candidates:
         mg, mu = dass_glu_masks(g, u, a, pattern, float(alpha))
+        if rescale != "none":
+            gp, up_, dp, _ = rescale_glu(g, u, dn, (mg, mu, dm), xf, act, scope=rescale, target=rescale_target)
+            h = act(xf @ gp.t()) * (xf @ up_.t())
+            out[float(alpha)] = relative_error(h @ dp.t(), y, criterion)
+            continue
         h = act(xf @ (g * mg).t()) * (xf @ (u * mu).t())
         out[float(alpha)] = relative_error(h @ d_pruned.t(), y, criterion)
     return out

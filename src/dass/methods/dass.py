@@ -10,6 +10,13 @@ the exponent is chosen from a small candidate set by the reconstruction error of
 block's MLP output on kept calibration input rows, averaged per token by default
 (``alpha_criterion``, :mod:`dass.alpha`); the chosen value and
 the candidates' errors are recorded in the gate/up results' ``info``.
+
+``rescale`` ("none" by default, "down" or "all") multiplies each masked row by its
+least-squares factor on the kept calibration input rows (:mod:`dass.rescale`): W_down's rows
+against the dense block output ("block" target, default) or the layer-local output
+("layer"); with "all" also W_gate's and W_up's rows against their own dense outputs. The
+masks do not change (still exactly N:M). With ``alpha="auto"`` and ``alpha_rescaled``, the
+candidates are compared after the rescale.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from ..alpha import (
     dass_glu_masks,
 )
 from ..patterns import Orientation, Pattern, select_mask
+from ..rescale import SCOPES as RESCALE_SCOPES
+from ..rescale import TARGETS as RESCALE_TARGETS
+from ..rescale import rescale_glu
 from ..scores import dass_glu_score
 from ..stats import FeatureStats
 from .base import MatrixResult, MethodError, PruningMethod, register
@@ -56,6 +66,17 @@ def _parse_alpha(alpha: object) -> float | str:
     return value
 
 
+def _parse_bool(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise MethodError(f"{name} must be true or false, got {value!r}")
+
+
 @register
 class DaSS(PruningMethod):
     name = "dass"
@@ -68,6 +89,9 @@ class DaSS(PruningMethod):
         sample_tokens: int | None = None,
         max_neurons: int | None = None,
         alpha_criterion: str | None = None,
+        rescale: str = "none",
+        rescale_target: str = "block",
+        alpha_rescaled: bool | int | str | None = None,
     ) -> None:
         self.alpha = _parse_alpha(alpha)
         self.auto = self.alpha == "auto"
@@ -78,23 +102,44 @@ class DaSS(PruningMethod):
         if not parsed or any(isinstance(c, str) for c in parsed):
             raise MethodError(f"alpha_candidates must be non-negative numbers, got {alpha_candidates!r}")
         self.alpha_candidates = tuple(float(c) for c in parsed)  # type: ignore[arg-type]
-        if not self.auto and any(v is not None for v in (alpha_candidates, sample_tokens, max_neurons, alpha_criterion)):
-            raise MethodError("alpha_candidates, alpha_criterion, sample_tokens and max_neurons only apply to alpha='auto'")
+        if rescale not in RESCALE_SCOPES:
+            raise MethodError(f"rescale must be one of {', '.join(RESCALE_SCOPES)}, got {rescale!r}")
+        if rescale_target not in RESCALE_TARGETS:
+            raise MethodError(f"rescale_target must be one of {', '.join(RESCALE_TARGETS)}, got {rescale_target!r}")
+        self.rescale, self.rescale_target = str(rescale), str(rescale_target)
+        if self.rescale == "none" and rescale_target != "block":
+            raise MethodError("rescale_target only applies with rescale='down' or 'all'")
+        uses_rows = self.auto or self.rescale != "none"
+        if alpha_rescaled is not None and not (self.auto and self.rescale != "none"):
+            raise MethodError("alpha_rescaled only applies to alpha='auto' with a rescale")
+        self.alpha_rescaled = _parse_bool(alpha_rescaled, "alpha_rescaled") if alpha_rescaled is not None else False
+        if not self.auto and any(v is not None for v in (alpha_candidates, max_neurons, alpha_criterion)):
+            raise MethodError("alpha_candidates, alpha_criterion and max_neurons only apply to alpha='auto'")
+        if not uses_rows and sample_tokens is not None:
+            raise MethodError("sample_tokens only applies to alpha='auto' or a rescale")
         self.alpha_criterion = CRITERIA[0] if alpha_criterion is None else str(alpha_criterion)
         if self.alpha_criterion not in CRITERIA:
             raise MethodError(f"alpha_criterion must be one of {', '.join(CRITERIA)}, got {alpha_criterion!r}")
         self.max_neurons = DEFAULT_MAX_NEURONS if max_neurons is None else int(max_neurons)
         k = DEFAULT_SAMPLE_TOKENS if sample_tokens is None else int(sample_tokens)
-        if self.auto and k < 1:
+        if uses_rows and k < 1:
             raise MethodError(f"sample_tokens must be >= 1, got {sample_tokens!r}")
         # the pipeline keeps this many block input rows only when alpha is chosen from data
-        self.sample_tokens = k if self.auto else 0
+        # or the pruned rows are rescaled
+        self.sample_tokens = k if uses_rows else 0
 
     def options(self) -> dict:
-        if not self.auto:
-            return {"alpha": self.alpha}
-        return {"alpha": "auto", "alpha_candidates": list(self.alpha_candidates), "alpha_criterion": self.alpha_criterion,
-                "sample_tokens": self.sample_tokens, "max_neurons": self.max_neurons}
+        opts: dict = {"alpha": self.alpha}
+        if self.auto:
+            opts.update({"alpha_candidates": list(self.alpha_candidates), "alpha_criterion": self.alpha_criterion,
+                         "max_neurons": self.max_neurons})
+        if self.rescale != "none":
+            opts.update({"rescale": self.rescale, "rescale_target": self.rescale_target})
+            if self.auto:
+                opts["alpha_rescaled"] = self.alpha_rescaled
+        if self.sample_tokens:
+            opts["sample_tokens"] = self.sample_tokens
+        return opts
 
     def orientation(self, role: str) -> Orientation:
         return "output" if role in ("gate", "up") else "input"
@@ -106,14 +151,15 @@ class DaSS(PruningMethod):
     def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
         assert h_stats is not None
         down_res = wanda_mask(down, h_stats, pattern)
+        orient = "output" if pattern.is_nm else None
         if not self.auto:
-            return (
+            results = (
                 dass_glu_mask(gate, h_stats, pattern, self.alpha),  # type: ignore[arg-type]
                 dass_glu_mask(up, h_stats, pattern, self.alpha),  # type: ignore[arg-type]
                 down_res,
             )
+            return self._rescaled(results, gate, up, down, x_stats, act)
         x = x_stats.sample() if x_stats is not None else None
-        orient = "output" if pattern.is_nm else None
         if x is None or x.shape[0] == 0:
             alpha, info = AUTO_FALLBACK_ALPHA, {"alpha": AUTO_FALLBACK_ALPHA, "alpha_auto": "no kept input rows; default used"}
             mg, mu = dass_glu_masks(gate, up, h_stats.norm, pattern, alpha)
@@ -121,9 +167,33 @@ class DaSS(PruningMethod):
             x = x.to(gate.device)
             errors = alpha_errors(gate, up, down, down_res.mask, h_stats.norm.to(gate.device), x, pattern,
                                   self.alpha_candidates, act, max_neurons=self.max_neurons,
-                                  criterion=self.alpha_criterion)
+                                  criterion=self.alpha_criterion,
+                                  rescale=self.rescale if self.alpha_rescaled else "none",
+                                  rescale_target=self.rescale_target)
             alpha = choose_alpha(errors)
             info = {"alpha": alpha, "alpha_errors": {str(a): e for a, e in errors.items()}, "alpha_rows": int(x.shape[0])}
             mg, mu = dass_glu_masks(gate, up, h_stats.norm.to(gate.device), pattern, alpha)
         down_res.info = {"alpha": alpha}
-        return MatrixResult(mg, orient, info=dict(info)), MatrixResult(mu, orient, info=dict(info)), down_res
+        results = MatrixResult(mg, orient, info=dict(info)), MatrixResult(mu, orient, info=dict(info)), down_res
+        return self._rescaled(results, gate, up, down, x_stats, act)
+
+    def _rescaled(self, results, gate, up, down, x_stats, act):
+        """With ``rescale``: the masked weights times their least-squares row factors
+        (:func:`dass.rescale.rescale_glu`) on the kept calibration input rows; masks unchanged."""
+        if self.rescale == "none":
+            return results
+        x = x_stats.sample() if x_stats is not None else None
+        if x is None or x.shape[0] == 0:
+            for r in results:
+                r.info["rescale"] = "no kept input rows; not rescaled"
+            return results
+        masks = tuple(r.mask.to(gate.device) for r in results)
+        weights = rescale_glu(gate, up, down, masks, x.to(gate.device), act,  # type: ignore[arg-type]
+                              scope=self.rescale, target=self.rescale_target)
+        scales = weights[3]
+        for r, w, name, ref in zip(results, weights[:3], ("gate", "up", "down"), (gate, up, down)):
+            if name in scales:
+                s = scales[name]
+                r.weight = w.to(ref.dtype)
+                r.info["rescale"] = {"mean": float(s.mean()), "min": float(s.min()), "max": float(s.max())}
+        return results
