@@ -179,6 +179,42 @@ def _prune_toy(model, gate_orientation):
         model.odd.weight.copy_(prune24(model.odd.weight, "input"))
 
 
+class _ActMLP(_MLP):
+    """transformers' LlamaMLP / GemmaMLP shape: an ``act_fn`` child, so gate and up get stacked."""
+
+    def __init__(self, d, D, act):
+        super().__init__(d, D)
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@gpu
+@pytest.mark.parametrize("gate_orientation", ["input", "output"])
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(approximate="tanh"), nn.Tanh()])
+def test_gate_up_stacked_matches_dense(gate_orientation, act):
+    torch.manual_seed(6)
+    mlp = _ActMLP(256, 704, act).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for lin, o in ((mlp.gate_proj, gate_orientation), (mlp.up_proj, gate_orientation), (mlp.down_proj, "input")):
+            lin.weight.normal_(0, 0.05)
+            lin.weight.copy_(prune24(lin.weight, o))
+    ref = _ActMLP(256, 704, act).cuda().to(torch.bfloat16)
+    ref.load_state_dict(mlp.state_dict())
+    report = accelerate(mlp)
+    assert report["fused_gate_up"] == [""] and report["graphed_mlps"] == [""]
+    assert not hasattr(mlp, "gate_proj") and not hasattr(mlp, "up_proj")
+    fused = mlp.dass_gate_up
+    assert isinstance(fused, NM24Linear) and (fused.out_features, fused.in_features) == (2 * 704, 256)
+    # the activation runs in the Triton kernel for SiLU and tanh-GELU, in torch otherwise
+    assert mlp._dass_fused_act == {"SiLU": "silu", "GELU": "gelu_tanh"}.get(type(act).__name__)
+    with torch.inference_mode():
+        for T in (1, 3, 64, 700, 2048):
+            x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
+            assert rel_err(mlp(x), ref(x)) < 2e-2, T
+
+
 @gpu
 @pytest.mark.parametrize("gate_orientation", ["input", "output"])
 def test_accelerate_model_matches_dense(gate_orientation):

@@ -41,14 +41,26 @@ SCRIPT = textwrap.dedent(
                 for T in ((1,) if dtype == torch.bfloat16 else (1, 3, 17, 40)):
                     x = torch.randn(T, K, dtype=dtype)
                     ref = x.double() @ W.double().T
-                    # the last config makes every block full at T == 1 on (256, 512): the unmasked
-                    # (EVEN) GEMV loads, with a split reduction
+                    # the last config gives the 1-token kernels several blocks per program and a
+                    # split reduction
                     cfgs = (None, {"SPLIT_K": 2}) + (({"BLOCK_K": 64, "SPLIT_K": 2},) if T == 1 else ())
                     for cfg in cfgs:
                         y = nm24_matmul(x, values, meta, N, K, orientation, config=cfg)
                         out.append({"dtype": str(dtype), "orientation": orientation, "N": N, "K": K, "T": T,
                                     "split": cfg is not None, "shape_ok": list(y.shape) == [T, N] and y.dtype == dtype,
                                     "decompress_exact": exact, "rel_err": rel_err(y, ref)})
+    # act(g) * u from the stacked [g | u], against torch
+    from dass.kernels import glu_act_mul
+
+    for dtype in (torch.float32, torch.float16):
+        for act, fn in (("silu", torch.nn.SiLU()), ("gelu_tanh", torch.nn.GELU(approximate="tanh"))):
+            for T, D in ((1, 8), (5, 1500)):
+                gu = (torch.randn(T, 2 * D) * 3).to(dtype)
+                ref = fn(gu[:, :D].double()) * gu[:, D:].double()
+                got = glu_act_mul(gu, D, act)
+                out.append({"dtype": str(dtype), "glu": act, "T": T, "D": D,
+                            "shape_ok": list(got.shape) == [T, D] and got.dtype == dtype,
+                            "decompress_exact": True, "rel_err": rel_err(got, ref)})
     print(json.dumps(out))
     """
 )
@@ -60,7 +72,7 @@ def test_kernels_match_dense_in_the_interpreter():
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * 3 * (2 * (3 + 3 * 2) + 3)
+    assert len(rows) == 2 * 3 * (2 * (3 + 3 * 2) + 3) + 2 * 2 * 2
     for r in rows:
         tol = {"torch.float32": 1e-5, "torch.float16": 2e-3, "torch.bfloat16": 1e-2}[r["dtype"]]
         assert r["shape_ok"] and r["decompress_exact"], r

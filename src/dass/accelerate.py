@@ -69,8 +69,12 @@ class AccelerateConfig:
     # default (alg_id 0) ran 0.74-0.92x of dense cuBLAS at 1024-16384 tokens on an H200,
     # the searched one 1.31-1.68x (docs/speed.md)
     cslt_alg_search: bool = True
+    # ... from this many tokens on (below it cuSPARSELt never wins, and alg 0 is the tested path)
+    cslt_search_min_tokens: int = 256
     # which NM24Linear paths replay per-module graphs when called outside a graphed MLP
     graph_paths: tuple[str, ...] = ("cslt",)
+    # stack a GLU's 2:4 gate and up into one product (module docstring of _fuse_gate_up)
+    fuse_gate_up: bool = True
 
 
 _DEFAULT = AccelerateConfig()
@@ -402,7 +406,7 @@ class NM24Linear(nn.Module):
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
         alg = 0
-        if self.config.cslt_alg_search:
+        if self.config.cslt_alg_search and T >= self.config.cslt_search_min_tokens:
             key = (self.out_features, self.in_features, _bucket(T), x2.dtype, x2.device.index)
             found = _ALG_CACHE.get(key)
             if found is None and not _capturing():  # (the autotuner's first call searches)
@@ -443,6 +447,83 @@ class NM24Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
+# --------------------------------------------------------------------------- stacked gate/up
+
+
+def _act_kind(act: Any) -> str | None:
+    """'silu' / 'gelu_tanh' when ``act`` is one of those (checked numerically by the caller)."""
+    name = type(act).__name__.lower()
+    if isinstance(act, nn.SiLU) or "silu" in name:
+        return "silu"
+    if (isinstance(act, nn.GELU) and act.approximate == "tanh") or "gelutanh" in name or "newgelu" in name:
+        return "gelu_tanh"
+    return None
+
+
+def _fused_act(act: Any, D: int, device, dtype) -> str | None:
+    """The Triton activation kind to use for ``act``, or None (torch ops), after checking the
+    kernel against ``act(g) * u`` on random values."""
+    kind = _act_kind(act)
+    if kind is None or not _triton_ok():
+        return None
+    from .kernels import glu_act_mul
+
+    try:
+        gu = torch.randn(8, 2 * D, device=device, dtype=dtype) * 3
+        ref = (act(gu[:, :D]) * gu[:, D:]).double()
+        err = ((glu_act_mul(gu, D, kind).double() - ref).norm() / ref.norm()).item()
+    except Exception:
+        return None
+    return kind if err < 1e-2 else None
+
+
+def _fuse_gate_up(mlp: nn.Module, config: AccelerateConfig) -> bool:
+    """Replace a GLU MLP's ``gate_proj`` and ``up_proj`` (2:4 ``NM24Linear`` of one
+    orientation, same shape, no bias, MLP with an ``act_fn``) by one ``NM24Linear`` of the
+    stacked ``[gate; up]`` matrix (``mlp.dass_gate_up``), and its forward by
+    ``down(act(g) * u)`` with the activation and product in one kernel.
+
+    Why: one product of twice the rows runs closer to the hardware's rate than two (a
+    1-token kernel's fixed cost is paid once; cuSPARSELt's larger GEMM is more efficient),
+    and the fused activation moves 40% fewer bytes. Stacking rows keeps every 2:4 group in
+    both orientations (D is a multiple of 4). The new forward is checked against the old
+    one on a random input; on any mismatch nothing is changed."""
+    g, u = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    down, act = getattr(mlp, "down_proj", None), getattr(mlp, "act_fn", None)
+    if not (isinstance(g, NM24Linear) and isinstance(u, NM24Linear) and isinstance(down, nn.Module) and callable(act)):
+        return False
+    if (g.orientation != u.orientation or g.in_features != u.in_features or g.out_features != u.out_features
+            or g.bias is not None or u.bias is not None or g.values.dtype != u.values.dtype):
+        return False
+    d, D = g.in_features, g.out_features
+    dev, dtype = g.values.device, g.values.dtype
+    with torch.no_grad():
+        fused = NM24Linear(torch.cat([g.dense_weight(), u.dense_weight()]), None, g.orientation, config)
+    kind = _fused_act(act, D, dev, dtype)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gu = fused(x)
+        if kind is not None:
+            from .kernels import glu_act_mul
+
+            h = glu_act_mul(gu.reshape(-1, 2 * D), D, kind).view(*x.shape[:-1], D)
+        else:
+            h = act(gu[..., :D]) * gu[..., D:]
+        return down(h)
+
+    with torch.no_grad():
+        x = torch.randn(5, d, device=dev, dtype=dtype)
+        ref, got = mlp(x).double(), forward(x).double()
+        if not ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item() < 2e-2:
+            return False
+    del mlp.gate_proj, mlp.up_proj
+    mlp.dass_gate_up = fused
+    mlp.forward = forward
+    mlp._dass_d_in = d
+    mlp._dass_fused_act = kind
+    return True
+
+
 # --------------------------------------------------------------------------- whole-MLP graphs
 
 
@@ -456,7 +537,7 @@ def _graph_mlp(mlp: nn.Module, config: AccelerateConfig) -> bool:
         return False
     if len(params) != 1:
         return False
-    d_in = mlp.gate_proj.in_features
+    d_in = getattr(mlp, "_dass_d_in", None) or mlp.gate_proj.in_features
     d_out = mlp.down_proj.out_features
     orig = mlp.forward
     cache = _GraphCache(lambda x2: orig(x2), d_in, d_out, config.max_graphs_per_module)
@@ -513,7 +594,12 @@ def accelerate(
     Triton kernel runs). With ``strict``, a manifest entry whose weights are not 2:4 in
     the stated orientation raises :class:`AccelerationError`.
 
-    Returns ``{"replaced": {name: orientation}, "skipped": {name: reason}, "graphed_mlps": [...]}``.
+    GLU MLPs (``gate_proj``/``up_proj``/``down_proj`` and an ``act_fn``, as in LLaMA, Mistral,
+    Qwen2, Gemma) whose gate and up were both replaced get them stacked into one module,
+    ``mlp.dass_gate_up``, with the activation fused (``config.fuse_gate_up``).
+
+    Returns ``{"replaced": {name: orientation}, "skipped": {name: reason},
+    "fused_gate_up": [mlp names], "graphed_mlps": [...]}``.
     """
     config = config or AccelerateConfig()
     if min_tokens is not None:
@@ -570,11 +656,18 @@ def accelerate(
         new = NM24Linear(W, mod.bias, orientation, config)
         _set_child(model, name, new)
         replaced[name] = orientation
+    fused: list[str] = []
+    if config.fuse_gate_up:
+        for name, mod in list(model.named_modules()):
+            if _fuse_gate_up(mod, config):
+                fused.append(name)
     graphed: list[str] = []
     if config.graphs and config.graph_mlp:
         for name, mod in model.named_modules():
             kids = [getattr(mod, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
+            if getattr(mod, "_dass_d_in", None):
+                kids = [mod.dass_gate_up, mod.down_proj]
             if all(isinstance(k, nn.Module) for k in kids) and any(isinstance(k, NM24Linear) for k in kids):
                 if _graph_mlp(mod, config):
                     graphed.append(name)
-    return {"replaced": replaced, "skipped": skipped, "graphed_mlps": graphed}
+    return {"replaced": replaced, "skipped": skipped, "fused_gate_up": fused, "graphed_mlps": graphed}

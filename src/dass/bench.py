@@ -173,16 +173,17 @@ def bench_matrix(timer: Timer, N: int, K: int, T: int, orientations: list[str], 
 
 
 class GLUMLP(nn.Module):
-    """LLaMA's MLP: down(silu(gate(x)) * up(x))."""
+    """LLaMA's MLP (transformers' LlamaMLP): down(act_fn(gate(x)) * up(x)), act_fn = SiLU."""
 
     def __init__(self, d: int, D: int):
         super().__init__()
         self.gate_proj = nn.Linear(d, D, bias=False)
         self.up_proj = nn.Linear(d, D, bias=False)
         self.down_proj = nn.Linear(D, d, bias=False)
+        self.act_fn = nn.SiLU()
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _make_mlps(d, D, dtype, device, seed=0):
@@ -366,6 +367,24 @@ def sweep(timer: Timer, dtype, device, errors: list, d: int = 4096, D: int = 110
     return res
 
 
+def _kernel_stats(orientation: str) -> list[dict[str, Any]]:
+    """Registers and spills of every compiled variant of a 2:4 kernel (diagnostic; [] when
+    this triton keeps its cache differently)."""
+    try:
+        from .kernels import nm24
+
+        kern = nm24._nm24_out_kernel if orientation == "output" else nm24._nm24_in_kernel
+        out = []
+        for cache in getattr(kern, "device_caches", {}).values():
+            for key, ck in (cache[0] if isinstance(cache, tuple) else cache).items():
+                md = getattr(ck, "metadata", None)
+                out.append({"key": str(key)[-160:], "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None),
+                            "num_warps": getattr(md, "num_warps", None), "shared": getattr(md, "shared", None)})
+        return out
+    except Exception as e:  # noqa: BLE001
+        return [{"error": f"{type(e).__name__}: {e}"}]
+
+
 def gemv(timer: Timer, shapes, dtype, device, errors: list) -> dict[str, Any]:
     """1-token products: the Triton kernels (a few launch configs) against dense cuBLAS, for
     every MLP matrix shape; installs the fastest config; also checks every kernel path."""
@@ -374,13 +393,14 @@ def gemv(timer: Timer, shapes, dtype, device, errors: list) -> dict[str, Any]:
     def c(b, k, w=4, sp=1, st=1):
         return dict(BLOCK=b, BLOCK_K=k, BLOCK_T=1, num_warps=w, num_stages=st, SPLIT_K=sp)
 
-    cfgs = {"output": [c(2, 512), c(2, 1024, 8), c(4, 256), c(4, 512), c(4, 512, 8), c(8, 256), c(8, 256, 8),
-                       c(8, 512, 8), c(4, 256, st=2), c(4, 512, 8, st=2), c(16, 128), c(16, 256, 8)],
-            "input": [c(8, 128), c(16, 128), c(8, 256), c(16, 64), c(32, 64), c(32, 128, 8), c(16, 256, 8),
-                      c(16, 128, st=2), c(16, 128, sp=2), c(8, 128, sp=2), c(32, 64, sp=2)]}
+    cfgs = {"output": [c(2, 512), c(2, 1024, 8), c(4, 256), c(4, 512), c(8, 256), c(8, 256, 8), c(16, 256, 8),
+                       c(2, 256, 2), c(2, 128, 1), c(2, 512, 2), c(4, 256, 2), c(4, 128, 1), c(2, 256, 1)],
+            "input": [c(8, 128), c(16, 128), c(8, 256), c(16, 64), c(32, 64), c(16, 256, 8),
+                      c(4, 256, 2), c(8, 256, 2), c(4, 128, 1), c(8, 128, 2), c(16, 128, sp=2), c(8, 128, sp=2)]}
     out: dict[str, Any] = {"rows": [], "checks": []}
     for name, d, D in shapes:
-        for kind, o, N, K in (("gate", "output", D, d), ("gate", "input", D, d), ("down", "input", d, D)):
+        for kind, o, N, K in (("gate", "output", D, d), ("gate+up", "output", 2 * D, d), ("gate", "input", D, d),
+                              ("gate+up", "input", 2 * D, d), ("down", "input", d, D)):
             nbytes = N * K * 9 // 8
             nc = _ncopies(nbytes)
             Ws = [prune24(torch.randn(N, K, device=device, dtype=dtype) * 0.02, o) for _ in range(nc)]
@@ -405,6 +425,7 @@ def gemv(timer: Timer, shapes, dtype, device, errors: list) -> dict[str, Any]:
                     row["tried"].append({"config": cfg, "ms": ms, "rel_err": err})
             if row["tried"]:
                 best = min(row["tried"], key=lambda t: t["ms"])
+                row["kernel_stats"] = _kernel_stats(o)
                 row["best"] = best
                 set_config(o, 1, best["config"], N, K)
                 if name == shapes[0][0]:

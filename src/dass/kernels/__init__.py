@@ -8,7 +8,8 @@ Public entry points (``x`` is ``[T, K]``, the matrix ``W`` is ``[N, K]`` in the 
 
 - :func:`nm24_matmul` -- ``x @ W.T`` reading only the compressed matrix;
 - :func:`nm24_decompress` -- the dense ``W`` (for token counts where cuBLAS on the dense
-  matrix is faster than a fused kernel).
+  matrix is faster than a fused kernel);
+- :func:`glu_act_mul` -- ``act(g) * u`` of a GLU from the stacked ``[g | u]`` (one pass).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "triton_available",
     "nm24_matmul",
     "nm24_decompress",
+    "glu_act_mul",
     "default_config",
     "set_config",
     "to_kernel_layout",
@@ -132,10 +134,6 @@ def _plan(orientation: str, T: int, N: int, K: int, dev: int, config: dict | Non
         unit, nunits, nblk = cfg["BLOCK_K"], K // 4, _cdiv(N, cfg["BLOCK"])
     per = _cdiv(_cdiv(nunits, split), unit) * unit
     split = _cdiv(nunits, per)
-    rows = N // 4 if orientation == "output" else N
-    # every program's blocks full (no masked loads); the in-orientation's BLOCK_C must also be
-    # even so that its metadata bytes never straddle the end of a row
-    even = bt == 1 and nunits % per == 0 and rows % cfg["BLOCK"] == 0 and (orientation == "output" or unit % 2 == 0)
     grid = (nblk, split, T if bt == 1 else _cdiv(T, bt))
     mod = _mod()
     if orientation == "output":
@@ -144,7 +142,7 @@ def _plan(orientation: str, T: int, N: int, K: int, dev: int, config: dict | Non
     else:
         kern = mod._nm24_in_kernel
         const = dict(BLOCK_M=cfg["BLOCK"], BLOCK_C=cfg["BLOCK_K"], BLOCK_T=bt, SPLIT_K=split)
-    const.update(EVEN=even, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    const.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return kern[grid], split, per, const
 
 
@@ -202,3 +200,21 @@ def nm24_decompress(values: torch.Tensor, meta: torch.Tensor, N: int, K: int, or
         BM, BC = 16, 64
         mod._nm24_in_decompress_kernel[(_cdiv(N, BM), _cdiv(NC, BC))](values, meta, w, N, NC, BLOCK_M=BM, BLOCK_C=BC)
     return w
+
+
+def glu_act_mul(gu: torch.Tensor, D: int, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(gu[:, :D]) * gu[:, D:]`` for ``gu`` [T, 2D] (``act``: "silu" or "gelu_tanh"),
+    computed in fp32 and rounded once (torch rounds after the activation and again after
+    the product, so results differ from it by about one unit in the last place)."""
+    from . import glu
+
+    if act not in glu.ACTS:
+        raise ValueError(f"act must be one of {sorted(glu.ACTS)}, got {act!r}")
+    if gu.dim() != 2 or gu.shape[1] != 2 * D or gu.stride(1) != 1:
+        raise ValueError(f"gu must be a row-major [T, {2 * D}] tensor, got {list(gu.shape)}")
+    T = gu.shape[0]
+    h = out if out is not None else torch.empty(T, D, dtype=gu.dtype, device=gu.device)
+    if T:
+        BLOCK = 1024
+        glu._glu_act_mul_kernel[(T, _cdiv(D, BLOCK))](gu, h, D, gu.stride(0), h.stride(0), ACT=glu.ACTS[act], BLOCK=BLOCK)
+    return h

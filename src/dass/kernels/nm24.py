@@ -24,7 +24,6 @@ def _nm24_out_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, NG, K, stride_xt, stride_yt, stride_ys, k_per_split,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN: tl.constexpr = False,
 ):
     pid_g = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -63,23 +62,15 @@ def _nm24_out_kernel(
         for kk in range(0, k_per_split, BLOCK_K):
             k = k_lo + kk + tl.arange(0, BLOCK_K)
             kp = k[None, :]
-            if EVEN:  # every block full: no masks (their predicates cost as much as the decode)
-                xv = tl.load(x_ptr + t * stride_xt + k).to(tl.float32)[None, :]
-                mb = tl.load(m_ptr + mr[:, None] + kp).to(tl.int32)
-                u0 = tl.load(v_ptr + ra[:, None] + kp).to(tl.float32)
-                u1 = tl.load(v_ptr + (ra + K)[:, None] + kp).to(tl.float32)
-                w0 = tl.load(v_ptr + (ra + 2 * K)[:, None] + kp).to(tl.float32)
-                w1 = tl.load(v_ptr + (ra + 3 * K)[:, None] + kp).to(tl.float32)
-            else:
-                km = k < k_hi
-                ma = amask[:, None] & km[None, :]
-                mbm = bmask[:, None] & km[None, :]
-                xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)[None, :]
-                mb = tl.load(m_ptr + mr[:, None] + kp, mask=ma, other=0).to(tl.int32)
-                u0 = tl.load(v_ptr + ra[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
-                u1 = tl.load(v_ptr + (ra + K)[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
-                w0 = tl.load(v_ptr + (ra + 2 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
-                w1 = tl.load(v_ptr + (ra + 3 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
+            km = k < k_hi
+            ma = amask[:, None] & km[None, :]
+            mbm = bmask[:, None] & km[None, :]
+            xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)[None, :]
+            mb = tl.load(m_ptr + mr[:, None] + kp, mask=ma, other=0).to(tl.int32)
+            u0 = tl.load(v_ptr + ra[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
+            u1 = tl.load(v_ptr + (ra + K)[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
+            w0 = tl.load(v_ptr + (ra + 2 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
+            w1 = tl.load(v_ptr + (ra + 3 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
             a0 += tl.where((mb & 1) != 0, u0, 0.0) * xv
             a1 += tl.where((mb & 2) != 0, u0, tl.where((mb & 4) != 0, u1, 0.0)) * xv
             a3 += tl.where((mb & 8) != 0, u1, 0.0) * xv
@@ -148,7 +139,6 @@ def _nm24_in_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, N, NC, stride_xt, stride_yt, stride_ys, c_per_split,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN: tl.constexpr = False,
 ):
     # W is [N, 4*NC]; values [N, 2*NC]; meta [N, ceil(NC/2)]
     pid_m = tl.program_id(0)
@@ -173,23 +163,15 @@ def _nm24_in_kernel(
             c = c0 + tl.arange(0, BLOCK_C)
             vc = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
             mc = c0 // 2 + tl.arange(0, BLOCK_C // 2)
-            if EVEN:
-                vv = tl.load(v_ptr + vrow[:, None] + vc[None, :])
-                mb = tl.load(m_ptr + mrow[:, None] + mc[None, :]).to(tl.int32)
-                x0 = tl.load(xrow + 4 * c + 0).to(tl.float32)[None, :]
-                x1 = tl.load(xrow + 4 * c + 1).to(tl.float32)[None, :]
-                x2 = tl.load(xrow + 4 * c + 2).to(tl.float32)[None, :]
-                x3 = tl.load(xrow + 4 * c + 3).to(tl.float32)[None, :]
-            else:
-                cmask = c < c_hi
-                vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
-                             mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
-                mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
-                             mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
-                x0 = tl.load(xrow + 4 * c + 0, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                x1 = tl.load(xrow + 4 * c + 1, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                x2 = tl.load(xrow + 4 * c + 2, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                x3 = tl.load(xrow + 4 * c + 3, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            cmask = c < c_hi
+            vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
+                         mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
+            mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
+                         mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
+            x0 = tl.load(xrow + 4 * c + 0, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            x1 = tl.load(xrow + 4 * c + 1, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            x2 = tl.load(xrow + 4 * c + 2, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            x3 = tl.load(xrow + 4 * c + 3, mask=cmask, other=0.0).to(tl.float32)[None, :]
             v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
             nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
             xs0 = tl.where((nib & 1) != 0, x0, tl.where((nib & 2) != 0, x1, x2))
