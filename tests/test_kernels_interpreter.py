@@ -41,9 +41,9 @@ SCRIPT = textwrap.dedent(
                 for T in ((1,) if dtype == torch.bfloat16 else (1, 3, 17, 40)):
                     x = torch.randn(T, K, dtype=dtype)
                     ref = x.double() @ W.double().T
-                    # the last config gives the 1-token kernels several blocks per program and a
-                    # split reduction
-                    cfgs = (None, {"SPLIT_K": 2}) + (({"BLOCK_K": 64, "SPLIT_K": 2},) if T == 1 else ())
+                    # the last config gives the 1-token kernels several blocks per program, a split
+                    # reduction and (output orientation) loads issued one block ahead
+                    cfgs = (None, {"SPLIT_K": 2}) + (({"BLOCK_K": 64, "SPLIT_K": 2, "PREFETCH": 1},) if T == 1 else ())
                     for cfg in cfgs:
                         y = nm24_matmul(x, values, meta, N, K, orientation, config=cfg)
                         out.append({"dtype": str(dtype), "orientation": orientation, "N": N, "K": K, "T": T,

@@ -69,7 +69,9 @@ class AccelerateConfig:
     # default (alg_id 0) ran 0.74-0.92x of dense cuBLAS at 1024-16384 tokens on an H200,
     # the searched one 1.31-1.68x (docs/speed.md)
     cslt_alg_search: bool = True
-    # ... from this many tokens on (below it cuSPARSELt never wins, and alg 0 is the tested path)
+    # ... from this many tokens on (below it cuSPARSELt never wins), bf16 only: with torch
+    # 2.11's cuSPARSELt on an H200 the fp16 search fails ("internal error") and leaves the
+    # CUDA context broken (illegal instruction on the next kernel)
     cslt_search_min_tokens: int = 256
     # which NM24Linear paths replay per-module graphs when called outside a graphed MLP
     graph_paths: tuple[str, ...] = ("cslt",)
@@ -406,10 +408,12 @@ class NM24Linear(nn.Module):
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
         alg = 0
-        if self.config.cslt_alg_search and T >= self.config.cslt_search_min_tokens:
+        if self.config.cslt_alg_search and T >= self.config.cslt_search_min_tokens and x2.dtype == torch.bfloat16:
             key = (self.out_features, self.in_features, _bucket(T), x2.dtype, x2.device.index)
             found = _ALG_CACHE.get(key)
-            if found is None and not _capturing():  # (the autotuner's first call searches)
+            # the autotuner's first call searches (also while a whole-MLP graph warms up;
+            # never inside a capture)
+            if found is None and not torch.cuda.is_current_stream_capturing():
                 found = _ALG_CACHE[key] = cslt_search(self.cslt, x2.t())
             alg = found or 0
         y = torch._cslt_sparse_mm(self.cslt, x2.t(), transpose_result=True, alg_id=alg)

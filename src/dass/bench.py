@@ -150,7 +150,9 @@ def bench_matrix(timer: Timer, N: int, K: int, T: int, orientations: list[str], 
             from .accelerate import cslt_search
 
             packed = [torch._cslt_compress(w) for w in Ws]
-            alg = _safe(lambda: cslt_search(packed[0], x.t()), errors, f"cslt search {N}x{K} T={T}") or 0
+            # (bf16 only: torch 2.11's fp16 search breaks the CUDA context, see AccelerateConfig)
+            alg = (_safe(lambda: cslt_search(packed[0], x.t()), errors, f"cslt search {N}x{K} T={T}") or 0
+                   if dtype == torch.bfloat16 else 0)
             row["cslt_alg_id"] = alg  # what NM24Linear uses (AccelerateConfig.cslt_alg_search)
             c = lambda i: torch._cslt_sparse_mm(packed[i % nc], x.t(), transpose_result=True, alg_id=alg)  # noqa: E731
             row["cslt_eager_ms"] = _safe(lambda: timer.eager(c, nc), errors, f"cslt {N}x{K} T={T}")
@@ -390,11 +392,12 @@ def gemv(timer: Timer, shapes, dtype, device, errors: list) -> dict[str, Any]:
     every MLP matrix shape; installs the fastest config; also checks every kernel path."""
     from .kernels import nm24_decompress, nm24_matmul, set_config, to_kernel_layout
 
-    def c(b, k, w=4, sp=1, st=1):
-        return dict(BLOCK=b, BLOCK_K=k, BLOCK_T=1, num_warps=w, num_stages=st, SPLIT_K=sp)
+    def c(b, k, w=4, sp=1, st=1, pf=0):
+        return dict(BLOCK=b, BLOCK_K=k, BLOCK_T=1, num_warps=w, num_stages=st, SPLIT_K=sp, PREFETCH=pf)
 
-    cfgs = {"output": [c(2, 512), c(2, 1024, 8), c(4, 256), c(4, 512), c(8, 256), c(8, 256, 8), c(16, 256, 8),
-                       c(2, 256, 2), c(2, 128, 1), c(2, 512, 2), c(4, 256, 2), c(4, 128, 1), c(2, 256, 1)],
+    cfgs = {"output": [c(2, 512), c(2, 256, 1), c(2, 256, 2), c(4, 256), c(2, 1024, 8),
+                       c(2, 512, pf=1), c(2, 256, 1, pf=1), c(2, 256, 2, pf=1), c(2, 128, 1, pf=1), c(4, 256, pf=1),
+                       c(2, 1024, 8, pf=1), c(2, 512, 8, pf=1), c(4, 128, 2, pf=1)],
             "input": [c(8, 128), c(16, 128), c(8, 256), c(16, 64), c(32, 64), c(16, 256, 8),
                       c(4, 256, 2), c(8, 256, 2), c(4, 128, 1), c(8, 128, 2), c(16, 128, sp=2), c(8, 128, sp=2)]}
     out: dict[str, Any] = {"rows": [], "checks": []}
@@ -476,6 +479,8 @@ def cslt_layouts(timer: Timer, shapes, tokens, dtype, device, errors: list) -> l
                 for form, (B, tr) in forms.items():
                     algs = {"alg0": 0}
                     try:
+                        if dtype != torch.bfloat16:
+                            raise RuntimeError("search skipped: only bf16 is safe (AccelerateConfig.cslt_search_min_tokens)")
                         found = torch._cslt_sparse_mm_search(Wc, B(), transpose_result=tr)
                         algs["search"] = int(found[0] if isinstance(found, (tuple, list)) else found)
                     except Exception as e:  # noqa: BLE001

@@ -138,7 +138,8 @@ def _plan(orientation: str, T: int, N: int, K: int, dev: int, config: dict | Non
     mod = _mod()
     if orientation == "output":
         kern = mod._nm24_out_kernel
-        const = dict(BLOCK_G=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], BLOCK_T=bt, SPLIT_K=split)
+        const = dict(BLOCK_G=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], BLOCK_T=bt, SPLIT_K=split,
+                     PREFETCH=int(cfg.get("PREFETCH", 0)) if bt == 1 else 0)
     else:
         kern = mod._nm24_in_kernel
         const = dict(BLOCK_M=cfg["BLOCK"], BLOCK_C=cfg["BLOCK_K"], BLOCK_T=bt, SPLIT_K=split)

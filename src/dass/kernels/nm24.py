@@ -20,10 +20,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, k, k_hi, amask, bmask):
+    """One BLOCK_K step of the 1-token output kernel: x, the pair's metadata byte and the four
+    value rows (two per group), as fp32 / int32; zeros past the end."""
+    km = k < k_hi
+    ma = amask[:, None] & km[None, :]
+    mbm = bmask[:, None] & km[None, :]
+    kp = k[None, :]
+    xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)[None, :]
+    mb = tl.load(m_ptr + mr[:, None] + kp, mask=ma, other=0).to(tl.int32)
+    u0 = tl.load(v_ptr + ra[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
+    u1 = tl.load(v_ptr + (ra + K)[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
+    w0 = tl.load(v_ptr + (ra + 2 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
+    w1 = tl.load(v_ptr + (ra + 3 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
+    return xv, mb, u0, u1, w0, w1
+
+
+@triton.jit
 def _nm24_out_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, NG, K, stride_xt, stride_yt, stride_ys, k_per_split,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr = 0,
 ):
     pid_g = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -59,18 +77,17 @@ def _nm24_out_kernel(
         b1 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
         b3 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
         bt = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+        if PREFETCH:  # the next step's loads are issued before this step's arithmetic
+            xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
+                                                     k_lo + tl.arange(0, BLOCK_K), k_hi, amask, bmask)
         for kk in range(0, k_per_split, BLOCK_K):
-            k = k_lo + kk + tl.arange(0, BLOCK_K)
-            kp = k[None, :]
-            km = k < k_hi
-            ma = amask[:, None] & km[None, :]
-            mbm = bmask[:, None] & km[None, :]
-            xv = tl.load(x_ptr + t * stride_xt + k, mask=km, other=0.0).to(tl.float32)[None, :]
-            mb = tl.load(m_ptr + mr[:, None] + kp, mask=ma, other=0).to(tl.int32)
-            u0 = tl.load(v_ptr + ra[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
-            u1 = tl.load(v_ptr + (ra + K)[:, None] + kp, mask=ma, other=0.0).to(tl.float32)
-            w0 = tl.load(v_ptr + (ra + 2 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
-            w1 = tl.load(v_ptr + (ra + 3 * K)[:, None] + kp, mask=mbm, other=0.0).to(tl.float32)
+            if PREFETCH:
+                nxv, nmb, nu0, nu1, nw0, nw1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
+                                                               k_lo + kk + BLOCK_K + tl.arange(0, BLOCK_K), k_hi,
+                                                               amask, bmask)
+            else:
+                xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
+                                                         k_lo + kk + tl.arange(0, BLOCK_K), k_hi, amask, bmask)
             a0 += tl.where((mb & 1) != 0, u0, 0.0) * xv
             a1 += tl.where((mb & 2) != 0, u0, tl.where((mb & 4) != 0, u1, 0.0)) * xv
             a3 += tl.where((mb & 8) != 0, u1, 0.0) * xv
@@ -79,6 +96,8 @@ def _nm24_out_kernel(
             b1 += tl.where((mb & 32) != 0, w0, tl.where((mb & 64) != 0, w1, 0.0)) * xv
             b3 += tl.where((mb & 128) != 0, w1, 0.0) * xv
             bt += (w0 + w1) * xv
+            if PREFETCH:
+                xv, mb, u0, u1, w0, w1 = nxv, nmb, nu0, nu1, nw0, nw1
         ety = y_ptr.dtype.element_ty
         yp = y_base + t * stride_yt + 8 * h64
         s0 = tl.sum(a0, axis=1)
