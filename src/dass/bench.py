@@ -146,7 +146,7 @@ def bench_matrix(timer: Timer, N: int, K: int, T: int, orientations: list[str], 
             if o == "output" and T >= 16:
                 g = lambda i: F.linear(x, nm24_decompress(lay[i % nc][0], lay[i % nc][1], N, K, o))  # noqa: E731
                 row[f"decomp_{o}_graph_ms"] = _safe(lambda: timer.graph(g, nc), errors, f"decompress+dense {N}x{K} T={T}")
-        if o == "input" and device == "cuda":
+        if o == "input" and device == "cuda" and T >= 8:  # (cuSPARSELt refuses fewer; NM24Linear pads)
             from .accelerate import cslt_search
 
             packed = [torch._cslt_compress(w) for w in Ws]
