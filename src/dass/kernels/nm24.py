@@ -37,6 +37,30 @@ def _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, k, k_hi, amask
 
 
 @triton.jit
+def _group_accumulate(acc0, acc1, acc3, tot, mb, v0, v1, xv, SHIFT: tl.constexpr):
+    """Add one block of a group's products (its flags at bits SHIFT..SHIFT+3 of ``mb``) to the
+    accumulators of rows 0, 1, 3 and to the group's total (row 2 = total - the others)."""
+    acc0 += tl.where((mb & (1 << SHIFT)) != 0, v0, 0.0) * xv
+    acc1 += tl.where((mb & (2 << SHIFT)) != 0, v0, tl.where((mb & (4 << SHIFT)) != 0, v1, 0.0)) * xv
+    acc3 += tl.where((mb & (8 << SHIFT)) != 0, v1, 0.0) * xv
+    tot += (v0 + v1) * xv
+    return acc0, acc1, acc3, tot
+
+
+@triton.jit
+def _group_store(yp, acc0, acc1, acc3, tot, mask):
+    """Rows 0-3 of a group from its accumulators."""
+    ety = yp.dtype.element_ty
+    s0 = tl.sum(acc0, axis=1)
+    s1 = tl.sum(acc1, axis=1)
+    s3 = tl.sum(acc3, axis=1)
+    tl.store(yp + 0, s0.to(ety), mask=mask)
+    tl.store(yp + 1, s1.to(ety), mask=mask)
+    tl.store(yp + 2, (tl.sum(tot, axis=1) - s0 - s1 - s3).to(ety), mask=mask)
+    tl.store(yp + 3, s3.to(ety), mask=mask)
+
+
+@triton.jit
 def _nm24_out_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, NG, K, stride_xt, stride_yt, stride_ys, k_per_split,
@@ -88,32 +112,13 @@ def _nm24_out_kernel(
             else:
                 xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
                                                          k_lo + kk + tl.arange(0, BLOCK_K), k_hi, amask, bmask)
-            a0 += tl.where((mb & 1) != 0, u0, 0.0) * xv
-            a1 += tl.where((mb & 2) != 0, u0, tl.where((mb & 4) != 0, u1, 0.0)) * xv
-            a3 += tl.where((mb & 8) != 0, u1, 0.0) * xv
-            at += (u0 + u1) * xv
-            b0 += tl.where((mb & 16) != 0, w0, 0.0) * xv
-            b1 += tl.where((mb & 32) != 0, w0, tl.where((mb & 64) != 0, w1, 0.0)) * xv
-            b3 += tl.where((mb & 128) != 0, w1, 0.0) * xv
-            bt += (w0 + w1) * xv
+            a0, a1, a3, at = _group_accumulate(a0, a1, a3, at, mb, u0, u1, xv, 0)
+            b0, b1, b3, bt = _group_accumulate(b0, b1, b3, bt, mb, w0, w1, xv, 4)
             if PREFETCH:
                 xv, mb, u0, u1, w0, w1 = nxv, nmb, nu0, nu1, nw0, nw1
-        ety = y_ptr.dtype.element_ty
         yp = y_base + t * stride_yt + 8 * h64
-        s0 = tl.sum(a0, axis=1)
-        s1 = tl.sum(a1, axis=1)
-        s3 = tl.sum(a3, axis=1)
-        tl.store(yp + 0, s0.to(ety), mask=amask)
-        tl.store(yp + 1, s1.to(ety), mask=amask)
-        tl.store(yp + 2, (tl.sum(at, axis=1) - s0 - s1 - s3).to(ety), mask=amask)
-        tl.store(yp + 3, s3.to(ety), mask=amask)
-        s0 = tl.sum(b0, axis=1)
-        s1 = tl.sum(b1, axis=1)
-        s3 = tl.sum(b3, axis=1)
-        tl.store(yp + 4, s0.to(ety), mask=bmask)
-        tl.store(yp + 5, s1.to(ety), mask=bmask)
-        tl.store(yp + 6, (tl.sum(bt, axis=1) - s0 - s1 - s3).to(ety), mask=bmask)
-        tl.store(yp + 7, s3.to(ety), mask=bmask)
+        _group_store(yp, a0, a1, a3, at, amask)
+        _group_store(yp + 4, b0, b1, b3, bt, bmask)
     else:
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
