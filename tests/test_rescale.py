@@ -88,7 +88,7 @@ def test_dass_rescale_keeps_masks_and_lowers_the_block_error(glu, alpha, spec):
     gate, up, down, x = glu
     p = parse_pattern(spec)
     h = F.silu(x @ gate.t()) * (x @ up.t())
-    plain = get_method("dass", alpha=alpha, sample_tokens=64) if alpha == "auto" else get_method("dass", alpha=alpha)
+    plain = get_method("dass", alpha=alpha, rescale="none", **({"sample_tokens": 64} if alpha == "auto" else {}))
     m = get_method("dass", alpha=alpha, rescale="down", sample_tokens=64)
     assert m.sample_tokens == 64
     sx = stats(x, keep=64)
@@ -179,4 +179,23 @@ def test_auto_alpha_rescaled_judges_candidates_after_the_rescale(glu, scope):
     with pytest.raises(MethodError):
         get_method("dass", alpha=1.0, rescale=scope, alpha_rescaled=True)
     with pytest.raises(MethodError):
-        get_method("dass", alpha="auto", alpha_rescaled=True)
+        get_method("dass", alpha="auto", rescale="none", alpha_rescaled=True)
+
+
+def test_auto_rescales_down_by_default_and_a_fixed_alpha_never(glu):
+    gate, up, down, x = glu
+    p = parse_pattern("2:4")
+    h = F.silu(x @ gate.t()) * (x @ up.t())
+    sx = stats(x, keep=64)
+    auto = get_method("dass", alpha="auto", sample_tokens=64)
+    assert auto.rescale == "down"
+    rg, ru, rd = auto.prune_glu(gate, up, down, sx, stats(h), p, act=F.silu)
+    assert rg.weight is None and ru.weight is None and rd.weight is not None
+    g2, u2, d2, _ = rescale_glu(gate, up, down, (rg.mask, ru.mask, rd.mask), sx.sample(), F.silu, scope="down")
+    assert torch.allclose(rd.weight, d2)
+    off = get_method("dass", alpha="auto", sample_tokens=64, rescale="none").prune_glu(gate, up, down, sx, stats(h), p,
+                                                                                      act=F.silu)
+    assert all(r.weight is None for r in off) and all(torch.equal(a.mask, b.mask) for a, b in zip(off, (rg, ru, rd)))
+    fixed = get_method("dass", alpha=1.0)
+    assert fixed.rescale == "none" and fixed.sample_tokens == 0
+    assert all(r.weight is None for r in fixed.prune_glu(gate, up, down, sx, stats(h), p, act=F.silu))
