@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import platform
@@ -270,6 +271,13 @@ def bench_e2e(timer: Timer, layers: int, prefill: list[int], decode_ctx: int, de
                            "prefill": {}, "decode_eager": {}, "decode_graph": {}}
     vocab = cfg.vocab_size
 
+    # transformers >= 5.2x calls the KV cache ``cache`` (``past_key_values`` is deprecated there)
+    fwd_params = inspect.signature(next(iter(models.values())).forward).parameters
+    cache_kw = "cache" if "cache" in fwd_params else "past_key_values"
+
+    def kv(output):
+        return output.cache if "cache" in getattr(output, "keys", lambda: ())() else output.past_key_values
+
     def fwd(m, ids, **kw):
         try:
             return m(ids, logits_to_keep=1, **kw)
@@ -288,12 +296,12 @@ def bench_e2e(timer: Timer, layers: int, prefill: list[int], decode_ctx: int, de
         nxt = torch.randint(0, vocab, (1, 1), device=device)
         for name, m in (models.items() if decode_ctx > 0 else ()):
             def run():
-                step = lambda cache: fwd(m, nxt, past_key_values=cache, use_cache=True)  # noqa: E731
-                step(fwd(m, ctx, use_cache=True).past_key_values)  # warm-up
+                step = lambda cache: fwd(m, nxt, **{cache_kw: cache}, use_cache=True)  # noqa: E731
+                step(kv(fwd(m, ctx, use_cache=True)))  # warm-up
                 inner = 8
                 times = []
                 for _ in range(timer.reps):
-                    cache = fwd(m, ctx, use_cache=True).past_key_values  # fresh cache of decode_ctx tokens
+                    cache = kv(fwd(m, ctx, use_cache=True))  # fresh cache of decode_ctx tokens
                     times.append(timer._loop_ms(lambda: [step(cache) for _ in range(inner)]) / inner)
                 return statistics.median(times)
             out["decode_eager"][name] = _safe(run, errors, f"decode eager {name}")
