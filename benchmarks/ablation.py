@@ -42,8 +42,9 @@ DEFAULT_CONFIGS = [
     "dass:alpha=0.5",
     "dass:alpha=1",
     "dass:alpha=2",
-    "dass:alpha=auto",
-    "dass:alpha=auto,alpha_criterion=total",
+    "dass:alpha=auto,rescale=none",
+    "dass:alpha=auto,rescale=down",
+    "dass:alpha=auto,alpha_criterion=total,rescale=none",
     "sparsegpt",
     "dass-obs:masks=fixed,alpha=1",
     "dass-obs:alpha=1,order=natural",
@@ -278,9 +279,12 @@ def markdown(data: dict) -> str:
     if len(runs) > 1:
         notes.append(f"- times come from {len(runs)} runs (row field timing_run); ratios only within one run")
     for p in patterns:
-        w, a = cell.get(("wanda", p)), cell.get(("dass:alpha=auto", p))
-        if w and a:
-            notes.append(f"- {pattern_label(p)}: dass auto / Wanda: ppl x{a['ppl'] / w['ppl']:.3f}, "
+        w = cell.get(("wanda", p))
+        for c in configs:
+            a = cell.get((c, p))
+            if not (w and a and c.startswith("dass:alpha=auto")):
+                continue
+            notes.append(f"- {pattern_label(p)}: {label(c)} / Wanda: ppl x{a['ppl'] / w['ppl']:.3f}, "
                          f"{time_ratio(a, w)}"
                          + (f"; alpha per layer {_alpha_summary(a.get('alpha_per_layer'))}" if a.get("alpha_per_layer") else ""))
         s = cell.get(("sparsegpt", p))

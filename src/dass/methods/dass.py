@@ -45,7 +45,8 @@ from .base import MatrixResult, MethodError, PruningMethod, register
 from .wanda import wanda_mask
 
 #: ``rescale`` of ``alpha="auto"`` unless given: W_down's rows against the dense block output
-#: (grid 2:4 perplexity 50.2 against 70.2 without it, Wanda 85.4; docs/ablation.md).
+#: (2:4 perplexity at the issue-7 protocol 49.2 against 74.6 without it, Wanda 82.5; grid 4:8
+#: 35.4 against 43.3, Wanda 44.3; docs/ablation.md).
 AUTO_RESCALE = "down"
 #: alpha used by ``alpha="auto"`` when a block has no kept input rows to compare on.
 AUTO_FALLBACK_ALPHA = 0.5
