@@ -86,6 +86,9 @@ def test_verify_fails_on_denser_matrix(tiny_dir, tmp_path, capsys):
         (["--pattern", "1.2"], "must be in [0, 1)"),
         (["--calibration", "/no/such/file.txt"], "file.txt"),
         (["--alpha", "1", "--method", "wanda"], "--alpha applies to DaSS only"),
+        (["--alpha", "big"], "--alpha must be a number or 'auto'"),
+        (["--rescale", "down", "--method", "dass-obs"], "--rescale applies to --method dass only"),
+        (["--rescale", "half"], "--rescale must be none, down or all"),
     ],
 )
 def test_bad_arguments_one_line_no_traceback(tiny_dir, tmp_path, extra, needle):
@@ -122,9 +125,23 @@ def test_non_glu_model_under_dass(tmp_path, capsys, tiny_dir):
     assert not (tmp_path / "o").exists()
 
 
+def test_prune_auto_rescale_options_reach_the_manifest(tiny_dir, tmp_path):
+    common = ["--calibration", tiny_dir / "text.txt", "--nsamples", 4, "--seqlen", 32, "--quiet"]
+    opts = {}
+    for tag, extra in (("auto", []), ("plain", ["--rescale", "none"]), ("fixed-all", ["--alpha", "1", "--rescale", "all"])):
+        out = tmp_path / tag
+        alpha = [] if tag == "fixed-all" else ["--alpha", "auto"]
+        assert run("prune", tiny_dir / "model", "--pattern", "2:4", "--output", out, *alpha, *extra, *common) == 0
+        opts[tag] = json.loads((out / "dass.json").read_text())["options"]
+    assert opts["auto"]["alpha"] == "auto" and opts["auto"]["rescale"] == "down"  # auto's default
+    assert opts["plain"]["alpha"] == "auto" and "rescale" not in opts["plain"]
+    assert opts["fixed-all"]["alpha"] == 1.0 and opts["fixed-all"]["rescale"] == "all"
+
+
 def test_compare_writes_table_json_plot(tiny_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = run("compare", tiny_dir / "model", "--methods", "dense,dass,wanda,magnitude", "--patterns", "2:4,0.5",
+    # --alpha applies to the DaSS rows only (wanda and magnitude take no alpha)
+    code = run("compare", tiny_dir / "model", "--methods", "dense,dass,wanda,magnitude", "--patterns", "2:4,0.5", "--alpha", "1",
                "--calibration", tiny_dir / "text.txt", "--nsamples", 4, "--seqlen", 32,
                "--ppl", tiny_dir / "text.txt", "--eval-seqlen", 64, "--out", out, "--quiet")
     assert code == 0

@@ -69,12 +69,32 @@ def _calibration_spec(args: argparse.Namespace) -> dict[str, Any]:
     return {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
 
 
-def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    if method.startswith("dass") and args.alpha is not None:
-        return {"alpha": args.alpha if args.alpha == "auto" else float(args.alpha)}
-    if args.alpha is not None and not method.startswith("dass"):
-        raise UsageError(f"--alpha applies to DaSS only, not to {method}")
-    return {}
+def _method_options(args: argparse.Namespace, method: str, strict: bool = True) -> dict[str, Any]:
+    """Constructor options of ``method`` from the command line. ``strict`` (one method, as in
+    ``dass prune``): an option the method does not take is an error; otherwise (``dass
+    compare`` over several methods) it applies to the methods that take it."""
+    opts: dict[str, Any] = {}
+    alpha = getattr(args, "alpha", None)
+    if alpha is not None:
+        if method.startswith("dass"):
+            if str(alpha).strip().lower() == "auto":
+                opts["alpha"] = "auto"
+            else:
+                try:
+                    opts["alpha"] = float(alpha)
+                except ValueError:
+                    raise UsageError(f"--alpha must be a number or 'auto', got {alpha!r}") from None
+        elif strict:
+            raise UsageError(f"--alpha applies to DaSS only, not to {method}")
+    rescale = getattr(args, "rescale", None)
+    if rescale is not None:
+        if rescale not in ("none", "down", "all"):
+            raise UsageError(f"--rescale must be none, down or all, got {rescale!r}")
+        if method == "dass":
+            opts["rescale"] = rescale
+        elif strict:
+            raise UsageError(f"--rescale applies to --method dass only, not to {method}")
+    return opts
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -95,7 +115,10 @@ def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int = 128, seqle
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", default="mlp", choices=["mlp", "all"])
-    p.add_argument("--alpha", default=None, help="DaSS exponent (default 0.5) or 'auto'")
+    p.add_argument("--alpha", default=None, help="DaSS exponent (default 0.5, the paper's) or 'auto' (chosen per block from the calibration data)")
+    p.add_argument("--rescale", default=None, metavar="{none,down,all}",
+                   help="DaSS: multiply each pruned row by its least-squares factor on calibration rows "
+                        "(default: 'down' with --alpha auto, 'none' with a fixed alpha; docs/ablation.md)")
 
 
 # --------------------------------------------------------------------------------------
@@ -382,6 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:  # transformers >= 5.2x draws a "Loading weights" bar that ignores TQDM_DISABLE
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except Exception:
+            pass
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

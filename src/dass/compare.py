@@ -78,7 +78,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     patterns = [parse_pattern(p.strip()) for p in args.patterns.split(",") if p.strip()]
-    runs = [(m, get_method(m, **_method_options(args, m))) for m in methods if m != "dense"]
+    runs = [(m, get_method(m, **_method_options(args, m, strict=False))) for m in methods if m != "dense"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(args)
