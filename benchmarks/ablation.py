@@ -96,6 +96,8 @@ def label(spec: str) -> str:
             if str(opts.get("alpha_rescaled", "")).lower() in ("1", "true"):
                 crit += ", alpha judged rescaled"
         return f"DaSS alpha {opts.get('alpha', 0.5)}{crit}"
+    if method == "wanda" and opts.get("rescale", "none") != "none":
+        return f"Wanda + rescale {opts['rescale']} (not part of Wanda; the same correction as auto's)"
     if method == "dass-obs":
         masks = opts.get("masks", "sweep")
         if masks == "fixed":

@@ -87,7 +87,7 @@ def test_verify_fails_on_denser_matrix(tiny_dir, tmp_path, capsys):
         (["--calibration", "/no/such/file.txt"], "file.txt"),
         (["--alpha", "1", "--method", "wanda"], "--alpha applies to DaSS only"),
         (["--alpha", "big"], "--alpha must be a number or 'auto'"),
-        (["--rescale", "down", "--method", "dass-obs"], "--rescale applies to --method dass only"),
+        (["--rescale", "down", "--method", "dass-obs"], "--rescale applies to --method dass or wanda only"),
         (["--rescale", "half"], "--rescale must be none, down or all"),
     ],
 )

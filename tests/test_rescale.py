@@ -199,3 +199,40 @@ def test_auto_rescales_down_by_default_and_a_fixed_alpha_never(glu):
     fixed = get_method("dass", alpha=1.0)
     assert fixed.rescale == "none" and fixed.sample_tokens == 0
     assert all(r.weight is None for r in fixed.prune_glu(gate, up, down, sx, stats(h), p, act=F.silu))
+
+
+def test_wanda_rescale_same_masks_rescaled_down(glu):
+    """Wanda's optional rescale (for comparing with DaSS's rescaled auto): Wanda's masks, and
+    W_down's rows times the factors rescale_glu computes on those masks."""
+    gate, up, down, x = glu
+    p = parse_pattern("2:4")
+    h = F.silu(x @ gate.t()) * (x @ up.t())
+    sx = stats(x, keep=64)
+    plain = get_method("wanda")
+    assert plain.options() == {} and plain.sample_tokens == 0 and not plain.requires_glu
+    m = get_method("wanda", rescale="down")
+    assert m.requires_glu and m.sample_tokens == 1024
+    assert m.options() == {"rescale": "down", "rescale_target": "block", "sample_tokens": 1024}
+    base = plain.prune_glu(gate, up, down, sx, stats(h), p, act=F.silu)
+    res = m.prune_glu(gate, up, down, sx, stats(h), p, act=F.silu)
+    for a, b in zip(base, res):
+        assert torch.equal(a.mask, b.mask) and a.orientation == b.orientation == "input"
+    _, _, d2, s = rescale_glu(gate, up, down, tuple(r.mask for r in base), sx.sample(), F.silu, scope="down")
+    assert res[0].weight is None and res[1].weight is None and torch.allclose(res[2].weight, d2)
+    assert res[2].info["rescale"]["max"] == pytest.approx(float(s["down"].max()))
+    with pytest.raises(MethodError):
+        get_method("wanda", rescale="half")
+    with pytest.raises(MethodError):
+        get_method("wanda", rescale_target="layer")
+
+
+def test_wanda_rescale_needs_a_glu_model():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from dass.arch import ArchitectureError
+
+    cfg = PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    model = PhiForCausalLM(cfg).eval()
+    with pytest.raises(ArchitectureError, match="gate_proj/up_proj/down_proj"):
+        dass.prune(model, "wanda", "2:4", calibration=calib(4, 16), progress=False, rescale="down")
+    dass.prune(model, "wanda", "2:4", calibration=calib(4, 16), progress=False)  # plain Wanda prunes fc1/fc2

@@ -90,10 +90,10 @@ def _method_options(args: argparse.Namespace, method: str, strict: bool = True) 
     if rescale is not None:
         if rescale not in ("none", "down", "all"):
             raise UsageError(f"--rescale must be none, down or all, got {rescale!r}")
-        if method == "dass":
+        if method in ("dass", "wanda"):
             opts["rescale"] = rescale
         elif strict:
-            raise UsageError(f"--rescale applies to --method dass only, not to {method}")
+            raise UsageError(f"--rescale applies to --method dass or wanda only, not to {method}")
     return opts
 
 
@@ -117,8 +117,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", default="mlp", choices=["mlp", "all"])
     p.add_argument("--alpha", default=None, help="DaSS exponent (default 0.5, the paper's) or 'auto' (chosen per block from the calibration data)")
     p.add_argument("--rescale", default=None, metavar="{none,down,all}",
-                   help="DaSS: multiply each pruned row by its least-squares factor on calibration rows "
-                        "(default: 'down' with --alpha auto, 'none' with a fixed alpha; docs/ablation.md)")
+                   help="dass, wanda: multiply each pruned row by its least-squares factor on calibration rows "
+                        "(default: 'down' for dass --alpha auto, otherwise 'none'; docs/ablation.md)")
 
 
 # --------------------------------------------------------------------------------------

@@ -25,6 +25,51 @@ class MatrixResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def parse_rescale(rescale: object, rescale_target: object) -> tuple[str, str]:
+    """Validated ``(scope, target)`` of a method's ``rescale``/``rescale_target`` options."""
+    from ..rescale import SCOPES, TARGETS
+
+    if rescale not in SCOPES:
+        raise MethodError(f"rescale must be one of {', '.join(SCOPES)}, got {rescale!r}")
+    if rescale_target not in TARGETS:
+        raise MethodError(f"rescale_target must be one of {', '.join(TARGETS)}, got {rescale_target!r}")
+    if rescale == "none" and rescale_target != "block":
+        raise MethodError("rescale_target only applies with rescale='down' or 'all'")
+    return str(rescale), str(rescale_target)
+
+
+def rescaled_glu_results(
+    results: tuple["MatrixResult", "MatrixResult", "MatrixResult"],
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    x_stats: FeatureStats | None,
+    act: Callable[[torch.Tensor], torch.Tensor] | None,
+    scope: str,
+    target: str,
+) -> tuple["MatrixResult", "MatrixResult", "MatrixResult"]:
+    """A GLU block's results with the masked weights times their least-squares row factors
+    (:func:`dass.rescale.rescale_glu`) on the kept calibration input rows; masks unchanged.
+    Shared by every method that offers ``rescale`` (DaSS, Wanda)."""
+    from ..rescale import rescale_glu
+
+    if scope == "none":
+        return results
+    x = x_stats.sample() if x_stats is not None else None
+    if x is None or x.shape[0] == 0:
+        for r in results:
+            r.info["rescale"] = "no kept input rows; not rescaled"
+        return results
+    masks = tuple(r.mask.to(gate.device) for r in results)
+    *weights, scales = rescale_glu(gate, up, down, masks, x.to(gate.device), act, scope=scope, target=target)  # type: ignore[arg-type]
+    for r, w, name, ref in zip(results, weights, ("gate", "up", "down"), (gate, up, down)):
+        if name in scales:
+            s = scales[name]
+            r.weight = w.to(ref.dtype)
+            r.info["rescale"] = {"mean": float(s.mean()), "min": float(s.min()), "max": float(s.max())}
+    return results
+
+
 class PruningMethod:
     """Base class: scores each matrix independently; GLU-aware methods override
     :meth:`prune_glu`."""

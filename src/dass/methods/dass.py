@@ -36,12 +36,9 @@ from ..alpha import (
     dass_glu_masks,
 )
 from ..patterns import Orientation, Pattern, select_mask
-from ..rescale import SCOPES as RESCALE_SCOPES
-from ..rescale import TARGETS as RESCALE_TARGETS
-from ..rescale import rescale_glu
 from ..scores import dass_glu_score
 from ..stats import FeatureStats
-from .base import MatrixResult, MethodError, PruningMethod, register
+from .base import MatrixResult, MethodError, PruningMethod, parse_rescale, register, rescaled_glu_results
 from .wanda import wanda_mask
 
 #: ``rescale`` of ``alpha="auto"`` unless given: W_down's rows against the dense block output
@@ -109,13 +106,7 @@ class DaSS(PruningMethod):
         self.alpha_candidates = tuple(float(c) for c in parsed)  # type: ignore[arg-type]
         if rescale is None:  # auto rescales W_down by default (docs/ablation.md); a fixed alpha never does
             rescale = AUTO_RESCALE if self.auto else "none"
-        if rescale not in RESCALE_SCOPES:
-            raise MethodError(f"rescale must be one of {', '.join(RESCALE_SCOPES)}, got {rescale!r}")
-        if rescale_target not in RESCALE_TARGETS:
-            raise MethodError(f"rescale_target must be one of {', '.join(RESCALE_TARGETS)}, got {rescale_target!r}")
-        self.rescale, self.rescale_target = str(rescale), str(rescale_target)
-        if self.rescale == "none" and rescale_target != "block":
-            raise MethodError("rescale_target only applies with rescale='down' or 'all'")
+        self.rescale, self.rescale_target = parse_rescale(rescale, rescale_target)
         uses_rows = self.auto or self.rescale != "none"
         if alpha_rescaled is not None and not (self.auto and self.rescale != "none"):
             raise MethodError("alpha_rescaled only applies to alpha='auto' with a rescale")
@@ -185,22 +176,6 @@ class DaSS(PruningMethod):
         return self._rescaled(results, gate, up, down, x_stats, act)
 
     def _rescaled(self, results, gate, up, down, x_stats, act):
-        """With ``rescale``: the masked weights times their least-squares row factors
-        (:func:`dass.rescale.rescale_glu`) on the kept calibration input rows; masks unchanged."""
-        if self.rescale == "none":
-            return results
-        x = x_stats.sample() if x_stats is not None else None
-        if x is None or x.shape[0] == 0:
-            for r in results:
-                r.info["rescale"] = "no kept input rows; not rescaled"
-            return results
-        masks = tuple(r.mask.to(gate.device) for r in results)
-        weights = rescale_glu(gate, up, down, masks, x.to(gate.device), act,  # type: ignore[arg-type]
-                              scope=self.rescale, target=self.rescale_target)
-        scales = weights[3]
-        for r, w, name, ref in zip(results, weights[:3], ("gate", "up", "down"), (gate, up, down)):
-            if name in scales:
-                s = scales[name]
-                r.weight = w.to(ref.dtype)
-                r.info["rescale"] = {"mean": float(s.mean()), "min": float(s.min()), "max": float(s.max())}
-        return results
+        """With ``rescale``: the masked weights times their least-squares row factors on the
+        kept calibration input rows; masks unchanged."""
+        return rescaled_glu_results(results, gate, up, down, x_stats, act, self.rescale, self.rescale_target)

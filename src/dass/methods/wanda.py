@@ -1,4 +1,10 @@
-"""Wanda: ``|W[k, j]| * ||X_j||``, compared within each output row (Sun et al., 2023)."""
+"""Wanda: ``|W[k, j]| * ||X_j||``, compared within each output row (Sun et al., 2023).
+
+``rescale`` ("none" by default, "down" or "all"; GLU models only) multiplies the masked rows
+by their least-squares factors on kept calibration rows, as DaSS's ``rescale`` does
+(:mod:`dass.rescale`): not part of Wanda, offered so that DaSS's rescaled ``alpha="auto"`` can
+be compared with Wanda given the same correction (docs/ablation.md).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,10 @@ import torch
 from ..patterns import Pattern, select_mask
 from ..scores import wanda_score
 from ..stats import FeatureStats
-from .base import MatrixResult, PruningMethod, register
+from .base import MatrixResult, PruningMethod, parse_rescale, register, rescaled_glu_results
+
+#: calibration rows kept for the rescale (as DaSS's ``alpha="auto"``)
+RESCALE_SAMPLE_TOKENS = 1024
 
 
 def wanda_mask(weight: torch.Tensor, stats: FeatureStats, pattern: Pattern) -> MatrixResult:
@@ -20,6 +29,21 @@ def wanda_mask(weight: torch.Tensor, stats: FeatureStats, pattern: Pattern) -> M
 class Wanda(PruningMethod):
     name = "wanda"
 
+    def __init__(self, rescale: str = "none", rescale_target: str = "block") -> None:
+        self.rescale, self.rescale_target = parse_rescale(rescale, rescale_target)
+        # a rescale needs the GLU block (down is fitted on the pruned gate/up) and kept rows
+        self.requires_glu = self.rescale != "none"
+        self.sample_tokens = RESCALE_SAMPLE_TOKENS if self.rescale != "none" else 0
+
+    def options(self) -> dict:
+        if self.rescale == "none":
+            return {}
+        return {"rescale": self.rescale, "rescale_target": self.rescale_target, "sample_tokens": self.sample_tokens}
+
     def prune_linear(self, weight: torch.Tensor, stats: FeatureStats | None, pattern: Pattern) -> MatrixResult:
         assert stats is not None
         return wanda_mask(weight, stats, pattern)
+
+    def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
+        results = super().prune_glu(gate, up, down, x_stats, h_stats, pattern, act)
+        return rescaled_glu_results(results, gate, up, down, x_stats, act, self.rescale, self.rescale_target)
