@@ -11,13 +11,11 @@ from dass.methods import get_method
 from dass.methods.base import MethodError
 from dass.patterns import nm_violations, parse_pattern, select_mask
 from dass.stats import FeatureStats
-from tiny import calib, tiny_model
+from tiny import calib, tiny_model, feature_stats
 
 
 def stats(x, keep=0):
-    s = FeatureStats(x.shape[-1], max_samples=keep)
-    s.add(x)
-    return s
+    return feature_stats(x, keep=keep)
 
 
 def block_error(gate, up, down, x, mg, mu, md, criterion="token"):

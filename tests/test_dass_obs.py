@@ -11,13 +11,11 @@ from dass.obs import obs_prune_output_groups
 from dass.patterns import nm_violations, parse_pattern
 from dass.sparsegpt import inverse_cholesky
 from dass.stats import FeatureStats
-from tiny import calib, tiny_model
+from tiny import calib, tiny_model, feature_stats
 
 
 def stats(x, hessian=True, keep=0):
-    s = FeatureStats(x.shape[-1], with_hessian=hessian, max_samples=keep)
-    s.add(x)
-    return s
+    return feature_stats(x, hessian, keep)
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ from dass.methods.base import MethodError
 from dass.patterns import nm_violations, parse_pattern
 from dass.sparsegpt import SolverError, inverse_cholesky, sparsegpt_prune
 from dass.stats import FeatureStats
+from tiny import feature_stats
 
 
 def stats_of(x: torch.Tensor, hessian: bool = False) -> FeatureStats:
-    s = FeatureStats(x.shape[-1], with_hessian=hessian)
-    s.add(x)
-    return s
+    return feature_stats(x, hessian)
 
 
 def direct_nm(score, n, m, along_rows):

@@ -10,13 +10,11 @@ from dass.methods.base import MethodError
 from dass.patterns import nm_violations, parse_pattern
 from dass.rescale import ls_scale, rescale_glu, rescale_rows
 from dass.stats import FeatureStats
-from tiny import calib, tiny_model
+from tiny import calib, tiny_model, feature_stats
 
 
 def stats(x, keep=0):
-    s = FeatureStats(x.shape[-1], max_samples=keep)
-    s.add(x)
-    return s
+    return feature_stats(x, keep=keep)
 
 
 @pytest.fixture

@@ -51,3 +51,12 @@ def tiny_model(arch: str = "llama", seed: int = 0, **extra) -> torch.nn.Module:
 def calib(n: int = 6, length: int = 24, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, length), generator=g)
+
+
+def feature_stats(x: torch.Tensor, hessian: bool = False, keep: int = 0):
+    """FeatureStats of the rows ``x`` (with X^T X when ``hessian``, ``keep`` rows sampled)."""
+    from dass.stats import FeatureStats
+
+    s = FeatureStats(x.shape[-1], with_hessian=hessian, max_samples=keep)
+    s.add(x)
+    return s
