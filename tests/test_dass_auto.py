@@ -10,7 +10,6 @@ from dass.alpha import DEFAULT_CANDIDATES, alpha_errors, choose_alpha
 from dass.methods import get_method
 from dass.methods.base import MethodError
 from dass.patterns import nm_violations, parse_pattern, select_mask
-from dass.stats import FeatureStats
 from tiny import calib, tiny_model, feature_stats
 
 

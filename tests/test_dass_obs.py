@@ -10,7 +10,6 @@ from dass.methods.base import MethodError
 from dass.obs import obs_prune_output_groups
 from dass.patterns import nm_violations, parse_pattern
 from dass.sparsegpt import inverse_cholesky
-from dass.stats import FeatureStats
 from tiny import calib, tiny_model, feature_stats
 
 

@@ -9,7 +9,6 @@ from dass.methods import get_method
 from dass.methods.base import MethodError
 from dass.patterns import nm_violations, parse_pattern
 from dass.rescale import ls_scale, rescale_glu, rescale_rows
-from dass.stats import FeatureStats
 from tiny import calib, tiny_model, feature_stats
 
 
