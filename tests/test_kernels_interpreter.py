@@ -41,9 +41,10 @@ SCRIPT = textwrap.dedent(
                 for T in ((1,) if dtype == torch.bfloat16 else (1, 3, 17, 40)):
                     x = torch.randn(T, K, dtype=dtype)
                     ref = x.double() @ W.double().T
-                    # the last config gives the 1-token kernels several blocks per program, a split
-                    # reduction and (output orientation) loads issued one block ahead
-                    cfgs = (None, {"SPLIT_K": 2}) + (({"BLOCK_K": 64, "SPLIT_K": 2, "PREFETCH": 1},) if T == 1 else ())
+                    # default (output GEMV: loads one block ahead), none ahead with a split reduction,
+                    # and at T == 1 several blocks per program with loads one and two blocks ahead
+                    cfgs = (None, {"SPLIT_K": 2, "PREFETCH": 0}) + (({"BLOCK_K": 64, "SPLIT_K": 2, "PREFETCH": 1},
+                                                      {"BLOCK_K": 32, "PREFETCH": 2}) if T == 1 else ())
                     for cfg in cfgs:
                         y = nm24_matmul(x, values, meta, N, K, orientation, config=cfg)
                         out.append({"dtype": str(dtype), "orientation": orientation, "N": N, "K": K, "T": T,
@@ -72,7 +73,7 @@ def test_kernels_match_dense_in_the_interpreter():
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * 3 * (2 * (3 + 3 * 2) + 3) + 2 * 2 * 2
+    assert len(rows) == 2 * 3 * (2 * (4 + 3 * 2) + 4) + 2 * 2 * 2
     for r in rows:
         tol = {"torch.float32": 1e-5, "torch.float16": 2e-3, "torch.bfloat16": 1e-2}[r["dtype"]]
         assert r["shape_ok"] and r["decompress_exact"], r

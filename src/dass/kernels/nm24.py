@@ -101,20 +101,28 @@ def _nm24_out_kernel(
         b1 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
         b3 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
         bt = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        if PREFETCH:  # the next step's loads are issued before this step's arithmetic
-            xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
-                                                     k_lo + tl.arange(0, BLOCK_K), k_hi, amask, bmask)
+        # PREFETCH = d > 0: the loads of the block d steps ahead are issued before this block's
+        # arithmetic (a program's blocks otherwise wait on memory one after another)
+        kb = k_lo + tl.arange(0, BLOCK_K)
+        if PREFETCH >= 1:
+            xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb, k_hi,
+                                                     amask, bmask)
+        if PREFETCH >= 2:
+            pxv, pmb, pu0, pu1, pw0, pw1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb + BLOCK_K,
+                                                           k_hi, amask, bmask)
         for kk in range(0, k_per_split, BLOCK_K):
-            if PREFETCH:
+            if PREFETCH >= 1:
                 nxv, nmb, nu0, nu1, nw0, nw1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
-                                                               k_lo + kk + BLOCK_K + tl.arange(0, BLOCK_K), k_hi,
-                                                               amask, bmask)
+                                                               kb + kk + PREFETCH * BLOCK_K, k_hi, amask, bmask)
             else:
-                xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
-                                                         k_lo + kk + tl.arange(0, BLOCK_K), k_hi, amask, bmask)
+                xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb + kk, k_hi,
+                                                         amask, bmask)
             a0, a1, a3, at = _group_accumulate(a0, a1, a3, at, mb, u0, u1, xv, 0)
             b0, b1, b3, bt = _group_accumulate(b0, b1, b3, bt, mb, w0, w1, xv, 4)
-            if PREFETCH:
+            if PREFETCH >= 2:
+                xv, mb, u0, u1, w0, w1 = pxv, pmb, pu0, pu1, pw0, pw1
+                pxv, pmb, pu0, pu1, pw0, pw1 = nxv, nmb, nu0, nu1, nw0, nw1
+            elif PREFETCH == 1:
                 xv, mb, u0, u1, w0, w1 = nxv, nmb, nu0, nu1, nw0, nw1
         yp = y_base + t * stride_yt + 8 * h64
         _group_store(yp, a0, a1, a3, at, amask)
