@@ -127,9 +127,9 @@ def cslt_supported(device: torch.device) -> bool:
     return _CSLT_OK[idx]
 
 
-def cslt_search(compressed: torch.Tensor, dense_t: torch.Tensor) -> int:
-    """cuSPARSELt's fastest algorithm id for ``compressed @ dense_t`` (transposed result),
-    0 when the search is not available in this torch."""
+def cslt_search(compressed: torch.Tensor, dense_t: torch.Tensor, transpose_result: bool = True) -> int:
+    """cuSPARSELt's fastest algorithm id for ``compressed @ dense_t`` (result transposed or
+    not), 0 when the search is not available in this torch."""
     import warnings
 
     search = getattr(torch, "_cslt_sparse_mm_search", None)
@@ -139,7 +139,7 @@ def cslt_search(compressed: torch.Tensor, dense_t: torch.Tensor) -> int:
         return 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch 2.11 calls the op deprecated
-        found = search(compressed, dense_t, transpose_result=True)
+        found = search(compressed, dense_t, transpose_result=transpose_result)
     return int(found[0] if isinstance(found, (tuple, list)) else found)
 
 

@@ -144,12 +144,12 @@ def alpha_errors(
     for alpha in candidates:
         mg, mu = dass_glu_masks(g, u, a, pattern, float(alpha))
         if rescale != "none":
-            gp, up_, dp, _ = rescale_glu(g, u, dn, (mg, mu, dm), xf, act, scope=rescale, target=rescale_target)
-            h = act(xf @ gp.t()) * (xf @ up_.t())
-            out[float(alpha)] = relative_error(h @ dp.t(), y, criterion)
-            continue
-        h = act(xf @ (g * mg).t()) * (xf @ (u * mu).t())
-        out[float(alpha)] = relative_error(h @ d_pruned.t(), y, criterion)
+            gp, upp, dp, _ = rescale_glu(g, u, dn, (mg, mu, dm), xf, act, scope=rescale, target=rescale_target,
+                                         dense_out=y)
+        else:
+            gp, upp, dp = g * mg, u * mu, d_pruned
+        h = act(xf @ gp.t()) * (xf @ upp.t())
+        out[float(alpha)] = relative_error(h @ dp.t(), y, criterion)
     return out
 
 

@@ -470,6 +470,8 @@ def cslt_layouts(timer: Timer, shapes, tokens, dtype, device, errors: list) -> l
     """cuSPARSELt called four ways (the dense operand as ``x.t()`` or as a contiguous
     ``[K, T]``, result transposed or not), each with the default algorithm and with
     ``_cslt_sparse_mm_search``'s, against dense ``F.linear``; CUDA-graph replays (GPU time)."""
+    from .accelerate import cslt_search
+
     rows: list[dict[str, Any]] = []
     for name, d, D in shapes:
         for kind, N, K in (("gate", D, d), ("down", d, D)):
@@ -490,8 +492,7 @@ def cslt_layouts(timer: Timer, shapes, tokens, dtype, device, errors: list) -> l
                     try:
                         if dtype != torch.bfloat16:
                             raise RuntimeError("search skipped: only bf16 is safe (AccelerateConfig.cslt_search_min_tokens)")
-                        found = torch._cslt_sparse_mm_search(Wc, B(), transpose_result=tr)
-                        algs["search"] = int(found[0] if isinstance(found, (tuple, list)) else found)
+                        algs["search"] = cslt_search(Wc, B(), transpose_result=tr)
                     except Exception as e:  # noqa: BLE001
                         errors.append(f"cslt search {form} {N}x{K} T={T}: {type(e).__name__}: {e}")
                     for an, alg in algs.items():

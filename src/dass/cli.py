@@ -88,8 +88,10 @@ def _method_options(args: argparse.Namespace, method: str, strict: bool = True) 
             raise UsageError(f"--alpha applies to DaSS only, not to {method}")
     rescale = getattr(args, "rescale", None)
     if rescale is not None:
-        if rescale not in ("none", "down", "all"):
-            raise UsageError(f"--rescale must be none, down or all, got {rescale!r}")
+        from .rescale import SCOPES
+
+        if rescale not in SCOPES:
+            raise UsageError(f"--rescale must be {', '.join(SCOPES[:-1])} or {SCOPES[-1]}, got {rescale!r}")
         if method in ("dass", "wanda"):
             opts["rescale"] = rescale
         elif strict:

@@ -63,9 +63,11 @@ def rescale_glu(
     act: Activation | None = None,
     scope: str = "down",
     target: str = "block",
+    dense_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Masked (and rescaled) fp32 gate, up, down of one GLU block and the factors used
-    (``{"gate": s, "up": s, "down": s}``, only for the rescaled matrices)."""
+    (``{"gate": s, "up": s, "down": s}``, only for the rescaled matrices). ``dense_out``:
+    the dense block output on ``x`` when the caller has it already (``target="block"``)."""
     if scope not in SCOPES or scope == "none":
         raise ValueError(f"scope must be 'down' or 'all', got {scope!r}")
     if target not in TARGETS:
@@ -82,7 +84,7 @@ def rescale_glu(
         gp, upr = g * mg, u * mu
     h = act(xf @ gp.t()) * (xf @ upr.t())
     if target == "block":
-        y = (act(xf @ g.t()) * (xf @ u.t())) @ dn.t()
+        y = dense_out.float() if dense_out is not None else (act(xf @ g.t()) * (xf @ u.t())) @ dn.t()
     else:
         y = h @ dn.t()
     dp, scales["down"] = rescale_rows(dn, md, h, y)
