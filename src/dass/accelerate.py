@@ -504,12 +504,11 @@ def _fuse_gate_up(mlp: nn.Module, config: AccelerateConfig) -> bool:
     with torch.no_grad():
         fused = NM24Linear(torch.cat([g.dense_weight(), u.dense_weight()]), None, g.orientation, config)
     kind = _fused_act(act, D, dev, dtype)
+    from .kernels import glu_act_mul  # imported here, not per call: the forward is host-bound at 1 token
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         gu = fused(x)
         if kind is not None:
-            from .kernels import glu_act_mul
-
             h = glu_act_mul(gu.reshape(-1, 2 * D), D, kind).view(*x.shape[:-1], D)
         else:
             h = act(gu[..., :D]) * gu[..., D:]
@@ -523,7 +522,6 @@ def _fuse_gate_up(mlp: nn.Module, config: AccelerateConfig) -> bool:
     del mlp.gate_proj, mlp.up_proj
     mlp.dass_gate_up = fused
     mlp.forward = forward
-    mlp._dass_d_in = d
     mlp._dass_fused_act = kind
     return True
 
@@ -541,7 +539,7 @@ def _graph_mlp(mlp: nn.Module, config: AccelerateConfig) -> bool:
         return False
     if len(params) != 1:
         return False
-    d_in = getattr(mlp, "_dass_d_in", None) or mlp.gate_proj.in_features
+    d_in = (mlp.dass_gate_up if hasattr(mlp, "dass_gate_up") else mlp.gate_proj).in_features
     d_out = mlp.down_proj.out_features
     orig = mlp.forward
     cache = _GraphCache(lambda x2: orig(x2), d_in, d_out, config.max_graphs_per_module)
@@ -669,7 +667,7 @@ def accelerate(
     if config.graphs and config.graph_mlp:
         for name, mod in model.named_modules():
             kids = [getattr(mod, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
-            if getattr(mod, "_dass_d_in", None):
+            if hasattr(mod, "dass_gate_up"):
                 kids = [mod.dass_gate_up, mod.down_proj]
             if all(isinstance(k, nn.Module) for k in kids) and any(isinstance(k, NM24Linear) for k in kids):
                 if _graph_mlp(mod, config):
