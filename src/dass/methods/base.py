@@ -25,6 +25,20 @@ class MatrixResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def parse_bool(value: object, name: str) -> bool:
+    """A boolean method option given as a bool or as text ("true"/"1"/"yes"/"on" or
+    "false"/"0"/"no"/"off": options also arrive as strings from configs such as
+    ``dass:alpha=auto,alpha_rescaled=true``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise MethodError(f"{name} must be true or false, got {value!r}")
+
+
 def parse_rescale(rescale: object, rescale_target: object) -> tuple[str, str]:
     """Validated ``(scope, target)`` of a method's ``rescale``/``rescale_target`` options."""
     from ..rescale import SCOPES, TARGETS

@@ -38,7 +38,7 @@ from ..alpha import (
 from ..patterns import Orientation, Pattern, select_mask
 from ..scores import dass_glu_score
 from ..stats import FeatureStats
-from .base import MatrixResult, MethodError, PruningMethod, parse_rescale, register, rescaled_glu_results
+from .base import MatrixResult, MethodError, PruningMethod, parse_bool, parse_rescale, register, rescaled_glu_results
 from .wanda import wanda_mask
 
 #: ``rescale`` of ``alpha="auto"`` unless given: W_down's rows against the dense block output
@@ -66,17 +66,6 @@ def _parse_alpha(alpha: object) -> float | str:
     if not value >= 0:
         raise MethodError(f"alpha must be >= 0, got {alpha!r}")
     return value
-
-
-def _parse_bool(value: object, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise MethodError(f"{name} must be true or false, got {value!r}")
 
 
 @register
@@ -110,7 +99,7 @@ class DaSS(PruningMethod):
         uses_rows = self.auto or self.rescale != "none"
         if alpha_rescaled is not None and not (self.auto and self.rescale != "none"):
             raise MethodError("alpha_rescaled only applies to alpha='auto' with a rescale")
-        self.alpha_rescaled = _parse_bool(alpha_rescaled, "alpha_rescaled") if alpha_rescaled is not None else False
+        self.alpha_rescaled = parse_bool(alpha_rescaled, "alpha_rescaled") if alpha_rescaled is not None else False
         if not self.auto and any(v is not None for v in (alpha_candidates, max_neurons, alpha_criterion)):
             raise MethodError("alpha_candidates, alpha_criterion and max_neurons only apply to alpha='auto'")
         if not uses_rows and sample_tokens is not None:
