@@ -123,9 +123,9 @@ def pattern_label(p: str) -> str:
 
 def run(args) -> dict:
     from dass import prune
-    from dass.data import evaluation_tokens, sample_calibration
-    from dass.evaluate import perplexity
-    from dass.models import load_model
+    from dass.io.data import evaluation_tokens, sample_calibration
+    from dass.evaluation.evaluate import perplexity
+    from dass.io.models import load_model
 
     torch.manual_seed(0)
     if args.threads:
@@ -376,13 +376,13 @@ def block_errors(args) -> dict:
     this isolates what each method does to one block."""
     import torch.nn.functional as F
 
-    from dass.alpha import glu_forward, relative_error
+    from dass.core.alpha import glu_forward, relative_error
     from dass.arch import plan_model
-    from dass.data import sample_calibration
+    from dass.io.data import sample_calibration
     from dass.methods import get_method
-    from dass.models import load_model
-    from dass.patterns import parse_pattern
-    from dass.stats import FeatureStats
+    from dass.io.models import load_model
+    from dass.core.patterns import parse_pattern
+    from dass.core.stats import FeatureStats
 
     model, tok = load_model(args.model, device="cpu")
     layers = [int(v) for v in args.block_errors.split(",")]

@@ -42,7 +42,7 @@ def digest(model: torch.nn.Module) -> str:
 def worker(a: argparse.Namespace) -> None:
     import dass
     from bench_prune import calibration, config_for, init_weights
-    from dass import distributed
+    from dass.run import distributed
     from transformers import LlamaForCausalLM
 
     ctx, device = distributed.init_from_env("cuda" if torch.cuda.is_available() else "cpu")

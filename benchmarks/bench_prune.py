@@ -6,9 +6,9 @@ method, at 2:4 in bf16 with N x L random calibration tokens:
 - ``memory`` mode: the model resident on the device, pruned by ``dass.prune``; the time of
   two plain forward passes of the calibration batch through the decoder is measured in
   the same run, and the pruning time is split into capture / statistics pass / pruning
-  maths / propagation (CUDA events, see ``dass.pipeline.PROFILE``);
+  maths / propagation (CUDA events, see ``dass.run.pipeline.PROFILE``);
 - ``stream`` mode: the model written as bf16 safetensors shards and pruned from disk to
-  disk by ``dass.streaming.prune_checkpoint`` in a child process, which reports its peak
+  disk by ``dass.run.streaming.prune_checkpoint`` in a child process, which reports its peak
   RSS (sampled in a thread) and peak device memory;
 - ``--resume-test``: a streaming run killed half-way (``DASS_TEST_DIE_AFTER_LAYER``),
   restarted, and compared byte for byte with an uninterrupted run.
@@ -95,7 +95,7 @@ def layer_bytes(cfg, dtype=torch.bfloat16):
 
 def bench_memory(shape, cfg, methods, ids, device, batch_size, dtype):
     import dass
-    import dass.pipeline as pl
+    import dass.run.pipeline as pl
     from transformers import LlamaForCausalLM
 
     rows = []
@@ -164,7 +164,7 @@ def write_checkpoint(cfg, path: Path, device, dtype=torch.bfloat16, seed=0):
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    from dass.streaming import parameters_on_meta
+    from dass.run.streaming import parameters_on_meta
 
     path.mkdir(parents=True, exist_ok=True)
     with parameters_on_meta():
@@ -194,8 +194,8 @@ def write_checkpoint(cfg, path: Path, device, dtype=torch.bfloat16, seed=0):
 
 def child_stream(args):
     """Runs in a child process: one streaming run, JSON on the last line."""
-    from dass.memory import RSSSampler, peak_rss_bytes, rss_bytes
-    from dass.streaming import prune_checkpoint
+    from dass.run.memory import RSSSampler, peak_rss_bytes, rss_bytes
+    from dass.run.streaming import prune_checkpoint
     from transformers import LlamaForCausalLM  # noqa: F401 - imports before the baseline
 
     device = torch.device(args.device)
@@ -315,9 +315,9 @@ def bench_stream(shape, cfg, methods, a, work: Path, resume_test: bool):
 
 def bench_solver(device, rows=4096, cols=11008, old=True):
     """One down_proj-shaped solve: new solver (CUDA graphs and eager) vs the old one."""
-    import dass.graphs
-    import dass.sparsegpt as sg
-    from dass.patterns import parse_pattern
+    import dass.core.graphs
+    import dass.core.sparsegpt as sg
+    from dass.core.patterns import parse_pattern
 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(8192, cols, device=device, generator=g)
@@ -328,15 +328,15 @@ def bench_solver(device, rows=4096, cols=11008, old=True):
     out = {}
     results = {}
     for name, graphs in (("graph", True), ("eager", False)):
-        dass.graphs.USE_CUDA_GRAPHS = graphs
-        dass.graphs.clear_graphs()
+        dass.core.graphs.USE_CUDA_GRAPHS = graphs
+        dass.core.graphs.clear_graphs()
         sg.sparsegpt_prune(w[:, :1024], h[:1024, :1024], p)  # warm-up (and graph capture for that shape)
         sync(device)
         t = time.perf_counter()
         results[name] = sg.sparsegpt_prune(w, h, p)
         sync(device)
         out[f"{name}_s"] = time.perf_counter() - t
-    dass.graphs.USE_CUDA_GRAPHS = True
+    dass.core.graphs.USE_CUDA_GRAPHS = True
     out["graph_equals_eager"] = bool(torch.equal(results["graph"].weight, results["eager"].weight))
     if old:
         sys.path.insert(0, str(ROOT / "tests"))
@@ -349,7 +349,7 @@ def bench_solver(device, rows=4096, cols=11008, old=True):
         out["old_s"] = time.perf_counter() - t
         out["rel_diff_vs_old"] = float((ref_w - results["eager"].weight).norm() / ref_w.norm())
         out["same_mask_as_old"] = bool(torch.equal(ref_m, results["eager"].mask))
-    dass.graphs.clear_graphs()
+    dass.core.graphs.clear_graphs()
     log(f"solver {rows}x{cols} 2:4: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
     return {"mode": "solver", "rows": rows, "cols": cols, **out}
 

@@ -1,4 +1,4 @@
-"""dass.accelerate and the 2:4 kernels.
+"""dass.infer.accelerate and the 2:4 kernels.
 
 The layout tests and the refusal test run on CPU; the rest need a CUDA GPU (skipped
 otherwise) and compare every accelerated path with the dense-with-zeros computation.
@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dass.accelerate import AccelerateConfig, AccelerationError, NM24Linear, accelerate, check_device
-from dass.kernels.layout import from_kernel_layout, to_kernel_layout
+from dass.infer.accelerate import AccelerateConfig, AccelerationError, NM24Linear, accelerate, check_device
+from dass.infer.kernels.layout import from_kernel_layout, to_kernel_layout
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -57,7 +57,7 @@ def test_kernel_layout_round_trip(orientation, shape):
 def test_nibble_encoding_by_hand():
     """The six ways to keep 2 of 4, in both orientations, against the written-out flags
     (bit 0: i0 == 0, bit 1: i0 == 1, bit 2: i1 == 1, bit 3: i1 == 3), two groups per byte."""
-    from dass.kernels.layout import decode_positions, encode_positions
+    from dass.infer.kernels.layout import decode_positions, encode_positions
 
     kept = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     expected = [0b0101, 0b0001, 0b1001, 0b0010, 0b1010, 0b1000]
@@ -102,7 +102,7 @@ def test_refuses_cpu_model_on_gpu_machine():
     (torch.bfloat16, (11008 // 4, 4096 // 4)), (torch.float16, (4 * 37, 100)),
 ])
 def test_kernels_match_dense(orientation, dtype, shape):
-    from dass.kernels import nm24_decompress, nm24_matmul
+    from dass.infer.kernels import nm24_decompress, nm24_matmul
 
     torch.manual_seed(1)
     N, K = shape
@@ -252,7 +252,7 @@ def test_accelerate_model_matches_dense(gate_orientation):
 @gpu
 @pytest.mark.parametrize("orientation", ["input", "output"])
 def test_autotuned_module(orientation):
-    from dass.accelerate import tuning_log
+    from dass.infer.accelerate import tuning_log
 
     torch.manual_seed(5)
     W = prune24(torch.randn(768, 512, device="cuda", dtype=torch.float16), orientation)

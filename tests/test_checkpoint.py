@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dass
-from dass.checkpoint import (
+from dass.io.checkpoint import (
     CheckpointError,
     atomic_directory,
     build_manifest,
@@ -127,7 +127,7 @@ def test_reload_with_plain_transformers(tmp_path):
 
 @pytest.mark.parametrize("arch,method,pattern", [("llama", "dass", "2:4"), ("llama", "wanda", "4:8"), ("phi3", "dass", "2:4")])
 def test_compressed_checkpoint_round_trip(tmp_path, arch, method, pattern):
-    from dass.checkpoint import compress_checkpoint, is_compressed, load_pruned_model
+    from dass.io.checkpoint import compress_checkpoint, is_compressed, load_pruned_model
 
     model, report = pruned(arch, method, pattern)
     out = save_pruned(model, None, tmp_path / "dense", build_manifest(report))
@@ -151,7 +151,7 @@ def test_compressed_checkpoint_refuses_corruption(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from dass.checkpoint import COMPRESSED_FILE, compress_checkpoint, load_pruned_model
+    from dass.io.checkpoint import COMPRESSED_FILE, compress_checkpoint, load_pruned_model
 
     model, report = pruned()
     comp = compress_checkpoint(save_pruned(model, None, tmp_path / "d", build_manifest(report)), tmp_path / "c")

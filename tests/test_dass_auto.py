@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import dass
-from dass.alpha import DEFAULT_CANDIDATES, alpha_errors, choose_alpha
+from dass.core.alpha import DEFAULT_CANDIDATES, alpha_errors, choose_alpha
 from dass.methods import get_method
 from dass.methods.base import MethodError
-from dass.patterns import nm_violations, parse_pattern, select_mask
+from dass.core.patterns import nm_violations, parse_pattern, select_mask
 from tiny import calib, tiny_model, feature_stats
 
 
@@ -132,7 +132,7 @@ def test_auto_without_kept_rows_falls_back():
 
 
 def test_relative_error_per_token_and_total_by_hand():
-    from dass.alpha import relative_error
+    from dass.core.alpha import relative_error
 
     dense = torch.tensor([[10.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # a massive token, two small, one silent
     a = torch.tensor([[10.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # the massive token exact, the small ones lost
@@ -196,7 +196,7 @@ def test_auto_end_to_end(arch, spec):
 
 
 def test_neuron_subset_is_whole_evenly_spaced_groups():
-    from dass.alpha import neuron_subset
+    from dass.core.alpha import neuron_subset
 
     assert neuron_subset(64, parse_pattern("2:4"), 64) is None
     assert neuron_subset(64, parse_pattern("2:4"), None) is None
@@ -211,7 +211,7 @@ def test_neuron_subset_is_whole_evenly_spaced_groups():
 def test_subset_errors_are_the_sub_block_errors(glu):
     """For N:M, the sub-block's masks are the full masks restricted to it, so the subset
     estimate is exactly the error of the sub-block under the full-block masks."""
-    from dass.alpha import dass_glu_masks, neuron_subset
+    from dass.core.alpha import dass_glu_masks, neuron_subset
 
     gate, up, down, x = glu
     h = F.silu(x @ gate.t()) * (x @ up.t())

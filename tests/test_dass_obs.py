@@ -7,9 +7,9 @@ import torch.nn.functional as F
 import dass
 from dass.methods import available_methods, get_method
 from dass.methods.base import MethodError
-from dass.obs import obs_prune_output_groups
-from dass.patterns import nm_violations, parse_pattern
-from dass.sparsegpt import inverse_cholesky
+from dass.core.obs import obs_prune_output_groups
+from dass.core.patterns import nm_violations, parse_pattern
+from dass.core.sparsegpt import inverse_cholesky
 from tiny import calib, tiny_model, feature_stats
 
 

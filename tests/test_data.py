@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("tokenizers")
 
-from dass import data  # noqa: E402
-from dass.data import (  # noqa: E402
+from dass.io import data
+from dass.io.data import (  # noqa: E402
     DataError,
     embedded_articles,
     embedded_text,

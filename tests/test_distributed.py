@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dass
-from dass.distributed import Dist, set_current
+from dass.run.distributed import Dist, set_current
 from tiny import calib, tiny_model
 
 
@@ -64,7 +64,7 @@ def test_shard_is_disjoint_and_complete():
 
 
 def _stream_worker(rank: int, world: int, port: int, src: str, out: str) -> None:
-    from dass.streaming import prune_checkpoint
+    from dass.run.streaming import prune_checkpoint
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def _stream_worker(rank: int, world: int, port: int, src: str, out: str) -> None
 def test_two_ranks_streaming_writes_the_single_process_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
-    from dass.streaming import prune_checkpoint
+    from dass.run.streaming import prune_checkpoint
 
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src, max_shard_size="40KB")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers as tf
 
-from dass.evaluate import DEFAULT_TASKS, multiple_choice_loglik, perplexity, zeroshot
+from dass.evaluation.evaluate import DEFAULT_TASKS, multiple_choice_loglik, perplexity, zeroshot
 
 HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 HAVE_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
@@ -194,7 +194,7 @@ def test_zeroshot_without_lm_eval_gives_clear_error(monkeypatch, tok):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
-    from dass.evaluate import EvalError
+    from dass.evaluation.evaluate import EvalError
 
     with pytest.raises(EvalError, match="pip install"):
         zeroshot(tiny_llama(), tok, tasks=["piqa"], limit=1)
@@ -202,7 +202,7 @@ def test_zeroshot_without_lm_eval_gives_clear_error(monkeypatch, tok):
 
 def test_task_templates_mirror_the_harness():
     """The shipped templates keep lm-eval's prompt, target, choices and metrics."""
-    from dass.evaluate import _TEMPLATES
+    from dass.evaluation.evaluate import _TEMPLATES
 
     text = {p.stem: p.read_text() for p in _TEMPLATES.glob("*.yaml")}
     assert set(text) == {f"dass_{t}" for t in DEFAULT_TASKS}

@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from test_accelerate import prune24, rel_err
-    from dass.kernels import nm24_decompress, nm24_matmul, triton_available
-    from dass.kernels.layout import to_kernel_layout
+    from dass.infer.kernels import nm24_decompress, nm24_matmul, triton_available
+    from dass.infer.kernels.layout import to_kernel_layout
 
     assert triton_available()
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(
                                     "split": cfg is not None, "shape_ok": list(y.shape) == [T, N] and y.dtype == dtype,
                                     "decompress_exact": exact, "rel_err": rel_err(y, ref)})
     # act(g) * u from the stacked [g | u], against torch
-    from dass.kernels import glu_act_mul
+    from dass.infer.kernels import glu_act_mul
 
     for dtype in (torch.float32, torch.float16):
         for act, fn in (("silu", torch.nn.SiLU()), ("gelu_tanh", torch.nn.GELU(approximate="tanh"))):

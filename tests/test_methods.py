@@ -8,9 +8,9 @@ import torch
 
 from dass.methods import available_methods, get_method
 from dass.methods.base import MethodError
-from dass.patterns import nm_violations, parse_pattern
-from dass.sparsegpt import SolverError, inverse_cholesky, sparsegpt_prune
-from dass.stats import FeatureStats
+from dass.core.patterns import nm_violations, parse_pattern
+from dass.core.sparsegpt import SolverError, inverse_cholesky, sparsegpt_prune
+from dass.core.stats import FeatureStats
 from tiny import feature_stats
 
 

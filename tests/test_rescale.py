@@ -1,4 +1,4 @@
-"""``dass --rescale``: least-squares per-output-row factors after masking (dass.rescale)."""
+"""``dass --rescale``: least-squares per-output-row factors after masking (dass.core.rescale)."""
 
 import pytest
 import torch
@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import dass
 from dass.methods import get_method
 from dass.methods.base import MethodError
-from dass.patterns import nm_violations, parse_pattern
-from dass.rescale import ls_scale, rescale_glu, rescale_rows
+from dass.core.patterns import nm_violations, parse_pattern
+from dass.core.rescale import ls_scale, rescale_glu, rescale_rows
 from tiny import calib, tiny_model, feature_stats
 
 
@@ -38,7 +38,7 @@ def test_rescale_rows_is_the_least_squares_solution():
     x = torch.randn(50, 8, dtype=torch.float64).float()
     w = torch.randn(6, 8)
     mask = parse_pattern("2:4")
-    from dass.patterns import select_mask
+    from dass.core.patterns import select_mask
 
     m = select_mask(w.abs(), mask, group="row", orientation="input")
     got, s = rescale_rows(w, m, x)
@@ -148,7 +148,7 @@ def test_rescale_end_to_end(arch):
 
 @pytest.mark.parametrize("scope", ["down", "all"])
 def test_auto_alpha_rescaled_judges_candidates_after_the_rescale(glu, scope):
-    from dass.alpha import DEFAULT_CANDIDATES
+    from dass.core.alpha import DEFAULT_CANDIDATES
 
     gate, up, down, x = glu
     p = parse_pattern("2:4")

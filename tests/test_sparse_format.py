@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dass.sparse_format import (
+from dass.io.sparse_format import (
     MASK_SUFFIX,
     VALUES_SUFFIX,
     compress_nm,

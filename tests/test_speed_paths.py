@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import dass
-import dass.pipeline as pl
+import dass.run.pipeline as pl
 from dass.arch import plan_model
 from dass.methods import get_method
-from dass.patterns import parse_pattern
-from dass.pipeline import FastPath, PruneReport, capture_inputs, mlp_residual, process_layer
-from dass.sparsegpt import accumulate_xtx, sparsegpt_prune
+from dass.core.patterns import parse_pattern
+from dass.run.pipeline import FastPath, PruneReport, capture_inputs, mlp_residual, process_layer
+from dass.core.sparsegpt import accumulate_xtx, sparsegpt_prune
 from tiny import ARCHS, calib, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -153,7 +153,7 @@ def test_cuda_fast_path_matches_full_rerun(monkeypatch):
 
 def old_solver(weight, hessian, pattern, blocksize=128, percdamp=0.01):
     """The column-by-column solver this package had before (kept here as a reference)."""
-    from dass.sparsegpt import inverse_cholesky
+    from dass.core.sparsegpt import inverse_cholesky
 
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -220,7 +220,7 @@ def test_solver_matches_column_by_column_version(spec):
 @cuda
 @pytest.mark.parametrize("spec", ["2:4", "0.5"])
 def test_cuda_graph_solver_equals_eager(spec, monkeypatch):
-    import dass.graphs as sg
+    import dass.core.graphs as sg
 
     w, h = _problem(256, 512, device="cuda")
     p = parse_pattern(spec)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dass.stats import FeatureStats
+from dass.core.stats import FeatureStats
 
 
 def test_batches_equal_concatenation():

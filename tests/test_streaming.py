@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import dass
-from dass.checkpoint import CheckpointError, verify_checkpoint
-from dass.resume import ResumeError
-from dass.streaming import DIE_AFTER_LAYER, StreamingError, parameters_on_meta, prune_checkpoint
+from dass.io.checkpoint import CheckpointError, verify_checkpoint
+from dass.run.resume import ResumeError
+from dass.run.streaming import DIE_AFTER_LAYER, StreamingError, parameters_on_meta, prune_checkpoint
 from tiny import calib, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_converted_checkpoints_are_refused(tmp_path):
 RUN = textwrap.dedent(
     """
     import sys
-    from dass.streaming import prune_checkpoint
+    from dass.run.streaming import prune_checkpoint
     from tiny import calib
     src, out, method = sys.argv[1], sys.argv[2], sys.argv[3]
     prune_checkpoint(src, out, method, "2:4", "mlp", calib(6, 24), batch_size=4, progress=False, checkpoint_seconds=0)
@@ -167,8 +167,8 @@ RSS = textwrap.dedent(
     import json, sys, torch
     import dass, transformers
     from transformers import LlamaForCausalLM  # imports are a fixed cost: before the baseline
-    from dass.memory import RSSSampler, rss_bytes
-    from dass.streaming import prune_checkpoint
+    from dass.run.memory import RSSSampler, rss_bytes
+    from dass.run.streaming import prune_checkpoint
     torch.set_num_threads(2)
     ids = torch.randint(0, 8000, (4, 32), generator=torch.Generator().manual_seed(0))
     base = rss_bytes()

@@ -55,7 +55,7 @@ def calib(n: int = 6, length: int = 24, vocab: int = 128, seed: int = 1) -> torc
 
 def feature_stats(x: torch.Tensor, hessian: bool = False, keep: int = 0):
     """FeatureStats of the rows ``x`` (with X^T X when ``hessian``, ``keep`` rows sampled)."""
-    from dass.stats import FeatureStats
+    from dass.core.stats import FeatureStats
 
     s = FeatureStats(x.shape[-1], with_hessian=hessian, max_samples=keep)
     s.add(x)

@@ -5,10 +5,10 @@ transformers model layer by layer and sparsifies it with DaSS, Wanda, SparseGPT 
 magnitude, returning a :class:`PruneReport`.
 """
 
-from .arch import ArchitectureError
-from .methods import available_methods, get_method, register
-from .patterns import Pattern, PatternError, parse_pattern
-from .pipeline import CalibrationError, PruneReport, prune
+from dass.arch import ArchitectureError
+from dass.methods import available_methods, get_method, register
+from dass.core.patterns import Pattern, PatternError, parse_pattern
+from dass.run.pipeline import CalibrationError, PruneReport, prune
 
 __version__ = "0.1.0"
 

@@ -45,8 +45,8 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .checkpoint import is_compressed, load_pruned_model
-    from .models import load_model
+    from dass.io.checkpoint import is_compressed, load_pruned_model
+    from dass.io.models import load_model
 
     if Path(args.model).is_dir() and is_compressed(args.model):
         from transformers import AutoTokenizer
@@ -88,7 +88,7 @@ def _method_options(args: argparse.Namespace, method: str, strict: bool = True) 
             raise UsageError(f"--alpha applies to DaSS only, not to {method}")
     rescale = getattr(args, "rescale", None)
     if rescale is not None:
-        from .rescale import SCOPES
+        from dass.core.rescale import SCOPES
 
         if rescale not in SCOPES:
             raise UsageError(f"--rescale must be {', '.join(SCOPES[:-1])} or {SCOPES[-1]}, got {rescale!r}")
@@ -129,12 +129,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .checkpoint import CheckpointError, build_manifest, save_pruned
-    from .data import sample_calibration
-    from .methods import get_method
-    from .patterns import parse_pattern
-    from .pipeline import prune, validate
+    from dass.run import distributed
+    from dass.io.checkpoint import CheckpointError, build_manifest, save_pruned
+    from dass.io.data import sample_calibration
+    from dass.methods import get_method
+    from dass.core.patterns import parse_pattern
+    from dass.run.pipeline import prune, validate
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -174,7 +174,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     path = save_pruned(model, tokenizer, out, manifest, overwrite=args.overwrite)
     if args.compress:
-        from .checkpoint import compress_checkpoint
+        from dass.io.checkpoint import compress_checkpoint
 
         compress_checkpoint(path)
     ctx.barrier()
@@ -187,10 +187,10 @@ def _prune_streaming(args, method, pattern, options, device, quiet, t0) -> int:
     it; resumable (same command again continues from the last saved layer)."""
     from transformers import AutoTokenizer
 
-    from . import distributed
-    from .data import sample_calibration
-    from .models import ModelError, default_model_dir
-    from .streaming import prune_checkpoint
+    from dass.run import distributed
+    from dass.io.data import sample_calibration
+    from dass.io.models import ModelError, default_model_dir
+    from dass.run.streaming import prune_checkpoint
 
     src = default_model_dir() if args.model == "default" else Path(args.model)
     if not src.is_dir():
@@ -219,7 +219,7 @@ def _prune_streaming(args, method, pattern, options, device, quiet, t0) -> int:
     )
     if distributed.current().is_main:
         if args.compress:
-            from .checkpoint import compress_checkpoint
+            from dass.io.checkpoint import compress_checkpoint
 
             compress_checkpoint(args.output)
         print(f"{report.summary()} -> {Path(args.output).resolve()} ({time.perf_counter() - t0:.1f} s in all)")
@@ -237,8 +237,8 @@ def _headline(r: dict[str, Any]) -> float:
 
 
 def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    from .data import evaluation_tokens
-    from .evaluate import perplexity
+    from dass.io.data import evaluation_tokens
+    from dass.evaluation.evaluate import perplexity
 
     result: dict[str, Any] = {}
     model.to(device)  # evaluation needs the whole model where its inputs are
@@ -250,7 +250,7 @@ def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[s
             model, tokens, seqlen=args.eval_seqlen, device=device, progress=not args.quiet
         )
     if args.zeroshot:
-        from .evaluate import zeroshot
+        from dass.evaluation.evaluate import zeroshot
 
         tasks = [t.strip() for t in args.zeroshot.split(",") if t.strip()]
         bs = args.zeroshot_batch_size or (64 if str(device).startswith("cuda") else 8)
@@ -271,8 +271,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     device = _device(args)
     if args.accelerate:
-        from .accelerate import accelerate
-        from .checkpoint import MANIFEST, read_manifest
+        from dass.infer.accelerate import accelerate
+        from dass.io.checkpoint import MANIFEST, read_manifest
 
         manifest = read_manifest(args.model) if (Path(args.model) / MANIFEST).is_file() else None
         model.to(device)
@@ -295,7 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .checkpoint import verify_checkpoint
+    from dass.io.checkpoint import verify_checkpoint
 
     res = verify_checkpoint(args.dir)
     if res.ok:
@@ -313,7 +313,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+    from dass.evaluation.compare import run_compare
 
     return run_compare(args)
 
@@ -324,13 +324,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from .bench import main as bench_main
+    from dass.infer.bench import main as bench_main
 
     return int(bench_main(rest) or 0)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .checkpoint import compress_checkpoint, read_manifest
+    from dass.io.checkpoint import compress_checkpoint, read_manifest
 
     out = compress_checkpoint(Path(args.dir), Path(args.output) if args.output else None, overwrite=args.overwrite)
     info = read_manifest(out).get("compressed", {})
@@ -345,7 +345,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from dass import __version__
 
     parser = argparse.ArgumentParser(prog="dass", description="One-shot pruning of GLU language models.")
     parser.add_argument("--version", action="version", version=f"dass {__version__}")

@@ -7,8 +7,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..patterns import Orientation, Pattern
-from ..stats import FeatureStats
+from dass.core.patterns import Orientation, Pattern
+from dass.core.stats import FeatureStats
 
 
 class MethodError(ValueError):
@@ -41,7 +41,7 @@ def parse_bool(value: object, name: str) -> bool:
 
 def parse_rescale(rescale: object, rescale_target: object) -> tuple[str, str]:
     """Validated ``(scope, target)`` of a method's ``rescale``/``rescale_target`` options."""
-    from ..rescale import SCOPES, TARGETS
+    from dass.core.rescale import SCOPES, TARGETS
 
     if rescale not in SCOPES:
         raise MethodError(f"rescale must be one of {', '.join(SCOPES)}, got {rescale!r}")
@@ -63,9 +63,9 @@ def rescaled_glu_results(
     target: str,
 ) -> tuple["MatrixResult", "MatrixResult", "MatrixResult"]:
     """A GLU block's results with the masked weights times their least-squares row factors
-    (:func:`dass.rescale.rescale_glu`) on the kept calibration input rows; masks unchanged.
+    (:func:`dass.core.rescale.rescale_glu`) on the kept calibration input rows; masks unchanged.
     Shared by every method that offers ``rescale`` (DaSS, Wanda)."""
-    from ..rescale import rescale_glu
+    from dass.core.rescale import rescale_glu
 
     if scope == "none":
         return results

@@ -8,12 +8,12 @@ projections are scored like Wanda. No weight is updated.
 ``alpha`` is a number (the paper's method, default 0.5) or ``"auto"``: for every GLU block
 the exponent is chosen from a small candidate set by the reconstruction error of the
 block's MLP output on kept calibration input rows, averaged per token by default
-(``alpha_criterion``, :mod:`dass.alpha`); the chosen value and
+(``alpha_criterion``, :mod:`dass.core.alpha`); the chosen value and
 the candidates' errors are recorded in the gate/up results' ``info``.
 
 ``rescale`` ("none", "down" or "all"; "down" by default with ``alpha="auto"``, "none" with a
 fixed alpha) multiplies each masked row by its
-least-squares factor on the kept calibration input rows (:mod:`dass.rescale`): W_down's rows
+least-squares factor on the kept calibration input rows (:mod:`dass.core.rescale`): W_down's rows
 against the dense block output ("block" target, default) or the layer-local output
 ("layer"); with "all" also W_gate's and W_up's rows against their own dense outputs. The
 masks do not change (still exactly N:M). With ``alpha="auto"`` and ``alpha_rescaled``, the
@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from ..alpha import (
+from dass.core.alpha import (
     CRITERIA,
     DEFAULT_CANDIDATES,
     DEFAULT_MAX_NEURONS,
@@ -35,11 +35,11 @@ from ..alpha import (
     choose_alpha,
     dass_glu_masks,
 )
-from ..patterns import Orientation, Pattern, select_mask
-from ..scores import dass_glu_score
-from ..stats import FeatureStats
-from .base import MatrixResult, MethodError, PruningMethod, parse_bool, parse_rescale, register, rescaled_glu_results
-from .wanda import wanda_mask
+from dass.core.patterns import Orientation, Pattern, select_mask
+from dass.core.scores import dass_glu_score
+from dass.core.stats import FeatureStats
+from dass.methods.base import MatrixResult, MethodError, PruningMethod, parse_bool, parse_rescale, register, rescaled_glu_results
+from dass.methods.wanda import wanda_mask
 
 #: ``rescale`` of ``alpha="auto"`` unless given: W_down's rows against the dense block output
 #: (2:4 perplexity at the issue-7 protocol 49.2 against 74.6 without it, Wanda 82.5; grid 4:8

@@ -10,7 +10,7 @@ are chosen (``masks``):
   DaSS's groups (M consecutive output rows of the column for N:M, "output" orientation;
   the whole column for unstructured). The OBS saliency ``w_ij^2 / [H^-1]_jj`` is the same
   for every row of a column, so the neuron weight ``r_i`` is what lets rows compete
-  (:mod:`dass.obs`). Since a group lies inside one column, the columns can be swept in
+  (:mod:`dass.core.obs`). Since a group lies inside one column, the columns can be swept in
   any order: ``order="hessian"`` (default) takes them by decreasing ``H_jj``, as GPTQ's
   act-order, ``order="natural"`` left to right.
 - ``fixed``: DaSS's masks are chosen first from the dense weights (``|W| * a_i^alpha``),
@@ -37,13 +37,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..obs import obs_prune_output_groups
-from ..patterns import Orientation, Pattern
-from ..sparsegpt import sparsegpt_prune
-from ..stats import FeatureStats
-from .base import MatrixResult, MethodError, PruningMethod, register
-from .dass import dass_glu_mask
-from .wanda import wanda_mask
+from dass.core.obs import obs_prune_output_groups
+from dass.core.patterns import Orientation, Pattern
+from dass.core.sparsegpt import sparsegpt_prune
+from dass.core.stats import FeatureStats
+from dass.methods.base import MatrixResult, MethodError, PruningMethod, register
+from dass.methods.dass import dass_glu_mask
+from dass.methods.wanda import wanda_mask
 
 MASKS = ("sweep", "fixed")
 ORDERS = ("hessian", "natural")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import Pattern, select_mask
-from ..scores import magnitude_score
-from ..stats import FeatureStats
-from .base import MatrixResult, PruningMethod, register
+from dass.core.patterns import Pattern, select_mask
+from dass.core.scores import magnitude_score
+from dass.core.stats import FeatureStats
+from dass.methods.base import MatrixResult, PruningMethod, register
 
 
 @register

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import Pattern
-from ..sparsegpt import sparsegpt_prune
-from ..stats import FeatureStats
-from .base import MatrixResult, PruningMethod, register
+from dass.core.patterns import Pattern
+from dass.core.sparsegpt import sparsegpt_prune
+from dass.core.stats import FeatureStats
+from dass.methods.base import MatrixResult, PruningMethod, register
 
 
 @register

@@ -2,7 +2,7 @@
 
 ``rescale`` ("none" by default, "down" or "all"; GLU models only) multiplies the masked rows
 by their least-squares factors on kept calibration rows, as DaSS's ``rescale`` does
-(:mod:`dass.rescale`): not part of Wanda, offered so that DaSS's rescaled ``alpha="auto"`` can
+(:mod:`dass.core.rescale`): not part of Wanda, offered so that DaSS's rescaled ``alpha="auto"`` can
 be compared with Wanda given the same correction (docs/ablation.md).
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import Pattern, select_mask
-from ..scores import wanda_score
-from ..stats import FeatureStats
-from .base import MatrixResult, PruningMethod, parse_rescale, register, rescaled_glu_results
+from dass.core.patterns import Pattern, select_mask
+from dass.core.scores import wanda_score
+from dass.core.stats import FeatureStats
+from dass.methods.base import MatrixResult, PruningMethod, parse_rescale, register, rescaled_glu_results
 
 #: calibration rows kept for the rescale (as DaSS's ``alpha="auto"``)
 RESCALE_SAMPLE_TOKENS = 1024

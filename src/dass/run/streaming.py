@@ -4,14 +4,14 @@
 with every parameter on the ``meta`` device; the non-layer tensors that the capture needs
 (embeddings, norms, rotary buffers) are loaded; then each decoder layer's tensors are read
 from the shards just before it is processed, pruned by the same per-layer step as
-:func:`dass.prune` (:func:`dass.pipeline.process_layer`), written as one output shard and
+:func:`dass.prune` (:func:`dass.run.pipeline.process_layer`), written as one output shard and
 dropped. Peak host memory is a few layers (the one being read ahead, the one being
 written) plus the activations if they do not fit on the device.
 
 The output is an ordinary transformers directory (one shard per layer, one per non-layer
 tensor, ``model.safetensors.index.json``, the source's config and tokenizer files, and
 ``dass.json``) written into ``OUT.partial`` and renamed to ``OUT`` when complete. The run
-is resumable: see :mod:`dass.resume`. Restarting the same command after a crash continues
+is resumable: see :mod:`dass.run.resume`. Restarting the same command after a crash continues
 from the last saved layer and gives byte-identical tensor files.
 """
 
@@ -29,12 +29,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .arch import ArchitectureError, decoder_layers
-from . import distributed
-from .memory import choose_store, release_host_memory
-from .methods import get_method
-from .patterns import parse_pattern
-from .pipeline import (
+from dass.arch import ArchitectureError, decoder_layers
+from dass.run import distributed
+from dass.run.memory import choose_store, release_host_memory
+from dass.methods import get_method
+from dass.core.patterns import parse_pattern
+from dass.run.pipeline import (
     FastPath,
     _move_module,
     MatrixReport,
@@ -49,8 +49,8 @@ from .pipeline import (
     tqdm,
     validate,
 )
-from .graphs import clear_graphs
-from .resume import RunState, atomic_save_tensors, atomic_write_bytes, tensor_digest
+from dass.core.graphs import clear_graphs
+from dass.run.resume import RunState, atomic_save_tensors, atomic_write_bytes, tensor_digest
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -271,7 +271,7 @@ def prune_checkpoint(
     existing ``out_dir``.
     """
     t0 = time.perf_counter()
-    from .checkpoint import CheckpointError, build_manifest, move_into_place, write_json
+    from dass.io.checkpoint import CheckpointError, build_manifest, move_into_place, write_json
 
     src, out = Path(src_dir), Path(out_dir).resolve()
     if out.exists() and not overwrite:
@@ -472,6 +472,6 @@ def _nbytes(ckpt: ShardedCheckpoint, key: str, dtype: torch.dtype) -> int:
 def _versions() -> dict[str, str]:
     import transformers
 
-    from . import __version__
+    from dass import __version__
 
     return {"dass": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

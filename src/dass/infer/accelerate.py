@@ -3,7 +3,7 @@ for compressed :class:`NM24Linear` modules and graph-captures the GLU MLP blocks
 
 Each ``NM24Linear`` call runs one of three paths:
 
-- ``"triton"``: the Triton kernels of :mod:`dass.kernels` (values + 4-bit metadata, 56% of
+- ``"triton"``: the Triton kernels of :mod:`dass.infer.kernels` (values + 4-bit metadata, 56% of
   the dense bytes), either orientation;
 - ``"cslt"``: cuSPARSELt sparse tensor cores (``torch._cslt_sparse_mm`` on a
   ``torch._cslt_compress``-ed weight); input orientation only;
@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sparse_format import detect_orientation, is_nm, parse_entry
+from dass.io.sparse_format import detect_orientation, is_nm, parse_entry
 
 __all__ = [
     "AccelerationError",
@@ -89,18 +89,18 @@ def check_device(device: torch.device | str | None = None) -> torch.device:
     the kernels (compute capability 8.0 or newer)."""
     if not torch.cuda.is_available():
         raise AccelerationError(
-            "dass.accelerate needs a CUDA GPU (compute capability >= 8.0, e.g. A100/H100/H200); "
+            "dass.infer.accelerate needs a CUDA GPU (compute capability >= 8.0, e.g. A100/H100/H200); "
             "none is available here (torch.cuda.is_available() is False). Run the dense model instead."
         )
     dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
     if dev.type != "cuda":
         raise AccelerationError(
-            f"dass.accelerate needs the model on a CUDA device, got {dev}; move it with model.cuda() first"
+            f"dass.infer.accelerate needs the model on a CUDA device, got {dev}; move it with model.cuda() first"
         )
     cc = torch.cuda.get_device_capability(dev)
     if cc < (8, 0):
         raise AccelerationError(
-            f"dass.accelerate needs compute capability >= 8.0 (sparse tensor cores); {torch.cuda.get_device_name(dev)} is {cc}"
+            f"dass.infer.accelerate needs compute capability >= 8.0 (sparse tensor cores); {torch.cuda.get_device_name(dev)} is {cc}"
         )
     return dev
 
@@ -144,7 +144,7 @@ def cslt_search(compressed: torch.Tensor, dense_t: torch.Tensor, transpose_resul
 
 
 def _triton_ok() -> bool:
-    from .kernels import triton_available
+    from dass.infer.kernels import triton_available
 
     return triton_available()
 
@@ -303,7 +303,7 @@ def tuning_log() -> dict[str, dict[str, float]]:
 class NM24Linear(nn.Module):
     """A 2:4 sparse ``nn.Linear`` replacement (bf16/fp16, CUDA, inference only).
 
-    Holds the matrix as kernel-layout ``values`` + ``meta`` (see :mod:`dass.kernels.layout`)
+    Holds the matrix as kernel-layout ``values`` + ``meta`` (see :mod:`dass.infer.kernels.layout`)
     and, for the input orientation when cuSPARSELt works here, ``cslt`` (cuSPARSELt's own
     compressed copy). ``dense_weight()`` gives back the exact dense matrix.
     """
@@ -318,7 +318,7 @@ class NM24Linear(nn.Module):
         N, K = weight.shape
         if (orientation == "output" and N % 4) or (orientation == "input" and K % 4):
             raise ValueError(f"shape {[N, K]} cannot hold 2:4 groups along the {orientation} dim")
-        from .kernels.layout import to_kernel_layout
+        from dass.infer.kernels.layout import to_kernel_layout
 
         self.in_features, self.out_features, self.orientation = K, N, orientation
         self.config = config or _DEFAULT
@@ -395,8 +395,8 @@ class NM24Linear(nn.Module):
         return min(times, key=times.get) if times else self._static_path(T)
 
     def dense_weight(self) -> torch.Tensor:
-        from .kernels import nm24_decompress
-        from .kernels.layout import from_kernel_layout
+        from dass.infer.kernels import nm24_decompress
+        from dass.infer.kernels.layout import from_kernel_layout
 
         if self._triton:
             return nm24_decompress(self.values, self.meta, self.out_features, self.in_features, self.orientation)
@@ -425,7 +425,7 @@ class NM24Linear(nn.Module):
 
     def _run_path(self, x2: torch.Tensor, path: str) -> torch.Tensor:
         if path == "triton":
-            from .kernels import nm24_matmul
+            from dass.infer.kernels import nm24_matmul
 
             y = nm24_matmul(x2, self.values, self.meta, self.out_features, self.in_features, self.orientation)
         elif path == "cslt":
@@ -470,7 +470,7 @@ def _fused_act(act: Any, D: int, device, dtype) -> str | None:
     kind = _act_kind(act)
     if kind is None or not _triton_ok():
         return None
-    from .kernels import glu_act_mul
+    from dass.infer.kernels import glu_act_mul
 
     try:
         gu = torch.randn(8, 2 * D, device=device, dtype=dtype) * 3
@@ -504,7 +504,7 @@ def _fuse_gate_up(mlp: nn.Module, config: AccelerateConfig) -> bool:
     with torch.no_grad():
         fused = NM24Linear(torch.cat([g.dense_weight(), u.dense_weight()]), None, g.orientation, config)
     kind = _fused_act(act, D, dev, dtype)
-    from .kernels import glu_act_mul  # imported here, not per call: the forward is host-bound at 1 token
+    from dass.infer.kernels import glu_act_mul  # imported here, not per call: the forward is host-bound at 1 token
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         gu = fused(x)

@@ -24,8 +24,8 @@ from functools import partial
 
 import torch
 
-from .graphs import run_block
-from .patterns import Pattern
+from dass.core.graphs import run_block
+from dass.core.patterns import Pattern
 
 
 class SolverError(RuntimeError):
@@ -59,7 +59,7 @@ def accumulate_xtx(xtx: torch.Tensor, x: torch.Tensor) -> None:
         except (RuntimeError, TypeError, NotImplementedError):
             _HALF_GEMM_FP32_OUT = False
     xf = x.float()
-    xtx.add_(xf.t() @ xf)  # xtx may be an fp64 total (dass.stats)
+    xtx.add_(xf.t() @ xf)  # xtx may be an fp64 total (dass.core.stats)
 
 
 def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_retries: int = 6) -> tuple[torch.Tensor, float, int]:

@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
-from . import __version__
-from .patterns import nm_violations, parse_pattern, sparsity_of
+from dass import __version__
+from dass.core.patterns import nm_violations, parse_pattern, sparsity_of
 
 MANIFEST = "dass.json"
 FORMAT = "dass/1"
@@ -45,7 +45,7 @@ def versions() -> dict[str, str]:
 
 
 def build_manifest(report: Any, *, calibration: dict | None = None, extra: dict | None = None) -> dict:
-    """The ``dass.json`` content for a :class:`~dass.pipeline.PruneReport`."""
+    """The ``dass.json`` content for a :class:`~dass.run.pipeline.PruneReport`."""
     rep = report.to_dict()
     matrices = {}
     for m in rep.pop("matrices"):
@@ -261,7 +261,7 @@ def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult
 
 
 # --------------------------------------------------------------------------------------
-# Compressed checkpoints (values + bitmask per N:M matrix, see dass.sparse_format)
+# Compressed checkpoints (values + bitmask per N:M matrix, see dass.io.sparse_format)
 # --------------------------------------------------------------------------------------
 
 COMPRESSED_FILE = "model.dass-nm.safetensors"
@@ -275,7 +275,7 @@ def is_compressed(ckpt: str | Path) -> bool:
 def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a (possibly sharded, possibly compressed) checkpoint, dense."""
     if is_compressed(ckpt):
-        from .sparse_format import load_compressed
+        from dass.io.sparse_format import load_compressed
 
         return load_compressed(Path(ckpt) / COMPRESSED_FILE)
     from safetensors.torch import load_file
@@ -290,7 +290,7 @@ def compress_checkpoint(ckpt: str | Path, output: str | Path | None = None, *, o
     """Rewrite a pruned checkpoint with every N:M matrix stored as kept values plus a
     bitmask (orientation in the manifest); other files are copied. ``output`` defaults to
     ``ckpt`` itself (replaced atomically). Returns the output directory."""
-    from .sparse_format import save_compressed
+    from dass.io.sparse_format import save_compressed
 
     src = Path(ckpt)
     manifest = read_manifest(src)

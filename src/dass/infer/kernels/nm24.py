@@ -1,6 +1,6 @@
-"""Triton kernels for 2:4 matrices stored in the layouts of :mod:`dass.kernels.layout`.
+"""Triton kernels for 2:4 matrices stored in the layouts of :mod:`dass.infer.kernels.layout`.
 
-Imported lazily by :mod:`dass.kernels` (needs triton and a GPU, or TRITON_INTERPRET=1).
+Imported lazily by :mod:`dass.infer.kernels` (needs triton and a GPU, or TRITON_INTERPRET=1).
 
 ``y = x @ W.T`` with ``x`` [T, K] and ``W`` [N, K] given as (values, meta):
 

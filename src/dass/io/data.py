@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from .models import cache_dir, hub_reachable
+from dass.io.models import cache_dir, hub_reachable
 
 __all__ = [
     "DataError",

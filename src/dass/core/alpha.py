@@ -30,8 +30,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .patterns import Pattern, select_mask
-from .scores import dass_glu_score
+from dass.core.patterns import Pattern, select_mask
+from dass.core.scores import dass_glu_score
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,7 +41,7 @@ DEFAULT_CANDIDATES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 CRITERIA = ("token", "total")
 #: Default cap on the kept calibration input rows the candidates are compared on (the rows
 #: are spread over all calibration tokens, between half the cap and the cap of them:
-#: :meth:`dass.stats.FeatureStats._keep_sample`).
+#: :meth:`dass.core.stats.FeatureStats._keep_sample`).
 DEFAULT_SAMPLE_TOKENS = 1024
 #: Default number of intermediate neurons (whole N:M groups, evenly spaced) the candidates
 #: are compared on; the final masks always cover every neuron.
@@ -125,10 +125,10 @@ def alpha_errors(
     per-column ranking runs within the subset).
 
     With ``rescale`` ("down" or "all"), each candidate's block is judged after the
-    least-squares row rescaling of :func:`dass.rescale.rescale_glu` (fitted on the same rows
+    least-squares row rescaling of :func:`dass.core.rescale.rescale_glu` (fitted on the same rows
     and sub-block), i.e. as it will be applied.
     """
-    from .rescale import rescale_glu
+    from dass.core.rescale import rescale_glu
 
     act = act or F.silu
     xf = x.float()

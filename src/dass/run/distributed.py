@@ -4,7 +4,7 @@ Launched with ``torchrun --nproc-per-node K -m dass prune ...`` (NCCL on GPUs, g
 CPU), every rank holds the model and the same calibration ids, processes a disjoint share
 of the calibration batches, and the per-layer statistics are summed across ranks with
 all-reduce before masks are chosen. Statistics are fp64 sums of per-batch fp32 sums
-(see :mod:`dass.stats`), so every rank, and a single process with the same batches,
+(see :mod:`dass.core.stats`), so every rank, and a single process with the same batches,
 sees bit-identical totals and chooses identical masks; no broadcast of masks is needed.
 Only rank 0 writes files. A single process never initialises anything here and pays
 nothing.
@@ -19,7 +19,7 @@ from typing import Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .stats import FeatureStats
+from dass.core.stats import FeatureStats
 
 T = TypeVar("T")
 

@@ -1,10 +1,10 @@
 """GPU kernels for 2:4 sparse matrices in either orientation (Triton).
 
-``import dass.kernels`` never imports triton; the kernels are compiled on first use. Use
+``import dass.infer.kernels`` never imports triton; the kernels are compiled on first use. Use
 :func:`triton_available` to ask whether they can run here.
 
 Public entry points (``x`` is ``[T, K]``, the matrix ``W`` is ``[N, K]`` in the layout of
-:mod:`dass.kernels.layout`):
+:mod:`dass.infer.kernels.layout`):
 
 - :func:`nm24_matmul` -- ``x @ W.T`` reading only the compressed matrix;
 - :func:`nm24_decompress` -- the dense ``W`` (for token counts where cuBLAS on the dense
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .layout import from_kernel_layout, nibbles_from_mask, to_kernel_layout
+from dass.infer.kernels.layout import from_kernel_layout, nibbles_from_mask, to_kernel_layout
 
 __all__ = [
     "triton_available",
@@ -46,7 +46,7 @@ def triton_available() -> bool:
 
 
 def _mod():
-    from . import nm24
+    from dass.infer.kernels import nm24
 
     return nm24
 
@@ -208,7 +208,7 @@ def glu_act_mul(gu: torch.Tensor, D: int, act: str, out: torch.Tensor | None = N
     """``act(gu[:, :D]) * gu[:, D:]`` for ``gu`` [T, 2D] (``act``: "silu" or "gelu_tanh"),
     computed in fp32 and rounded once (torch rounds after the activation and again after
     the product, so results differ from it by about one unit in the last place)."""
-    from . import glu
+    from dass.infer.kernels import glu
 
     if act not in glu.ACTS:
         raise ValueError(f"act must be one of {sorted(glu.ACTS)}, got {act!r}")

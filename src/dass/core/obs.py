@@ -1,6 +1,6 @@
 """OBS reconstruction with masks chosen along the *output* dimension (for ``dass-obs``).
 
-Pure tensor code. SparseGPT (:mod:`dass.sparsegpt`) sweeps the input columns of a weight
+Pure tensor code. SparseGPT (:mod:`dass.core.sparsegpt`) sweeps the input columns of a weight
 ``[rows, cols]`` in blocks, prunes, and propagates each pruned column's error to the
 columns not yet visited (``W[:, j:] -= err * Hinv[i, j:]``, upper Cholesky factor of
 ``H^-1``). That update works for any mask. This module chooses the mask *while* the
@@ -17,7 +17,7 @@ the row weight ``r_i`` (DaSS: ``a_i ** (2 alpha)``, the neuron's activation norm
 score is ``r_i * w_ij^2`` on the *updated* weights, i.e. DaSS's ``|w| * a_i^alpha`` of
 the current weight, squared.
 
-Layout and speed follow :func:`dass.sparsegpt.sparsegpt_prune`: the solver works on the
+Layout and speed follow :func:`dass.core.sparsegpt.sparsegpt_prune`: the solver works on the
 transposed weight (one contiguous row per input column), the per-column loop has no host
 synchronisation, and on CUDA a full block is replayed from a captured graph.
 """
@@ -29,9 +29,9 @@ from functools import partial
 
 import torch
 
-from .graphs import run_block
-from .patterns import Pattern
-from .sparsegpt import prepare
+from dass.core.graphs import run_block
+from dass.core.patterns import Pattern
+from dass.core.sparsegpt import prepare
 
 
 @dataclass

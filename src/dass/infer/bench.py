@@ -123,7 +123,7 @@ def _ncopies(nbytes: int) -> int:
 def bench_matrix(timer: Timer, N: int, K: int, T: int, orientations: list[str], dtype, device,
                  errors: list, triton_max_T: int = 1024) -> dict[str, Any]:
     """One weight shape [N, K] at T tokens: dense vs every sparse path available."""
-    from .kernels import nm24_decompress, nm24_matmul, to_kernel_layout, triton_available
+    from dass.infer.kernels import nm24_decompress, nm24_matmul, to_kernel_layout, triton_available
 
     row: dict[str, Any] = {"N": N, "K": K, "T": T}
     dense_bytes = N * K * torch.finfo(dtype).bits // 8
@@ -148,7 +148,7 @@ def bench_matrix(timer: Timer, N: int, K: int, T: int, orientations: list[str], 
                 g = lambda i: F.linear(x, nm24_decompress(lay[i % nc][0], lay[i % nc][1], N, K, o))  # noqa: E731
                 row[f"decomp_{o}_graph_ms"] = _safe(lambda: timer.graph(g, nc), errors, f"decompress+dense {N}x{K} T={T}")
         if o == "input" and device == "cuda" and T >= 8:  # (cuSPARSELt refuses fewer; NM24Linear pads)
-            from .accelerate import cslt_search
+            from dass.infer.accelerate import cslt_search
 
             packed = [torch._cslt_compress(w) for w in Ws]
             # (bf16 only: torch 2.11's fp16 search breaks the CUDA context, see AccelerateConfig)
@@ -160,7 +160,7 @@ def bench_matrix(timer: Timer, N: int, K: int, T: int, orientations: list[str], 
             row["cslt_graph_ms"] = _safe(lambda: timer.graph(c, nc), errors, f"cslt graph {N}x{K} T={T}")
             del packed
         if device == "cuda":
-            from .accelerate import NM24Linear
+            from dass.infer.accelerate import NM24Linear
 
             mods = _safe(lambda: [NM24Linear(w, None, o) for w in Ws], errors, f"NM24Linear {o} {N}x{K}")
             if mods:
@@ -211,7 +211,7 @@ def bench_mlp(timer: Timer, d: int, D: int, tokens: list[int], dtype, device, er
     rows = []
     acc = {}
     if device == "cuda":
-        from .accelerate import accelerate
+        from dass.infer.accelerate import accelerate
 
         for name in ("wanda", "dass"):
             acc[name] = _safe(lambda: (accelerate(mlps[name]), mlps[name])[1], errors, f"accelerate {name} {d}x{D}")
@@ -261,7 +261,7 @@ def bench_e2e(timer: Timer, layers: int, prefill: list[int], decode_ctx: int, de
                 mlp.up_proj.weight.copy_(prune24(mlp.up_proj.weight, go))
                 mlp.down_proj.weight.copy_(prune24(mlp.down_proj.weight, "input"))
         if device == "cuda":
-            from .accelerate import accelerate
+            from dass.infer.accelerate import accelerate
 
             rep = _safe(lambda: accelerate(m), errors, f"accelerate e2e {name}")
             if rep is None:
@@ -325,7 +325,7 @@ def bench_e2e(timer: Timer, layers: int, prefill: list[int], decode_ctx: int, de
 
 def sweep(timer: Timer, dtype, device, errors: list, d: int = 4096, D: int = 11008) -> dict[str, Any]:
     """Try launch configurations of the Triton kernels on one MLP shape; report the best."""
-    from .kernels import nm24_matmul, to_kernel_layout
+    from dass.infer.kernels import nm24_matmul, to_kernel_layout
 
     def c(b, k, t=1, w=4, st=1, sp=1):
         return dict(BLOCK=b, BLOCK_K=k, BLOCK_T=t, num_warps=w, num_stages=st, SPLIT_K=sp)
@@ -367,7 +367,7 @@ def sweep(timer: Timer, dtype, device, errors: list, d: int = 4096, D: int = 110
         key = f"{o}_{N}x{K}_T{T}"
         res[key] = {"best": best, "tried": tried}
         if best:  # later measurements in this run use the winner (and docs/speed.md records it)
-            from .kernels import set_config
+            from dass.infer.kernels import set_config
 
             set_config(o, T, best["config"], N, K)
             set_config(o, T, {k: v for k, v in best["config"].items() if k != "SPLIT_K"})
@@ -381,7 +381,7 @@ def _kernel_stats(orientation: str) -> list[dict[str, Any]]:
     """Registers and spills of every compiled variant of a 2:4 kernel (diagnostic; [] when
     this triton keeps its cache differently)."""
     try:
-        from .kernels import nm24
+        from dass.infer.kernels import nm24
 
         kern = nm24._nm24_out_kernel if orientation == "output" else nm24._nm24_in_kernel
         out = []
@@ -398,7 +398,7 @@ def _kernel_stats(orientation: str) -> list[dict[str, Any]]:
 def gemv(timer: Timer, shapes, dtype, device, errors: list) -> dict[str, Any]:
     """1-token products: the Triton kernels (a few launch configs) against dense cuBLAS, for
     every MLP matrix shape; installs the fastest config; also checks every kernel path."""
-    from .kernels import nm24_decompress, nm24_matmul, set_config, to_kernel_layout
+    from dass.infer.kernels import nm24_decompress, nm24_matmul, set_config, to_kernel_layout
 
     def c(b, k, w=4, sp=1, st=1, pf=0):
         return dict(BLOCK=b, BLOCK_K=k, BLOCK_T=1, num_warps=w, num_stages=st, SPLIT_K=sp, PREFETCH=pf)
@@ -470,7 +470,7 @@ def cslt_layouts(timer: Timer, shapes, tokens, dtype, device, errors: list) -> l
     """cuSPARSELt called four ways (the dense operand as ``x.t()`` or as a contiguous
     ``[K, T]``, result transposed or not), each with the default algorithm and with
     ``_cslt_sparse_mm_search``'s, against dense ``F.linear``; CUDA-graph replays (GPU time)."""
-    from .accelerate import cslt_search
+    from dass.infer.accelerate import cslt_search
 
     rows: list[dict[str, Any]] = []
     for name, d, D in shapes:
@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
     if args.load_sweep:
-        from .kernels import set_config
+        from dass.infer.kernels import set_config
 
         with open(args.load_sweep) as f:
             for key, v in (json.load(f).get("sweep") or {}).items():
@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["shape"] = name
                 res["mlp"].append(r)
             if device == "cuda":
-                from .accelerate import clear_graphs
+                from dass.infer.accelerate import clear_graphs
 
                 clear_graphs()
                 torch.cuda.empty_cache()
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.e2e_decode_ctx, [int(b) for b in args.e2e_decode_batches.split(",")],
                                dtype, device, errors, tiny=args.dry_run)
     if device == "cuda":
-        from .accelerate import _PATH_CACHE, tuning_log
+        from dass.infer.accelerate import _PATH_CACHE, tuning_log
 
         res["autotune"] = tuning_log()
         res["paths"] = {" ".join(map(str, k[:4])): v for k, v in _PATH_CACHE.items()}

@@ -7,7 +7,7 @@ activations with hooks that accumulate statistics -> the method turns statistics
 masks (and weights) -> apply -> produce the next layer's inputs.
 
 :func:`process_layer` is that per-layer step; :func:`prune` (a model in memory) and
-:func:`dass.streaming.prune_checkpoint` (a checkpoint on disk, one layer at a time) both
+:func:`dass.run.streaming.prune_checkpoint` (a checkpoint on disk, one layer at a time) both
 run it. Two things keep it cheap on a GPU:
 
 - the statistics pass stops as soon as the last observed input has been seen (a dense
@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import MLP_NAMES, ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
-from .graphs import clear_graphs
-from .memory import choose_store, to_store
-from .methods import MatrixResult, PruningMethod, get_method
-from .patterns import Pattern, nm_violations, parse_pattern, sparsity_of
-from .sparsegpt import accumulate_xtx
-from . import distributed
-from .stats import FeatureStats
+from dass.arch import MLP_NAMES, ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
+from dass.core.graphs import clear_graphs
+from dass.run.memory import choose_store, to_store
+from dass.methods import MatrixResult, PruningMethod, get_method
+from dass.core.patterns import Pattern, nm_violations, parse_pattern, sparsity_of
+from dass.core.sparsegpt import accumulate_xtx
+from dass.run import distributed
+from dass.core.stats import FeatureStats
 
 try:  # progress bars are a nicety, never a requirement
     from tqdm.auto import tqdm
@@ -620,7 +620,7 @@ def as_calibration_tensor(
     elif isinstance(calibration, str):
         if tokenizer is None:
             raise CalibrationError("a text calibration source needs a tokenizer")
-        from .data import sample_calibration
+        from dass.io.data import sample_calibration
 
         ids = sample_calibration(tokenizer, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
     else:
@@ -702,7 +702,7 @@ def prune(
     where it is. ``activations``: ``auto`` | ``device`` | ``cpu``: where calibration
     activations live between layers (``auto``: on the device when they fit in half of its
     free memory, else pinned host memory). For a checkpoint too large for memory, see
-    :func:`dass.streaming.prune_checkpoint`.
+    :func:`dass.run.streaming.prune_checkpoint`.
     """
     t0 = time.perf_counter()
     meth = get_method(method, **method_options)

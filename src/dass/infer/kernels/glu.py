@@ -1,6 +1,6 @@
 """Triton kernel for a GLU's activation and product: ``h = act(g) * u`` from ``[g | u]``.
 
-Imported lazily by :mod:`dass.kernels` (needs triton and a GPU, or TRITON_INTERPRET=1).
+Imported lazily by :mod:`dass.infer.kernels` (needs triton and a GPU, or TRITON_INTERPRET=1).
 Why: once gate and up run as one stacked product, ``act(gu[:, :D]) * gu[:, D:]`` in torch is
 two kernels that move 450 MB at 4096 tokens of a 7B MLP (read g, write act, read act and u,
 write h); this one reads ``gu`` once and writes ``h`` (270 MB).

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .arch import all_decoder_linears
-from .patterns import parse_pattern, sparsity_of
+from dass.arch import all_decoder_linears
+from dass.core.patterns import parse_pattern, sparsity_of
 
 
 def decoder_sparsity(model: torch.nn.Module) -> float:
@@ -71,10 +71,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .cli import _device, _evaluate, _headline, _load, _method_options
-    from .data import sample_calibration
-    from .methods import get_method
-    from .pipeline import prune, validate
+    from dass.cli import _device, _evaluate, _headline, _load, _method_options
+    from dass.io.data import sample_calibration
+    from dass.methods import get_method
+    from dass.run.pipeline import prune, validate
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     patterns = [parse_pattern(p.strip()) for p in args.patterns.split(",") if p.strip()]
