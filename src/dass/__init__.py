@@ -6,8 +6,8 @@ magnitude, returning a :class:`PruneReport`.
 """
 
 from dass.arch import ArchitectureError
-from dass.methods import available_methods, get_method, register
 from dass.core.patterns import Pattern, PatternError, parse_pattern
+from dass.methods import available_methods, get_method, register
 from dass.run.pipeline import CalibrationError, PruneReport, prune
 
 __version__ = "0.1.0"

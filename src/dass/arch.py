@@ -17,8 +17,10 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from dass.errors import UserValueError
 
-class ArchitectureError(ValueError):
+
+class ArchitectureError(UserValueError):
     """The model's structure is not one the adapter can walk (or not a GLU under DaSS)."""
 
 
@@ -199,6 +201,37 @@ def _find_glu(mlp: nn.Module, prefix: str, plan: LayerPlan) -> bool:
         if block.act is None:
             block.act = act
     return found
+
+
+@dataclass(frozen=True)
+class GLUChildren:
+    """A GLU MLP module's gate, up and down linears (by attribute name) and its activation:
+    what inference code needs to fuse or graph the block without knowing module names."""
+
+    gate: str
+    up: str
+    down: str
+    act: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def glu_children(mlp: nn.Module) -> GLUChildren | None:
+    """The gate/up/down linears of ``mlp`` if it is a GLU MLP with separate projections
+    (LLaMA, Mistral, Qwen, Gemma: ``gate_proj``/``up_proj``/``down_proj``; Mixtral experts:
+    ``w1``/``w3``/``w2``), else None."""
+    for g, u, d in GLU_TRIPLES:
+        if all(_is_linear(getattr(mlp, n, None)) for n in (g, u, d)):
+            return GLUChildren(g, u, d, _activation(mlp))
+    return None
+
+
+def mlp_module(layer: nn.Module) -> tuple[str, nn.Module] | None:
+    """The MLP child of a decoder layer and its attribute name, if it has one."""
+    return _child(layer, MLP_NAMES)
+
+
+def attention_module(layer: nn.Module) -> tuple[str, nn.Module] | None:
+    """The attention child of a decoder layer and its attribute name, if it has one."""
+    return _child(layer, ATTN_NAMES)
 
 
 def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -15,23 +15,25 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from dass.errors import DassError, UserValueError
+
 DEFAULT_METHODS = "dense,dass,wanda,sparsegpt,magnitude"
 ZEROSHOT_TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge"
 
 
-class UsageError(ValueError):
+class UsageError(UserValueError):
     """A command-line mistake."""
 
 
-USER_FACING_RUNTIME_ERRORS = ("AccelerationError", "SolverError", "ResumeError", "StreamingError")
-"""Runtime errors that are the machine's or the input's fault, not a bug: shown as one
-line. Matched by name so that the CLI imports nothing heavy up front."""
+#: OS errors a user causes by naming files: shown as one line like :class:`DassError`.
+USER_FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _user_facing(exc: BaseException) -> bool:
-    if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError, ImportError)):
-        return True
-    return any(k.__name__ in USER_FACING_RUNTIME_ERRORS for k in type(exc).__mro__)
+    """Every error a user can cause derives from :class:`dass.errors.DassError` (or is a
+    file the user named that is missing, exists or cannot be written); anything else is
+    a bug and keeps its traceback."""
+    return isinstance(exc, (DassError, *USER_FILE_ERRORS))
 
 
 # --------------------------------------------------------------------------------------
@@ -129,11 +131,11 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from dass.run import distributed
+    from dass.core.patterns import parse_pattern
     from dass.io.checkpoint import CheckpointError, build_manifest, save_pruned
     from dass.io.data import sample_calibration
     from dass.methods import get_method
-    from dass.core.patterns import parse_pattern
+    from dass.run import distributed
     from dass.run.pipeline import prune, validate
 
     out = Path(args.output)
@@ -187,9 +189,9 @@ def _prune_streaming(args, method, pattern, options, device, quiet, t0) -> int:
     it; resumable (same command again continues from the last saved layer)."""
     from transformers import AutoTokenizer
 
-    from dass.run import distributed
     from dass.io.data import sample_calibration
     from dass.io.models import ModelError, default_model_dir
+    from dass.run import distributed
     from dass.run.streaming import prune_checkpoint
 
     src = default_model_dir() if args.model == "default" else Path(args.model)
@@ -237,8 +239,8 @@ def _headline(r: dict[str, Any]) -> float:
 
 
 def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    from dass.io.data import evaluation_tokens
     from dass.evaluation.evaluate import perplexity
+    from dass.io.data import evaluation_tokens
 
     result: dict[str, Any] = {}
     model.to(device)  # evaluation needs the whole model where its inputs are

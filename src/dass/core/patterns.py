@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from dass.errors import UserValueError
+
 Orientation = Literal["input", "output"]
 """Which weight dimension N:M groups run along: ``input`` = dim 1 of an ``[out, in]``
 weight (the reduction dimension, what sparse tensor cores accelerate), ``output`` = dim 0."""
@@ -23,7 +25,7 @@ UnstructuredGroup = Literal["matrix", "row", "column"]
 ORIENTATION_DIM: dict[str, int] = {"input": 1, "output": 0}
 
 
-class PatternError(ValueError):
+class PatternError(UserValueError):
     """A sparsity pattern that cannot be applied (bad syntax, impossible N:M, bad shape)."""
 
 

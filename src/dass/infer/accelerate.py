@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dass.errors import UserRuntimeError
 from dass.io.sparse_format import detect_orientation, is_nm, parse_entry
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-class AccelerationError(RuntimeError):
+class AccelerationError(UserRuntimeError):
     """Raised when acceleration is impossible here (no supported GPU, bad manifest, ...)."""
 
 

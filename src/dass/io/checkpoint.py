@@ -24,12 +24,13 @@ import torch
 
 from dass import __version__
 from dass.core.patterns import nm_violations, parse_pattern, sparsity_of
+from dass.errors import UserValueError
 
 MANIFEST = "dass.json"
 FORMAT = "dass/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserValueError):
     """An output that exists, a missing manifest, or an unreadable checkpoint."""
 
 

@@ -25,6 +25,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from dass.errors import UserValueError
 from dass.io.models import cache_dir, hub_reachable
 
 __all__ = [
@@ -47,7 +48,7 @@ _HUB_SOURCES = ("wikitext2", "c4")
 _EMBEDDED_SOURCES = ("default", "embedded")
 
 
-class DataError(ValueError):
+class DataError(UserValueError):
     """Text could not be obtained or is unusable; the message is one line saying what to do."""
 
 

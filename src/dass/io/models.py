@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from dass.errors import UserValueError
+
 __all__ = [
     "DEFAULT_GGUF_NAME",
     "ModelError",
@@ -43,7 +45,7 @@ _DTYPES = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
-class ModelError(ValueError):
+class ModelError(UserValueError):
     """A model could not be located or loaded; the message is one line saying what to do."""
 
 

@@ -44,6 +44,12 @@ from typing import Any, Mapping
 
 import torch
 
+from dass.errors import UserValueError
+
+
+class FormatError(UserValueError):
+    """A compressed matrix or file that is not what its metadata says (corrupt or edited)."""
+
 __all__ = [
     "ORIENTATIONS",
     "compress_nm",
@@ -75,14 +81,14 @@ NEGZERO_SUFFIX = ".nm_negzero"
 
 def _check_nm(n: int, m: int) -> None:
     if not (isinstance(n, int) and isinstance(m, int)) or isinstance(n, bool) or isinstance(m, bool):
-        raise ValueError(f"N:M must be integers, got {n!r}:{m!r}")
+        raise FormatError(f"N:M must be integers, got {n!r}:{m!r}")
     if not (0 < n <= m) or m > 64:
-        raise ValueError(f"invalid N:M pattern {n}:{m} (need 0 < N <= M <= 64)")
+        raise FormatError(f"invalid N:M pattern {n}:{m} (need 0 < N <= M <= 64)")
 
 
 def _check_orientation(orientation: str) -> None:
     if orientation not in ORIENTATIONS:
-        raise ValueError(f"orientation must be 'input' or 'output', got {orientation!r}")
+        raise FormatError(f"orientation must be 'input' or 'output', got {orientation!r}")
 
 
 def _group_dim(orientation: str) -> int:
@@ -94,10 +100,10 @@ def _grouped_shape(shape: tuple[int, int], m: int, orientation: str) -> tuple[in
     out, inp = shape
     if orientation == "input":
         if inp % m:
-            raise ValueError(f"shape {list(shape)}: input dim {inp} is not a multiple of M={m}")
+            raise FormatError(f"shape {list(shape)}: input dim {inp} is not a multiple of M={m}")
         return (out, inp // m, m)
     if out % m:
-        raise ValueError(f"shape {list(shape)}: output dim {out} is not a multiple of M={m}")
+        raise FormatError(f"shape {list(shape)}: output dim {out} is not a multiple of M={m}")
     return (out // m, m, inp)
 
 
@@ -130,13 +136,13 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     Raises ``ValueError`` if the byte count is wrong or a trailing padding bit is set.
     """
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"packed mask must be a 1-D uint8 tensor, got {packed.dtype} {list(packed.shape)}")
+        raise FormatError(f"packed mask must be a 1-D uint8 tensor, got {packed.dtype} {list(packed.shape)}")
     if packed.numel() != (numel + 7) // 8:
-        raise ValueError(f"packed mask has {packed.numel()} bytes, expected {(numel + 7) // 8} for {numel} elements")
+        raise FormatError(f"packed mask has {packed.numel()} bytes, expected {(numel + 7) // 8} for {numel} elements")
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = ((packed.view(-1, 1) >> shifts) & 1).bool().view(-1)
     if bits.numel() > numel and bool(bits[numel:].any()):
-        raise ValueError("packed mask has padding bits set beyond the last element")
+        raise FormatError("packed mask has padding bits set beyond the last element")
     return bits[:numel]
 
 
@@ -168,7 +174,7 @@ def nm_mask(W: torch.Tensor, n: int, m: int, orientation: str) -> torch.Tensor:
     _check_nm(n, m)
     _check_orientation(orientation)
     if W.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {list(W.shape)}")
+        raise FormatError(f"expected a 2-D weight, got shape {list(W.shape)}")
     gshape = _grouped_shape(tuple(W.shape), m, orientation)
     gdim = _group_dim(orientation)
     Wg = W.reshape(gshape)
@@ -176,7 +182,7 @@ def nm_mask(W: torch.Tensor, n: int, m: int, orientation: str) -> torch.Tensor:
     count = nz.sum(dim=gdim)
     if bool((count > n).any()):
         bad = int((count > n).sum())
-        raise ValueError(
+        raise FormatError(
             f"not a {n}:{m} matrix in {orientation} orientation: {bad} group(s) of {m} hold more than "
             f"{n} nonzeros (max {int(count.max())})"
         )
@@ -221,20 +227,20 @@ def compress_nm(
     _check_nm(n, m)
     _check_orientation(orientation)
     if W.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {list(W.shape)}")
+        raise FormatError(f"expected a 2-D weight, got shape {list(W.shape)}")
     gshape = _grouped_shape(tuple(W.shape), m, orientation)
     gdim = _group_dim(orientation)
     if mask is None:
         keep = nm_mask(W, n, m, orientation)
     else:
         if mask.shape != W.shape or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be bool of shape {list(W.shape)}, got {mask.dtype} {list(mask.shape)}")
+            raise FormatError(f"mask must be bool of shape {list(W.shape)}, got {mask.dtype} {list(mask.shape)}")
         keep = mask.to(W.device)
         cnt = keep.reshape(gshape).sum(dim=gdim)
         if bool((cnt != n).any()):
-            raise ValueError(f"mask does not keep exactly {n} of every {m} along {orientation}")
+            raise FormatError(f"mask does not keep exactly {n} of every {m} along {orientation}")
         if bool((W.masked_select(~keep) != 0).any()):
-            raise ValueError("W has nonzero weights outside the given mask")
+            raise FormatError("W has nonzero weights outside the given mask")
     pos = _positions_from_keep(keep.reshape(gshape), n, gdim)
     vals = W.reshape(gshape).gather(gdim, pos)
     shapes = compressed_shapes(W.shape, n, m, orientation)
@@ -255,26 +261,26 @@ def decompress_nm(parts: Mapping[str, torch.Tensor], shape, n: int, m: int, orie
     _check_nm(n, m)
     _check_orientation(orientation)
     if len(shape) != 2:
-        raise ValueError(f"expected a 2-D shape, got {list(shape)}")
+        raise FormatError(f"expected a 2-D shape, got {list(shape)}")
     shape = (int(shape[0]), int(shape[1]))
     if not ({"values", "mask"} <= set(parts) <= {"values", "mask", "negzero"}):
-        raise ValueError(f"compressed parts must be 'values', 'mask' (and optionally 'negzero'), got {sorted(parts)}")
+        raise FormatError(f"compressed parts must be 'values', 'mask' (and optionally 'negzero'), got {sorted(parts)}")
     values, packed = parts["values"], parts["mask"]
     shapes = compressed_shapes(shape, n, m, orientation)
     if tuple(values.shape) != shapes["values"]:
-        raise ValueError(
+        raise FormatError(
             f"values has shape {list(values.shape)}, expected {list(shapes['values'])} for a {n}:{m} "
             f"{orientation}-orientation matrix of shape {list(shape)}"
         )
     if tuple(packed.shape) != shapes["mask"]:
-        raise ValueError(f"mask has shape {list(packed.shape)}, expected {list(shapes['mask'])}")
+        raise FormatError(f"mask has shape {list(packed.shape)}, expected {list(shapes['mask'])}")
     gshape = _grouped_shape(shape, m, orientation)
     gdim = _group_dim(orientation)
     keep = unpack_bits(packed.to(values.device), shape[0] * shape[1]).view(gshape)
     cnt = keep.sum(dim=gdim)
     if bool((cnt != n).any()):
         bad = int((cnt != n).sum())
-        raise ValueError(
+        raise FormatError(
             f"corrupted mask: {bad} group(s) do not keep exactly {n} of {m} positions "
             f"(counts seen: {sorted(set(cnt.unique().tolist()))})"
         )
@@ -289,7 +295,7 @@ def decompress_nm(parts: Mapping[str, torch.Tensor], shape, n: int, m: int, orie
         npruned = shape[0] * shape[1] // m * (m - n)
         neg = unpack_bits(parts["negzero"].to(values.device), npruned)
         if not values.is_floating_point():
-            raise ValueError("negzero part given for a non-floating matrix")
+            raise FormatError("negzero part given for a non-floating matrix")
         zeros = torch.zeros(npruned, dtype=values.dtype, device=values.device)
         out[pruned] = torch.where(neg, -zeros, zeros)
     return out
@@ -381,18 +387,18 @@ def save_compressed(
         elif W.dim() != 2 or not W.is_floating_point():
             reason = "not a 2-D floating weight"
         elif "shape" in entry and list(entry["shape"]) != list(W.shape):
-            raise ValueError(f"{name}: manifest shape {entry['shape']} != tensor shape {list(W.shape)}")
+            raise FormatError(f"{name}: manifest shape {entry['shape']} != tensor shape {list(W.shape)}")
         if nmo is not None and reason is None:
             n, m, orientation = nmo
             try:
                 if orientation is None:
                     orientation = detect_orientation(W, n, m)
                     if orientation is None:
-                        raise ValueError(f"not {n}:{m} in either orientation")
+                        raise FormatError(f"not {n}:{m} in either orientation")
                 parts = compress_nm(W.detach(), n, m, orientation)
             except ValueError as e:
                 if strict:
-                    raise ValueError(f"{name}: manifest says {n}:{m} ({nmo[2]}) but: {e}") from e
+                    raise FormatError(f"{name}: manifest says {n}:{m} ({nmo[2]}) but: {e}") from e
                 reason = f"kept dense: {e}"
             else:
                 tensors[name + VALUES_SUFFIX] = parts["values"].cpu()
@@ -454,18 +460,18 @@ def load_compressed(
     with safe_open(path, framework="pt", device=str(device)) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path}: not a {FORMAT_NAME} file (format={meta.get('format')!r})")
+            raise FormatError(f"{path}: not a {FORMAT_NAME} file (format={meta.get('format')!r})")
         try:
             info = json.loads(meta.get("nm_matrices", "{}"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: unreadable nm_matrices metadata: {e}") from e
+            raise FormatError(f"{path}: unreadable nm_matrices metadata: {e}") from e
         keys = set(f.keys())
         out: dict[str, torch.Tensor] = {}
         comp_keys = set()
         for name, e in info.items():
             vk, mk = name + VALUES_SUFFIX, name + MASK_SUFFIX
             if vk not in keys or mk not in keys:
-                raise ValueError(f"{path}: compressed matrix {name} lacks {vk} or {mk}")
+                raise FormatError(f"{path}: compressed matrix {name} lacks {vk} or {mk}")
             comp_keys.update((vk, mk))
             try:
                 n, m, o, shape = int(e["n"]), int(e["m"]), e["orientation"], e["shape"]
@@ -475,12 +481,12 @@ def load_compressed(
                     parts["negzero"] = f.get_tensor(name + NEGZERO_SUFFIX)
                 W = decompress_nm(parts, shape, n, m, o)
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}: cannot restore {name}: {err}") from err
+                raise FormatError(f"{path}: cannot restore {name}: {err}") from err
             if str(W.dtype).replace("torch.", "") != e.get("dtype", str(W.dtype).replace("torch.", "")):
-                raise ValueError(f"{path}: {name} values dtype {W.dtype} != recorded {e['dtype']}")
+                raise FormatError(f"{path}: {name} values dtype {W.dtype} != recorded {e['dtype']}")
             out[name] = W
         for k in keys - comp_keys:
             if k.endswith((VALUES_SUFFIX, MASK_SUFFIX, NEGZERO_SUFFIX)):
-                raise ValueError(f"{path}: stray compressed tensor {k} not listed in the metadata")
+                raise FormatError(f"{path}: stray compressed tensor {k} not listed in the metadata")
             out[k] = f.get_tensor(k)
     return (out, info) if return_info else out

@@ -8,8 +8,13 @@ statistics and applies the results. Adding a method means one new module here th
 
 from __future__ import annotations
 
+from dass.methods import (  # noqa: F401  (registration side effects)
+    dass,
+    dass_obs,  # noqa: F401
+    magnitude,
+    sparsegpt,
+    wanda,
+)
 from dass.methods.base import MatrixResult, PruningMethod, available_methods, get_method, register
-from dass.methods import magnitude, wanda, sparsegpt, dass  # noqa: F401  (registration side effects)
-from dass.methods import dass_obs  # noqa: F401
 
 __all__ = ["MatrixResult", "PruningMethod", "available_methods", "get_method", "register"]

@@ -9,9 +9,10 @@ import torch
 
 from dass.core.patterns import Orientation, Pattern
 from dass.core.stats import FeatureStats
+from dass.errors import UserValueError
 
 
-class MethodError(ValueError):
+class MethodError(UserValueError):
     """Unknown method name or bad method options."""
 
 

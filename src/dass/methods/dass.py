@@ -38,7 +38,15 @@ from dass.core.alpha import (
 from dass.core.patterns import Orientation, Pattern, select_mask
 from dass.core.scores import dass_glu_score
 from dass.core.stats import FeatureStats
-from dass.methods.base import MatrixResult, MethodError, PruningMethod, parse_bool, parse_rescale, register, rescaled_glu_results
+from dass.methods.base import (
+    MatrixResult,
+    MethodError,
+    PruningMethod,
+    parse_bool,
+    parse_rescale,
+    register,
+    rescaled_glu_results,
+)
 from dass.methods.wanda import wanda_mask
 
 #: ``rescale`` of ``alpha="auto"`` unless given: W_down's rows against the dense block output

@@ -33,12 +33,13 @@ from torch import nn
 
 from dass.arch import MLP_NAMES, ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
 from dass.core.graphs import clear_graphs
-from dass.run.memory import choose_store, to_store
-from dass.methods import MatrixResult, PruningMethod, get_method
 from dass.core.patterns import Pattern, nm_violations, parse_pattern, sparsity_of
 from dass.core.sparsegpt import accumulate_xtx
-from dass.run import distributed
 from dass.core.stats import FeatureStats
+from dass.errors import UserValueError
+from dass.methods import MatrixResult, PruningMethod, get_method
+from dass.run import distributed
+from dass.run.memory import choose_store, to_store
 
 try:  # progress bars are a nicety, never a requirement
     from tqdm.auto import tqdm
@@ -47,7 +48,7 @@ except ImportError:  # pragma: no cover
         return it
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserValueError):
     """Calibration data missing or unusable."""
 
 

@@ -27,12 +27,14 @@ from typing import Any
 
 import torch
 
+from dass.errors import UserValueError
+
 STATE_DIR = ".dass-resume"
 STATE_FILE = "state.json"
 FORMAT = "dass-resume/1"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserValueError):
     """A partial run exists that was started with different settings."""
 
 

@@ -30,15 +30,17 @@ import torch
 from torch import nn
 
 from dass.arch import ArchitectureError, decoder_layers
+from dass.core.graphs import clear_graphs
+from dass.core.patterns import parse_pattern
+from dass.errors import UserValueError
+from dass.methods import get_method
 from dass.run import distributed
 from dass.run.memory import choose_store, release_host_memory
-from dass.methods import get_method
-from dass.core.patterns import parse_pattern
 from dass.run.pipeline import (
     FastPath,
-    _move_module,
     MatrixReport,
     PruneReport,
+    _move_module,
     activation_bytes,
     as_calibration_tensor,
     calibration_batches,
@@ -49,7 +51,6 @@ from dass.run.pipeline import (
     tqdm,
     validate,
 )
-from dass.core.graphs import clear_graphs
 from dass.run.resume import RunState, atomic_save_tensors, atomic_write_bytes, tensor_digest
 
 INDEX = "model.safetensors.index.json"
@@ -60,7 +61,7 @@ SHARD_METADATA = {"format": "pt"}
 DIE_AFTER_LAYER = "DASS_TEST_DIE_AFTER_LAYER"  # test hook: os._exit after that layer's shard
 
 
-class StreamingError(ValueError):
+class StreamingError(UserValueError):
     """A checkpoint that cannot be streamed (no safetensors, keys that do not match)."""
 
 
