@@ -93,9 +93,9 @@ def label(spec: str) -> str:
             crit += f" + rescale {opts['rescale']}"
             if opts.get("rescale_target", "block") != "block":
                 crit += f" ({opts['rescale_target']} target)"
-            from dass.methods.base import parse_bool
+            from dass.methods.options import as_bool
 
-            if parse_bool(opts.get("alpha_rescaled", False), "alpha_rescaled"):
+            if as_bool(opts.get("alpha_rescaled", False)):
                 crit += ", alpha judged rescaled"
         return f"DaSS alpha {opts.get('alpha', 0.5)}{crit}"
     if method == "wanda" and opts.get("rescale", "none") != "none":

@@ -6,11 +6,11 @@ method, at 2:4 in bf16 with N x L random calibration tokens:
 - ``memory`` mode: the model resident on the device, pruned by ``dass.prune``; the time of
   two plain forward passes of the calibration batch through the decoder is measured in
   the same run, and the pruning time is split into capture / statistics pass / pruning
-  maths / propagation (CUDA events, see ``dass.run.pipeline.PROFILE``);
+  maths / reconstruction / propagation (CUDA events, see ``dass.run.layer.profile_summary``);
 - ``stream`` mode: the model written as bf16 safetensors shards and pruned from disk to
   disk by ``dass.run.streaming.prune_checkpoint`` in a child process, which reports its peak
   RSS (sampled in a thread) and peak device memory;
-- ``--resume-test``: a streaming run killed half-way (``DASS_TEST_DIE_AFTER_LAYER``),
+- ``--resume-test``: a streaming run killed half-way (``--die-after`` in a child process),
   restarted, and compared byte for byte with an uninterrupted run.
 
 Prints a table and writes JSON (``--out``). Not a test: nothing here runs in CI.
@@ -93,9 +93,9 @@ def layer_bytes(cfg, dtype=torch.bfloat16):
 # --------------------------------------------------------------------------------------
 
 
-def bench_memory(shape, cfg, methods, ids, device, batch_size, dtype):
+def bench_memory(shape, cfg, methods, ids, device, batch_size, dtype, reconstruct=None):
     import dass
-    import dass.run.pipeline as pl
+    from dass.run.layer import profile_summary
     from transformers import LlamaForCausalLM
 
     rows = []
@@ -127,14 +127,14 @@ def bench_memory(shape, cfg, methods, ids, device, batch_size, dtype):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        pl.PROFILE = []
+        profile: list = []
         sync(device)
         t = time.perf_counter()
-        rep = dass.prune(model, method, "2:4", "mlp", calibration=ids, batch_size=batch_size, device=device, progress=False)
+        rep = dass.prune(model, method, "2:4", "mlp", calibration=ids, batch_size=batch_size, device=device,
+                         progress=False, profile=profile, reconstruct=reconstruct)
         sync(device)
         total = time.perf_counter() - t
-        phases = pl.profile_summary(pl.PROFILE)
-        pl.PROFILE = None
+        phases = profile_summary(profile)
         forward = phases["observe"] + phases["propagate"]
         row = {
             "shape": shape, "mode": "memory", "method": method, "layers": cfg.num_hidden_layers,
@@ -142,7 +142,9 @@ def bench_memory(shape, cfg, methods, ids, device, batch_size, dtype):
             "excl_forward_s": total - forward - rep.capture_seconds,
             "ratio_to_forward2": total / fwd2,
             "peak_device_gb": torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
-            "sparsity": rep.sparsity, "notes": rep.notes,
+            "sparsity": rep.sparsity, "notes": rep.notes, "reconstruct": rep.reconstruct,
+            "block_loss_before": sum(b["loss_before"] for b in rep.blocks) / max(len(rep.blocks), 1),
+            "block_loss_after": sum(b["loss_after"] for b in rep.blocks) / max(len(rep.blocks), 1),
         }
         rows.append(row)
         log(f"[{shape}] {method}: {total:.2f} s ({total / fwd2:.2f} x fwd2), phases " +
@@ -207,8 +209,13 @@ def child_stream(args):
     # RSS sampled in a thread: ru_maxrss of a child started by vfork+exec includes the
     # parent's peak RSS, so it is only an upper bound here
     with RSSSampler(0.005) as rss:
+        def crash(layer):  # the resume test: die after that layer's shard is written
+            if layer == args.die_after:
+                os._exit(17)
+
         rep = prune_checkpoint(args.src, args.dst, args.method, "2:4", "mlp", ids, device=device, batch_size=args.batch_size,
-                               activations=args.activations, progress=False, checkpoint_seconds=args.checkpoint_seconds)
+                               activations=args.activations, progress=False, checkpoint_seconds=args.checkpoint_seconds,
+                               after_layer=crash if args.die_after >= 0 else None)
         sync(device)
     total = time.perf_counter() - t
     print(json.dumps({
@@ -219,11 +226,12 @@ def child_stream(args):
     }))
 
 
-def run_child(src, dst, method, a, env=None, checkpoint_seconds=60.0):
+def run_child(src, dst, method, a, die_after=-1, checkpoint_seconds=60.0):
     cmd = [sys.executable, __file__, "--child-stream", "--src", str(src), "--dst", str(dst), "--method", method,
            "--device", a.device, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--batch-size", str(a.batch_size),
-           "--activations", a.activations, "--vocab", str(a.vocab), "--checkpoint-seconds", str(checkpoint_seconds)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+           "--activations", a.activations, "--vocab", str(a.vocab), "--checkpoint-seconds", str(checkpoint_seconds),
+           "--die-after", str(die_after)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
     out = None
     for line in reversed(res.stdout.strip().splitlines()):
         if line.startswith("{"):
@@ -290,7 +298,7 @@ def bench_stream(shape, cfg, methods, a, work: Path, resume_test: bool):
         k = cfg.num_hidden_layers // 2
         t = time.perf_counter()
         cs = a.checkpoint_seconds
-        rc1, _, err1 = run_child(src, dst, method, a, env={"DASS_TEST_DIE_AFTER_LAYER": str(k)}, checkpoint_seconds=cs)
+        rc1, _, err1 = run_child(src, dst, method, a, die_after=k, checkpoint_seconds=cs)
         t1 = time.perf_counter() - t
         rc2, out2, err2 = run_child(src, dst, method, a, checkpoint_seconds=cs)
         ok, bad = (False, ["resumed run failed"]) if rc2 != 0 else same_files(whole, dst)
@@ -395,6 +403,8 @@ def main(argv=None):
     ap.add_argument("--child-stream", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--src"), ap.add_argument("--dst"), ap.add_argument("--method")
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--die-after", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--reconstruct", default=None, help="in-memory runs: reconstruction settings ('' = defaults)")
     a = ap.parse_args(argv)
     if a.child_stream:
         return child_stream(a)
@@ -437,7 +447,8 @@ def main(argv=None):
                 log(f"[{shape}] memory: skipped (budget)")
             else:
                 try:
-                    rows += bench_memory(shape, cfg, methods, ids, device, a.batch_size, dtype)
+                    rows += bench_memory(shape, cfg, methods, ids, device, a.batch_size, dtype,
+                                         reconstruct=None if a.reconstruct is None else (a.reconstruct or True))
                 except Exception as exc:  # keep going: the other sections still report
                     import traceback
 

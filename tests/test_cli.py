@@ -85,10 +85,13 @@ def test_verify_fails_on_denser_matrix(tiny_dir, tmp_path, capsys):
         (["--pattern", "5:4"], "impossible N:M pattern"),
         (["--pattern", "1.2"], "must be in [0, 1)"),
         (["--calibration", "/no/such/file.txt"], "file.txt"),
-        (["--alpha", "1", "--method", "wanda"], "--alpha applies to DaSS only"),
-        (["--alpha", "big"], "--alpha must be a number or 'auto'"),
-        (["--rescale", "down", "--method", "dass-obs"], "--rescale applies to --method dass or wanda only"),
-        (["--rescale", "half"], "--rescale must be none, down or all"),
+        (["--alpha", "1", "--method", "wanda"], "--alpha applies to dass and dass-obs only, not to wanda"),
+        (["--alpha", "big"], "alpha must be a number"),
+        (["--alpha", "auto", "--method", "dass-obs"], "dass-obs: alpha must be a number"),
+        (["--rescale", "down", "--method", "dass-obs"], "--rescale applies to dass and wanda only"),
+        (["--rescale", "half"], "rescale must be one of none, down, all"),
+        (["--method", "dass:alpha=auto,bogus=1"], "dass: unknown option 'bogus'"),
+        (["--reconstruct", "steps=-1"], "reconstruct: steps must be >= 0"),
     ],
 )
 def test_bad_arguments_one_line_no_traceback(tiny_dir, tmp_path, extra, needle):
@@ -134,7 +137,7 @@ def test_prune_auto_rescale_options_reach_the_manifest(tiny_dir, tmp_path):
         assert run("prune", tiny_dir / "model", "--pattern", "2:4", "--output", out, *alpha, *extra, *common) == 0
         opts[tag] = json.loads((out / "dass.json").read_text())["options"]
     assert opts["auto"]["alpha"] == "auto" and opts["auto"]["rescale"] == "down"  # auto's default
-    assert opts["plain"]["alpha"] == "auto" and "rescale" not in opts["plain"]
+    assert opts["plain"]["alpha"] == "auto" and opts["plain"]["rescale"] == "none"  # not auto's default: recorded
     assert opts["fixed-all"]["alpha"] == 1.0 and opts["fixed-all"]["rescale"] == "all"
 
 

@@ -9,7 +9,8 @@ import dass
 from dass.arch import ArchitectureError, plan_model
 from dass.methods import get_method
 from dass.core.patterns import PatternError, nm_violations, parse_pattern
-from dass.run.pipeline import prune_layer, PruneReport
+from dass.run.layer import prune_layer
+from dass.run.report import PruneReport
 from dass.core.stats import FeatureStats
 from tiny import ARCHS, calib, tiny_model
 
@@ -57,7 +58,7 @@ def test_sequential_matches_full_forward_reference(arch, method):
 def test_gemma3_reusing_layer0_arguments_is_caught(monkeypatch):
     """Reusing layer 0's arguments for every layer must change the masks, or the test
     above could not catch that bug."""
-    import dass.run.pipeline as pl
+    import dass.run.prune as pl
 
     real = pl.capture_inputs
 

@@ -185,7 +185,7 @@ def test_auto_rescales_down_by_default_and_a_fixed_alpha_never(glu):
     h = F.silu(x @ gate.t()) * (x @ up.t())
     sx = stats(x, keep=64)
     auto = get_method("dass", alpha="auto", sample_tokens=64)
-    assert auto.rescale == "down"
+    assert auto.opts.rescale == "down"
     rg, ru, rd = auto.prune_glu(gate, up, down, sx, stats(h), p, act=F.silu)
     assert rg.weight is None and ru.weight is None and rd.weight is not None
     g2, u2, d2, _ = rescale_glu(gate, up, down, (rg.mask, ru.mask, rd.mask), sx.sample(), F.silu, scope="down")
@@ -194,7 +194,7 @@ def test_auto_rescales_down_by_default_and_a_fixed_alpha_never(glu):
                                                                                       act=F.silu)
     assert all(r.weight is None for r in off) and all(torch.equal(a.mask, b.mask) for a, b in zip(off, (rg, ru, rd)))
     fixed = get_method("dass", alpha=1.0)
-    assert fixed.rescale == "none" and fixed.sample_tokens == 0
+    assert fixed.opts.rescale == "none" and fixed.sample_tokens == 0
     assert all(r.weight is None for r in fixed.prune_glu(gate, up, down, sx, stats(h), p, act=F.silu))
 
 

@@ -14,11 +14,15 @@ import pytest
 import torch
 
 import dass
-import dass.run.pipeline as pl
+import dass.arch
+import dass.run.layer as layer_mod
 from dass.arch import plan_model
 from dass.methods import get_method
 from dass.core.patterns import parse_pattern
-from dass.run.pipeline import FastPath, PruneReport, capture_inputs, mlp_residual, process_layer
+from dass.run.capture import capture_inputs
+from dass.run.layer import LayerStep
+from dass.run.propagate import mlp_residual
+from dass.run.report import PruneReport
 from dass.core.sparsegpt import accumulate_xtx, sparsegpt_prune
 from tiny import ARCHS, calib, tiny_model
 
@@ -42,8 +46,7 @@ def test_mlp_only_propagation_is_bit_identical(arch, monkeypatch):
     method = "wanda" if arch == "mixtral" else "dass"
     rep = dass.prune(model, method, "2:4", calibration=ids, batch_size=4, progress=False)
     assert any(n.startswith("propagation: MLP branch only") for n in rep.notes), rep.notes
-    monkeypatch.setattr(pl, "FAST_MLP", False)
-    rep_ref = dass.prune(ref, method, "2:4", calibration=ids, batch_size=4, progress=False)
+    rep_ref = dass.prune(ref, method, "2:4", calibration=ids, batch_size=4, progress=False, fast_mlp=False)
     assert not any(n.startswith("propagation") for n in rep_ref.notes)
     got, want = _params(model), _params(ref)
     for name in want:
@@ -60,11 +63,9 @@ def test_layer_outputs_identical(arch, method):
         plan = plan_model(model, "mlp")[0]
         inputs = capture_inputs(model, list(calib(6, 24).split(4)), torch.device("cpu"), torch.device("cpu"), False)
         report = PruneReport(method, {}, "2:4", "mlp", 6, 24)
-        fp = FastPath(report)
-        if not fast:
-            fp.ok = False
-        process_layer(plan, inputs.hidden, inputs.args[0], get_method(method), parse_pattern("2:4"),
-                      report, torch.device("cpu"), torch.device("cpu"), fp)
+        step = LayerStep(get_method(method), parse_pattern("2:4"), report, torch.device("cpu"), torch.device("cpu"),
+                         fast_mlp=fast)
+        step(plan, inputs.hidden, inputs.args[0])
         assert any("MLP branch only" in n for n in report.notes) == fast
         outs.append(inputs.hidden)
     for a, b in zip(*outs):
@@ -77,21 +78,20 @@ def test_early_stop_gives_the_same_statistics(monkeypatch):
     ref = copy.deepcopy(model)
     ids = calib(6, 24)
     dass.prune(model, "sparsegpt", "2:4", calibration=ids, batch_size=4, progress=False)
-    monkeypatch.setattr(pl, "last_observed", lambda plan: None)
+    monkeypatch.setattr(layer_mod, "last_observed", lambda plan: None)
     dass.prune(ref, "sparsegpt", "2:4", calibration=ids, batch_size=4, progress=False)
     for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.equal(a, b), n
 
 
 def test_unknown_layer_class_falls_back_to_full_rerun(monkeypatch):
-    monkeypatch.setitem(pl.MLP_FORMS, "LlamaDecoderLayer", ("input_layernorm", None))  # a wrong form
+    monkeypatch.setitem(dass.arch.MLP_FORMS, "LlamaDecoderLayer", ("input_layernorm", None))  # a wrong form
     model = tiny_model("llama")
     ref = copy.deepcopy(model)
     ids = calib(4, 16)
     rep = dass.prune(model, "dass", "2:4", calibration=ids, progress=False)
     assert any("did not match" in n for n in rep.notes)
-    monkeypatch.setattr(pl, "FAST_MLP", False)
-    dass.prune(ref, "dass", "2:4", calibration=ids, progress=False)
+    dass.prune(ref, "dass", "2:4", calibration=ids, progress=False, fast_mlp=False)
     for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.equal(a, b), n
 
@@ -140,9 +140,8 @@ def test_cuda_fast_path_matches_full_rerun(monkeypatch):
     ids = calib(6, 24)
     out = []
     for fast in (True, False):
-        monkeypatch.setattr(pl, "FAST_MLP", fast)
         model = tiny_model("gemma2").to(torch.bfloat16)
-        dass.prune(model, "dass", "2:4", calibration=ids, batch_size=4, device="cuda", progress=False)
+        dass.prune(model, "dass", "2:4", calibration=ids, batch_size=4, device="cuda", progress=False, fast_mlp=fast)
         out.append(_params(model))
     for k in out[0]:
         assert torch.equal(out[0][k], out[1][k]), k

@@ -13,7 +13,7 @@ import torch
 import dass
 from dass.io.checkpoint import CheckpointError, verify_checkpoint
 from dass.run.resume import ResumeError
-from dass.run.streaming import DIE_AFTER_LAYER, StreamingError, parameters_on_meta, prune_checkpoint
+from dass.run.streaming import StreamingError, parameters_on_meta, prune_checkpoint
 from tiny import calib, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,18 +103,24 @@ def test_converted_checkpoints_are_refused(tmp_path):
 
 RUN = textwrap.dedent(
     """
-    import sys
+    import os, sys
     from dass.run.streaming import prune_checkpoint
     from tiny import calib
-    src, out, method = sys.argv[1], sys.argv[2], sys.argv[3]
-    prune_checkpoint(src, out, method, "2:4", "mlp", calib(6, 24), batch_size=4, progress=False, checkpoint_seconds=0)
+    src, out, method, die = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+    def crash(layer):  # a simulated crash after that layer's shard is written, before the state
+        if layer == die:
+            os._exit(17)
+
+    prune_checkpoint(src, out, method, "2:4", "mlp", calib(6, 24), batch_size=4, progress=False, checkpoint_seconds=0,
+                     after_layer=crash)
     """
 )
 
 
-def _run(args, **env):
-    """A streaming run in a child process (so that it can die)."""
-    return subprocess.run([sys.executable, "-c", RUN, *map(str, args)], env={**ENV, **env},
+def _run(args, die_after: int):
+    """A streaming run in a child process that dies after layer ``die_after``."""
+    return subprocess.run([sys.executable, "-c", RUN, *map(str, args), str(die_after)], env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -130,7 +136,7 @@ def _files(d):
 def test_kill_and_resume_is_byte_identical(tmp_path):
     method = "sparsegpt"  # weights updated too: any difference in the resumed state would show
     src = _save(tiny_model("llama", num_hidden_layers=4), tmp_path / "src")
-    died = _run([src, tmp_path / "resumed", method], **{DIE_AFTER_LAYER: "2"})
+    died = _run([src, tmp_path / "resumed", method], die_after=2)
     assert died.returncode == 17, died.stderr
     partial = tmp_path / "resumed.partial"
     assert partial.is_dir() and not (tmp_path / "resumed").exists()
@@ -151,7 +157,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
 
 def test_resume_refuses_other_settings(tmp_path):
     src = _save(tiny_model("llama", num_hidden_layers=3), tmp_path / "src")
-    died = _run([src, tmp_path / "out", "dass"], **{DIE_AFTER_LAYER: "1"})
+    died = _run([src, tmp_path / "out", "dass"], die_after=1)
     assert died.returncode == 17
     with pytest.raises(ResumeError, match="different settings"):
         _stream(src, tmp_path / "out", "wanda")

@@ -61,13 +61,21 @@ class MatrixRef:
     expert: int | None = None
     rows: tuple[int, int] | None = None
 
-    def get(self) -> torch.Tensor:
-        w = getattr(self.module, self.attr)
+    def parameter(self) -> torch.Tensor:
+        """The whole parameter this matrix is (part of)."""
+        return getattr(self.module, self.attr)
+
+    def view_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of ``tensor`` (shaped like :meth:`parameter`) that is this matrix."""
+        w = tensor
         if self.expert is not None:
             w = w[self.expert]
         if self.rows is not None:
             w = w[self.rows[0] : self.rows[1]]
         return w
+
+    def get(self) -> torch.Tensor:
+        return self.view_of(self.parameter())
 
     @property
     def key(self) -> str:
@@ -123,8 +131,36 @@ class ExpertsCapture:
     def x_key(self, e: int) -> str:
         return f"{self.prefix}[{e}].x"
 
+    def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s gate and up weights ``[I, d]`` (views of the fused 3D tensor)."""
+        gu = getattr(self.module, "gate_up_proj")[e]
+        inter = gu.shape[0] // 2
+        return gu[:inter], gu[inter:]
+
+    @staticmethod
+    def routed(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden [tokens, d], top-k expert indices [tokens, k])`` of a fused-experts call
+        ``(hidden_states, top_k_index, top_k_weights)``."""
+        hs = args[0] if args else kwargs["hidden_states"]
+        idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        hs = hs.reshape(-1, hs.shape[-1])
+        return hs, idx.reshape(hs.shape[0], -1)
+
     def h_key(self, e: int) -> str:
         return f"{self.prefix}[{e}].h"
+
+
+@dataclass
+class Block:
+    """A submodule of a decoder layer whose pruned weights can be refitted as one unit:
+    the MLP (GLU, plain or mixture of experts) or the attention. ``token_wise``: each
+    token's output depends on that token's input alone (MLPs), so any set of calibration
+    rows can be fed to it; otherwise (attention) whole sequences must be."""
+
+    name: str  # "mlp" or "attention"
+    module: nn.Module
+    prefix: str
+    token_wise: bool
 
 
 @dataclass
@@ -138,6 +174,7 @@ class LayerPlan:
     linears: list[LinearTarget] = field(default_factory=list)
     inputs: list[InputCapture] = field(default_factory=list)
     experts: list[ExpertsCapture] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
     attention_pruned: bool = False
 
     def matrices(self) -> list[MatrixRef]:
@@ -201,6 +238,45 @@ def _find_glu(mlp: nn.Module, prefix: str, plan: LayerPlan) -> bool:
         if block.act is None:
             block.act = act
     return found
+
+
+# Decoder-layer class -> (norm applied to h before the MLP or None, norm applied to the
+# MLP output or None). The layer computes ``h + post(mlp(pre(h)))`` where ``h`` is the
+# residual stream after attention. Read off each class's forward in transformers 5.x;
+# the run checks the form against a full layer pass on the first layer it prunes.
+MLP_FORMS: dict[str, tuple[str | None, str | None]] = {
+    "LlamaDecoderLayer": ("post_attention_layernorm", None),
+    "MistralDecoderLayer": ("post_attention_layernorm", None),
+    "Qwen2DecoderLayer": ("post_attention_layernorm", None),
+    "Qwen3DecoderLayer": ("post_attention_layernorm", None),
+    "GemmaDecoderLayer": ("post_attention_layernorm", None),
+    "Phi3DecoderLayer": ("post_attention_layernorm", None),  # + resid_mlp_dropout (identity in eval)
+    "MixtralDecoderLayer": ("post_attention_layernorm", None),
+    "Gemma2DecoderLayer": ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "Gemma3DecoderLayer": ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "Olmo2DecoderLayer": (None, "post_feedforward_layernorm"),
+}
+
+
+@dataclass(frozen=True)
+class MLPBranch:
+    """A decoder layer's MLP branch ``h + post(mlp(pre(h)))``: ``pre``/``post`` are norms or None."""
+
+    pre: nn.Module | None
+    mlp: nn.Module
+    post: nn.Module | None
+
+
+def mlp_branch(layer: nn.Module) -> MLPBranch | None:
+    """The MLP branch of ``layer`` if its class's form is known (:data:`MLP_FORMS`)."""
+    form = MLP_FORMS.get(type(layer).__name__)
+    hit = _child(layer, MLP_NAMES)
+    if form is None or hit is None:
+        return None
+    mods = [getattr(layer, n, None) if n else None for n in form]
+    if any(n and not isinstance(m, nn.Module) for n, m in zip(form, mods)):
+        return None
+    return MLPBranch(mods[0], hit[1], mods[1])
 
 
 @dataclass(frozen=True)
@@ -339,6 +415,7 @@ def plan_layer(layer: nn.Module, index: int, prefix: str, scope: str, require_gl
             f"{prefix} ({type(layer).__name__}) has no MLP submodule; looked for: {', '.join(MLP_NAMES)}"
         )
     mlp_name, mlp = mlp_hit
+    plan.blocks.append(Block("mlp", mlp, f"{prefix}.{mlp_name}", token_wise=True))
     if not _find_glu(mlp, f"{prefix}.{mlp_name}", plan):
         if require_glu:
             raise ArchitectureError(
@@ -351,6 +428,7 @@ def plan_layer(layer: nn.Module, index: int, prefix: str, scope: str, require_gl
         if attn_hit is None:
             raise ArchitectureError(f"{prefix} has no attention submodule; looked for: {', '.join(ATTN_NAMES)}")
         _add_linears(attn_hit[1], f"{prefix}.{attn_hit[0]}", plan)
+        plan.blocks.insert(0, Block("attention", attn_hit[1], f"{prefix}.{attn_hit[0]}", token_wise=False))
         plan.attention_pruned = True
     elif scope != "mlp":
         raise ArchitectureError(f"unknown scope {scope!r}: use 'mlp' or 'all'")

@@ -8,6 +8,7 @@ model without a GLU MLP) ends in one line on stderr and exit status 2, with no t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -47,58 +48,36 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from dass.io.checkpoint import is_compressed, load_pruned_model
     from dass.io.models import load_model
 
-    if Path(args.model).is_dir() and is_compressed(args.model):
-        from transformers import AutoTokenizer
-
-        return load_pruned_model(args.model, dtype=args.dtype), AutoTokenizer.from_pretrained(args.model)
     return load_model(args.model, dtype=args.dtype, device="cpu", gguf_file=getattr(args, "gguf_file", None))
 
 
 def _device(args: argparse.Namespace) -> str:
-    import torch
+    from dass.run.devices import resolve_device
 
-    if args.device:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device} requested but no CUDA GPU is available")
-        return args.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(args.device)
 
 
 def _calibration_spec(args: argparse.Namespace) -> dict[str, Any]:
     return {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
 
 
-def _method_options(args: argparse.Namespace, method: str, strict: bool = True) -> dict[str, Any]:
-    """Constructor options of ``method`` from the command line. ``strict`` (one method, as in
-    ``dass prune``): an option the method does not take is an error; otherwise (``dass
-    compare`` over several methods) it applies to the methods that take it."""
-    opts: dict[str, Any] = {}
-    alpha = getattr(args, "alpha", None)
-    if alpha is not None:
-        if method.startswith("dass"):
-            if str(alpha).strip().lower() == "auto":
-                opts["alpha"] = "auto"
-            else:
-                try:
-                    opts["alpha"] = float(alpha)
-                except ValueError:
-                    raise UsageError(f"--alpha must be a number or 'auto', got {alpha!r}") from None
-        elif strict:
-            raise UsageError(f"--alpha applies to DaSS only, not to {method}")
-    rescale = getattr(args, "rescale", None)
-    if rescale is not None:
-        from dass.core.rescale import SCOPES
+def method_from_args(args: argparse.Namespace, spec: str | None = None, strict: bool = True):
+    """The method of ``--method`` (or ``spec``) with the ``--alpha``/``--rescale`` shortcuts
+    folded into its options object; ``strict``: a shortcut the method does not take is an
+    error (with several methods, as in ``dass compare``, it applies to those that take it)."""
+    from dass.methods.base import get_method_with
 
-        if rescale not in SCOPES:
-            raise UsageError(f"--rescale must be {', '.join(SCOPES[:-1])} or {SCOPES[-1]}, got {rescale!r}")
-        if method in ("dass", "wanda"):
-            opts["rescale"] = rescale
-        elif strict:
-            raise UsageError(f"--rescale applies to --method dass or wanda only, not to {method}")
-    return opts
+    extra = {"alpha": getattr(args, "alpha", None), "rescale": getattr(args, "rescale", None)}
+    return get_method_with(spec or args.method, extra, strict=strict, label=lambda k: f"--{k}")
+
+
+def _reconstruct(args: argparse.Namespace):
+    from dass.run.reconstruct import reconstruct_options
+
+    value = getattr(args, "reconstruct", None)
+    return None if value is None else reconstruct_options(value or True)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -117,12 +96,36 @@ def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int = 128, seqle
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
 
 
+def methods_help() -> str:
+    """Every registered method, one line each, with its options and their real defaults
+    (read from the options objects themselves)."""
+    from dass.methods import available_methods, method_class
+
+    lines = ["methods (--method NAME or NAME:key=value,key=value; lists use '/', e.g. alpha_candidates=0/0.5/1):"]
+    for name in available_methods():
+        cls = method_class(name)
+        lines.append(f"  {name:<10} {cls.summary}")
+        for opt, default, text in cls.Options.describe():
+            lines.append(f"      {opt}={default}  {text}")
+    from dass.run.reconstruct import ReconstructOptions
+
+    lines.append("reconstruction (--reconstruct, or --reconstruct key=value,...; any method):")
+    for opt, default, text in ReconstructOptions.describe():
+        lines.append(f"      {opt}={default}  {text}")
+    return "\n".join(lines)
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scope", default="mlp", choices=["mlp", "all"])
-    p.add_argument("--alpha", default=None, help="DaSS exponent (default 0.5, the paper's) or 'auto' (chosen per block from the calibration data)")
+    p.add_argument("--scope", default="mlp", choices=["mlp", "all"],
+                   help="mlp: gate/up/down only (the paper's protocol); all: attention projections too")
+    p.add_argument("--alpha", default=None,
+                   help="shortcut for the method's alpha option (dass: a number or 'auto'; dass-obs: a number)")
     p.add_argument("--rescale", default=None, metavar="{none,down,all}",
-                   help="dass, wanda: multiply each pruned row by its least-squares factor on calibration rows "
-                        "(default: 'down' for dass --alpha auto, otherwise 'none'; docs/ablation.md)")
+                   help="shortcut for the method's rescale option (dass, wanda): multiply each pruned row by its "
+                        "least-squares factor on calibration rows")
+    p.add_argument("--reconstruct", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                   help="after each layer's masks are applied, refit the kept weights of every pruned block to the "
+                        "dense block's output (masks fixed); optional settings, e.g. steps=200,lr=0.05 (see below)")
 
 
 # --------------------------------------------------------------------------------------
@@ -134,38 +137,38 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dass.core.patterns import parse_pattern
     from dass.io.checkpoint import CheckpointError, build_manifest, save_pruned
     from dass.io.data import sample_calibration
-    from dass.methods import get_method
     from dass.run import distributed
-    from dass.run.pipeline import prune, validate
+    from dass.run.prune import prune
+    from dass.run.spec import RunSpec
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
-    options = _method_options(args, args.method)
-    method = get_method(args.method, **options)
-    pattern = parse_pattern(args.pattern)
     ctx, device = distributed.init_from_env(args.device)  # torchrun: one process per GPU
     device = device or _device(args)
-    quiet = args.quiet or not ctx.is_main
-    t0 = time.perf_counter()
-    if args.stream:
-        return _prune_streaming(args, method, pattern, options, device, quiet, t0)
-    model, tokenizer = _load(args)
-    validate(model, method, pattern, args.scope)  # fail before the calibration forward
-    ids = None
-    if method.needs_calibration:
-        ids = sample_calibration(tokenizer, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    report = prune(
-        model,
-        method,
-        pattern,
-        args.scope,
-        calibration=ids,
+    spec = RunSpec(
+        method=method_from_args(args),
+        pattern=parse_pattern(args.pattern),
+        scope=args.scope,
+        calibration=None,  # sampled below, once the tokenizer is loaded
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
         batch_size=args.batch_size,
         device=device,
         activations=args.activations,
-        progress=not quiet,
+        reconstruct=_reconstruct(args),
     )
+    quiet = args.quiet or not ctx.is_main
+    t0 = time.perf_counter()
+    if args.stream:
+        return _prune_streaming(args, spec, quiet, t0)
+    model, tokenizer = _load(args)
+    spec.plan(model)  # fail before the calibration forward
+    ids = None
+    if spec.method.needs_calibration:
+        ids = sample_calibration(tokenizer, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    report = prune(model, dataclasses.replace(spec, calibration=ids), progress=not quiet)
     if not ctx.is_main:  # every rank holds the same pruned model; rank 0 writes it
         ctx.barrier()
         return 0
@@ -184,7 +187,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune_streaming(args, method, pattern, options, device, quiet, t0) -> int:
+def _prune_streaming(args, spec, quiet, t0) -> int:
     """``--stream``: read each layer from the safetensors shards, prune it, write it, free
     it; resumable (same command again continues from the last saved layer)."""
     from transformers import AutoTokenizer
@@ -198,26 +201,20 @@ def _prune_streaming(args, method, pattern, options, device, quiet, t0) -> int:
     if not src.is_dir():
         raise ModelError(f"--stream needs a local checkpoint directory (or 'default'), got {args.model!r}")
     ids = None
-    if method.needs_calibration:
+    if spec.method.needs_calibration:
         tokenizer = AutoTokenizer.from_pretrained(src)
         ids = sample_calibration(tokenizer, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     report = prune_checkpoint(
         src,
         args.output,
-        method.name,
-        pattern,
-        args.scope,
-        ids,
-        device=device,
+        spec,
+        calibration_ids=ids,
         dtype=None if args.dtype == "auto" else args.dtype,
-        batch_size=args.batch_size,
-        activations=args.activations,
         resume=not args.no_resume,
         progress=not quiet,
         overwrite=args.overwrite,
         calibration_spec=_calibration_spec(args) if ids is not None else {},
         manifest_extra={"world_size": distributed.current().world},
-        **options,
     )
     if distributed.current().is_main:
         if args.compress:
@@ -233,31 +230,13 @@ def _prune_streaming(args, method, pattern, options, device, quiet, t0) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _headline(r: dict[str, Any]) -> float:
-    """acc_norm where the harness reports it (METHOD.md), else acc."""
-    return r["acc_norm"] if r.get("acc_norm") is not None else r["acc"]
-
-
 def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    from dass.evaluation.evaluate import perplexity
-    from dass.io.data import evaluation_tokens
+    from dass.evaluation.evaluate import evaluate_model
 
-    result: dict[str, Any] = {}
-    model.to(device)  # evaluation needs the whole model where its inputs are
-    if args.ppl and args.ppl != "none":
-        tokens = evaluation_tokens(tokenizer, args.ppl)
-        if args.eval_tokens:
-            tokens = tokens[:, : args.eval_tokens]
-        result["perplexity"] = perplexity(
-            model, tokens, seqlen=args.eval_seqlen, device=device, progress=not args.quiet
-        )
-    if args.zeroshot:
-        from dass.evaluation.evaluate import zeroshot
-
-        tasks = [t.strip() for t in args.zeroshot.split(",") if t.strip()]
-        bs = args.zeroshot_batch_size or (64 if str(device).startswith("cuda") else 8)
-        result["zeroshot"] = zeroshot(model, tokenizer, tasks=tasks, limit=args.limit, batch_size=bs, device=device)
-    return result
+    tasks = [t.strip() for t in args.zeroshot.split(",") if t.strip()] if args.zeroshot else []
+    return evaluate_model(model, tokenizer, device, ppl=args.ppl, eval_seqlen=args.eval_seqlen,
+                          eval_tokens=args.eval_tokens, zeroshot_tasks=tasks, limit=args.limit,
+                          zeroshot_batch_size=args.zeroshot_batch_size, progress=not args.quiet)
 
 
 def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tokens: int | None = None) -> None:
@@ -270,8 +249,10 @@ def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tok
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, tokenizer = _load(args)
+    from dass.evaluation.evaluate import headline
+
     device = _device(args)
+    model, tokenizer = _load(args)
     if args.accelerate:
         from dass.infer.accelerate import accelerate
         from dass.io.checkpoint import MANIFEST, read_manifest
@@ -286,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ppl = result.get("perplexity", {}).get("ppl")
     parts = [f"perplexity {ppl:.3f}"] if ppl is not None else []
     for task, r in result.get("zeroshot", {}).items():
-        parts.append(f"{task} {_headline(r):.4f}")
+        parts.append(f"{task} {headline(r):.4f}")
     print(f"{args.model}: " + ", ".join(parts))
     return 0
 
@@ -354,9 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model and save the checkpoint")
+    p = sub.add_parser("prune", help="prune a model and save the checkpoint", epilog=methods_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--method", default="dass")
+    p.add_argument("--method", default="dass", metavar="NAME[:KEY=VALUE,...]",
+                   help="pruning method and its options (listed below), e.g. dass:alpha=auto")
     p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or an unstructured ratio (0.5)")
     _add_prune_args(p)
     _add_calibration_args(p)
@@ -380,9 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("compare", help="dense vs methods x patterns, one table")
+    p = sub.add_parser("compare", help="dense vs methods x patterns, one table", epilog=methods_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; 'dense' adds the unpruned row")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="methods separated by ';' or ',' (a method's own options with ':', e.g. "
+                        "'dense;dass:alpha=auto;wanda'); 'dense' adds the unpruned row")
     p.add_argument("--patterns", default="2:4", help="comma-separated patterns")
     _add_prune_args(p)
     _add_calibration_args(p, nsamples=16, seqlen=512)  # CPU-sized defaults: see README

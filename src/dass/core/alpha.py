@@ -30,8 +30,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dass.core.patterns import Pattern, select_mask
-from dass.core.scores import dass_glu_score
+from dass.core.glu import dass_glu_masks, glu_forward, glu_hidden  # noqa: F401  (glu_forward: re-exported)
+from dass.core.patterns import Pattern
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,30 +59,6 @@ def neuron_subset(neurons: int, pattern: Pattern, max_neurons: int | None) -> to
     keep = max(1, min(groups, max_neurons // size))
     starts = torch.div(torch.arange(keep) * groups, keep, rounding_mode="floor")
     return (starts.reshape(-1, 1) * size + torch.arange(size)).reshape(-1)
-
-
-def glu_forward(
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
-    x: torch.Tensor,
-    act: Activation | None = None,
-) -> torch.Tensor:
-    """``W_down (act(W_gate x) * W_up x)`` in fp32 for rows ``x`` ``[k, d]`` (act: SiLU by default)."""
-    act = act or F.silu
-    xf = x.float()
-    h = act(xf @ gate.float().t()) * (xf @ up.float().t())
-    return h @ down.float().t()
-
-
-def dass_glu_masks(
-    gate: torch.Tensor, up: torch.Tensor, neuron_norm: torch.Tensor, pattern: Pattern, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DaSS's gate and up masks for one alpha (output-dimension groups, per-column ranking)."""
-    return tuple(  # type: ignore[return-value]
-        select_mask(dass_glu_score(w, neuron_norm, alpha), pattern, group="column", orientation="output")
-        for w in (gate, up)
-    )
 
 
 def relative_error(pruned: torch.Tensor, dense: torch.Tensor, criterion: str = "token") -> float:
@@ -137,7 +113,7 @@ def alpha_errors(
     if idx is not None:
         idx = idx.to(g.device)
         g, u, a, dn, dm = g[idx], u[idx], a[idx], dn[:, idx], dm[:, idx]
-    dense_h = act(xf @ g.t()) * (xf @ u.t())
+    dense_h = glu_hidden(xf, g, u, act)
     y = dense_h @ dn.t()
     d_pruned = dn * dm
     out: dict[float, float] = {}
@@ -148,7 +124,7 @@ def alpha_errors(
                                          dense_out=y)
         else:
             gp, upp, dp = g * mg, u * mu, d_pruned
-        h = act(xf @ gp.t()) * (xf @ upp.t())
+        h = glu_hidden(xf, gp, upp, act)
         out[float(alpha)] = relative_error(h @ dp.t(), y, criterion)
     return out
 

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dass.core.glu import glu_hidden
+
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 SCOPES = ("none", "down", "all")
@@ -82,9 +84,9 @@ def rescale_glu(
         upr, scales["up"] = rescale_rows(u, mu, xf)
     else:
         gp, upr = g * mg, u * mu
-    h = act(xf @ gp.t()) * (xf @ upr.t())
+    h = glu_hidden(xf, gp, upr, act)
     if target == "block":
-        y = dense_out.float() if dense_out is not None else (act(xf @ g.t()) * (xf @ u.t())) @ dn.t()
+        y = dense_out.float() if dense_out is not None else glu_hidden(xf, g, u, act) @ dn.t()
     else:
         y = h @ dn.t()
     dp, scales["down"] = rescale_rows(dn, md, h, y)

@@ -4,6 +4,7 @@ evaluation for every row, one table (printed, JSON, Markdown, plot)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from dass.arch import all_decoder_linears
-from dass.core.patterns import parse_pattern, sparsity_of
+from dass.core.patterns import parse_pattern
 
 
 def decoder_sparsity(model: torch.nn.Module) -> float:
@@ -70,23 +71,55 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    from dass.cli import _device, _evaluate, _headline, _load, _method_options
-    from dass.io.data import sample_calibration
-    from dass.methods import get_method
-    from dass.run.pipeline import prune, validate
+def split_methods(text: str) -> list[str]:
+    """``--methods`` items: separated by ';', or by ',' where an item after a method spec
+    that is only ``key=value`` continues that spec (``dense,dass:alpha=auto,rescale=down,wanda``)."""
+    if ";" in text:
+        return [m.strip() for m in text.split(";") if m.strip()]
+    items: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part.split("=", 1)[0] and items and ":" in items[-1]:
+            items[-1] += "," + part
+        else:
+            items.append(part)
+    return items
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+RECONSTRUCT_SUFFIX = "+reconstruct"
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from dass.evaluation.evaluate import evaluate_model, headline
+    from dass.io.data import sample_calibration
+    from dass.io.models import load_model
+    from dass.methods.base import get_method_with
+    from dass.run.devices import resolve_device
+    from dass.run.prune import prune
+    from dass.run.reconstruct import reconstruct_options
+    from dass.run.spec import RunSpec
+
+    methods = split_methods(args.methods)
     patterns = [parse_pattern(p.strip()) for p in args.patterns.split(",") if p.strip()]
-    runs = [(m, get_method(m, **_method_options(args, m, strict=False))) for m in methods if m != "dense"]
+    extra = {"alpha": args.alpha, "rescale": args.rescale}
+    rec_all = getattr(args, "reconstruct", None)
+    runs = []  # (label, spec)
+    for m in methods:
+        if m == "dense":
+            continue
+        base, suffix = (m[: -len(RECONSTRUCT_SUFFIX)], True) if m.endswith(RECONSTRUCT_SUFFIX) else (m, False)
+        rec = reconstruct_options(rec_all or True) if suffix or rec_all is not None else None
+        meth = get_method_with(base, extra, strict=False, label=lambda k: f"--{k}")
+        for pat in patterns:
+            runs.append((m, RunSpec(meth, pat, args.scope, None, batch_size=args.batch_size, reconstruct=rec)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(args)
+    device = resolve_device(args.device)
     t_all = time.perf_counter()
-    model, tokenizer = _load(args)
-    for _, meth in runs:  # everything that can fail on the model fails before any work
-        for pat in patterns:
-            validate(model, meth, pat, args.scope)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", gguf_file=getattr(args, "gguf_file", None))
+    for _, spec in runs:  # everything that can fail on the model fails before any work
+        spec.plan(model)
     ids = sample_calibration(tokenizer, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tasks = [t.strip() for t in args.zeroshot.split(",")] if args.zeroshot else []
@@ -102,10 +135,12 @@ def run_compare(args: argparse.Namespace) -> int:
     }
 
     def evaluate_row(row: dict[str, Any]) -> None:
-        res = _evaluate(model, tokenizer, args, device)
+        res = evaluate_model(model, tokenizer, device, ppl=args.ppl, eval_seqlen=args.eval_seqlen,
+                             eval_tokens=args.eval_tokens, zeroshot_tasks=tasks, limit=args.limit,
+                             zeroshot_batch_size=args.zeroshot_batch_size, progress=not args.quiet)
         row["ppl"] = res.get("perplexity", {}).get("ppl")
         if "zeroshot" in res:
-            row["zeroshot"] = {t: _headline(r) for t, r in res["zeroshot"].items()}
+            row["zeroshot"] = {t: headline(r) for t, r in res["zeroshot"].items()}
             row["zeroshot_full"] = res["zeroshot"]
             row["mean_acc"] = sum(row["zeroshot"].values()) / max(len(row["zeroshot"]), 1)
         rows.append(row)
@@ -119,22 +154,22 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if "dense" in methods:
         evaluate_row({"method": "dense", "pattern": None, "sparsity_pruned": 0.0, "sparsity_decoder": decoder_sparsity(model)})
-    for name, meth in runs:
-        for pat in patterns:
-            model.load_state_dict(original)
-            report = prune(model, meth, pat, args.scope, calibration=ids, batch_size=args.batch_size, device=device, progress=not args.quiet)
-            evaluate_row(
-                {
-                    "method": name,
-                    "pattern": str(pat),
-                    "alpha": meth.options().get("alpha"),
-                    "sparsity_pruned": report.sparsity,
-                    "sparsity_decoder": decoder_sparsity(model),
-                    "prune_seconds": report.total_seconds,
-                    "fallbacks": report.fallbacks,
-                    "report": {k: v for k, v in report.to_dict().items() if k != "matrices"},
-                }
-            )
+    for name, spec in runs:
+        model.load_state_dict(original)
+        report = prune(model, dataclasses.replace(spec, calibration=ids, device=device), progress=not args.quiet)
+        evaluate_row(
+            {
+                "method": name,
+                "pattern": str(spec.pattern),
+                "alpha": spec.method.options().get("alpha"),
+                "reconstruct": report.reconstruct,
+                "sparsity_pruned": report.sparsity,
+                "sparsity_decoder": decoder_sparsity(model),
+                "prune_seconds": report.total_seconds,
+                "fallbacks": report.fallbacks,
+                "report": {k: v for k, v in report.to_dict().items() if k != "matrices"},
+            }
+        )
     meta["total_seconds"] = time.perf_counter() - t_all
     table = markdown_table(rows, tasks)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")

@@ -76,10 +76,12 @@ def perplexity(
     dtype; HF models already upcast them). Returns ``ppl``, ``nll`` (its log), ``n_tokens``
     (tokens consumed, ``n_windows * seqlen``), ``n_windows`` and ``seqlen``.
     """
+    if seqlen < 2:
+        raise EvalError(f"the perplexity window must be at least 2 tokens, got {seqlen}")
     tokens = tokens.reshape(1, -1)
     nsamples = tokens.numel() // seqlen
     if nsamples == 0:
-        raise ValueError(f"need at least seqlen={seqlen} tokens, got {tokens.numel()}")
+        raise EvalError(f"need at least seqlen={seqlen} evaluation tokens, got {tokens.numel()}")
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
@@ -285,3 +287,44 @@ def zeroshot(
     if raw:
         summary["raw"] = results
     return summary
+
+
+# ---------------------------------------------------------------------------- both, as the CLI runs them
+
+
+def headline(result: dict) -> float:
+    """A zero-shot task's headline accuracy: acc_norm where the harness reports it, else acc."""
+    return result["acc_norm"] if result.get("acc_norm") is not None else result["acc"]
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer,
+    device: str | torch.device,
+    *,
+    ppl: str | None = "default",
+    eval_seqlen: int = 2048,
+    eval_tokens: int | None = None,
+    zeroshot_tasks: Sequence[str] = (),
+    limit: int | None = None,
+    zeroshot_batch_size: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity on ``ppl`` (a text source: default, wikitext2, a file; None or "none":
+    skipped; the first ``eval_tokens`` tokens only when given) and zero-shot accuracy on
+    ``zeroshot_tasks``, with the whole model moved to ``device``."""
+    from dass.io.data import evaluation_tokens
+
+    result: dict = {}
+    model.to(device)  # evaluation needs the whole model where its inputs are
+    if ppl and ppl != "none":
+        tokens = evaluation_tokens(tokenizer, ppl)
+        if eval_tokens:
+            tokens = tokens[:, :eval_tokens]
+        result["perplexity"] = perplexity(model, tokens, seqlen=eval_seqlen, device=device, progress=progress)
+    if zeroshot_tasks:
+        bs = zeroshot_batch_size or (64 if str(device).startswith("cuda") else 8)
+        result["zeroshot"] = zeroshot(model, tokenizer, tasks=list(zeroshot_tasks), limit=limit, batch_size=bs,
+                                      device=device)
+    return result
+

@@ -46,7 +46,7 @@ def versions() -> dict[str, str]:
 
 
 def build_manifest(report: Any, *, calibration: dict | None = None, extra: dict | None = None) -> dict:
-    """The ``dass.json`` content for a :class:`~dass.run.pipeline.PruneReport`."""
+    """The ``dass.json`` content for a :class:`~dass.run.report.PruneReport`."""
     rep = report.to_dict()
     matrices = {}
     for m in rep.pop("matrices"):

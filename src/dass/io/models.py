@@ -232,6 +232,11 @@ def load_model(
             hub_kwargs["local_files_only"] = True
 
     torch_dtype = _resolve_dtype(dtype, default_dtype)
+    from dass.io.checkpoint import is_compressed, load_pruned_model
+
+    if gguf_file is None and Path(source).is_dir() and is_compressed(source):  # dass's compressed format
+        model = load_pruned_model(source, dtype=torch_dtype).to(device)
+        return model.eval(), AutoTokenizer.from_pretrained(source)
     try:
         if gguf_file is not None:
             model, tokenizer = _load_gguf(Path(source), gguf_file, torch_dtype)

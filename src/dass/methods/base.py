@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from dass.core.patterns import Orientation, Pattern
 from dass.core.stats import FeatureStats
-from dass.errors import UserValueError
-
-
-class MethodError(UserValueError):
-    """Unknown method name or bad method options."""
+from dass.methods.options import MethodError, MethodOptions, split_spec
 
 
 @dataclass
@@ -26,78 +22,50 @@ class MatrixResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_bool(value: object, name: str) -> bool:
-    """A boolean method option given as a bool or as text ("true"/"1"/"yes"/"on" or
-    "false"/"0"/"no"/"off": options also arrive as strings from configs such as
-    ``dass:alpha=auto,alpha_rescaled=true``)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise MethodError(f"{name} must be true or false, got {value!r}")
-
-
-def parse_rescale(rescale: object, rescale_target: object) -> tuple[str, str]:
-    """Validated ``(scope, target)`` of a method's ``rescale``/``rescale_target`` options."""
-    from dass.core.rescale import SCOPES, TARGETS
-
-    if rescale not in SCOPES:
-        raise MethodError(f"rescale must be one of {', '.join(SCOPES)}, got {rescale!r}")
-    if rescale_target not in TARGETS:
-        raise MethodError(f"rescale_target must be one of {', '.join(TARGETS)}, got {rescale_target!r}")
-    if rescale == "none" and rescale_target != "block":
-        raise MethodError("rescale_target only applies with rescale='down' or 'all'")
-    return str(rescale), str(rescale_target)
-
-
-def rescaled_glu_results(
-    results: tuple["MatrixResult", "MatrixResult", "MatrixResult"],
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
-    x_stats: FeatureStats | None,
-    act: Callable[[torch.Tensor], torch.Tensor] | None,
-    scope: str,
-    target: str,
-) -> tuple["MatrixResult", "MatrixResult", "MatrixResult"]:
-    """A GLU block's results with the masked weights times their least-squares row factors
-    (:func:`dass.core.rescale.rescale_glu`) on the kept calibration input rows; masks unchanged.
-    Shared by every method that offers ``rescale`` (DaSS, Wanda)."""
-    from dass.core.rescale import rescale_glu
-
-    if scope == "none":
-        return results
-    x = x_stats.sample() if x_stats is not None else None
-    if x is None or x.shape[0] == 0:
-        for r in results:
-            r.info["rescale"] = "no kept input rows; not rescaled"
-        return results
-    masks = tuple(r.mask.to(gate.device) for r in results)
-    *weights, scales = rescale_glu(gate, up, down, masks, x.to(gate.device), act, scope=scope, target=target)  # type: ignore[arg-type]
-    for r, w, name, ref in zip(results, weights, ("gate", "up", "down"), (gate, up, down)):
-        if name in scales:
-            s = scales[name]
-            r.weight = w.to(ref.dtype)
-            r.info["rescale"] = {"mean": float(s.mean()), "min": float(s.min()), "max": float(s.max())}
-    return results
-
-
 class PruningMethod:
     """Base class: scores each matrix independently; GLU-aware methods override
-    :meth:`prune_glu`."""
+    :meth:`prune_glu`.
+
+    A method is built from its options object (``DaSS(DaSSOptions(alpha="auto"))``) or
+    from option values (``DaSS(alpha="auto")``, also given as text); :attr:`opts` holds
+    the validated object. What the pipeline must provide (the Hessian, kept input rows,
+    a GLU block) is declared by the properties below, derived from the options.
+    """
 
     name: ClassVar[str] = ""
-    needs_hessian: ClassVar[bool] = False
+    summary: ClassVar[str] = ""  # one line for ``dass prune --help``
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs_calibration: ClassVar[bool] = True
-    requires_glu: ClassVar[bool] = False
-    sample_tokens: ClassVar[int] = 0  # rows of the block input to keep (for candidate search)
+
+    def __init__(self, options: MethodOptions | None = None, /, **values: Any) -> None:
+        if options is None:
+            options = self.Options.parse(values)
+        elif values:
+            raise MethodError(f"{self.name}: pass an options object or option values, not both")
+        elif not isinstance(options, self.Options):
+            raise MethodError(f"{self.name} takes {self.Options.__name__}, got {type(options).__name__}")
+        self.opts = options
+
+    @property
+    def needs_hessian(self) -> bool:
+        return False
+
+    @property
+    def requires_glu(self) -> bool:
+        return False
+
+    @property
+    def sample_tokens(self) -> int:
+        """Rows of each block input to keep for the method (0: none)."""
+        return 0
 
     def options(self) -> dict[str, Any]:
         """The method's settings, for the report and the manifest."""
-        return {}
+        return self.opts.record()
+
+    def spec(self) -> str:
+        """The method and its options in the spec syntax (``dass:alpha=auto,...``)."""
+        return self.opts.to_spec()
 
     def orientation(self, role: str) -> Orientation:
         """Direction of N:M groups for a matrix of ``role`` (gate, up, down, attn, linear)."""
@@ -130,9 +98,12 @@ _REGISTRY: dict[str, type[PruningMethod]] = {}
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
+    """Class decorator: make ``cls`` available under ``cls.name`` (its options class
+    must name the same method, so that its errors do)."""
     if not cls.name:
         raise MethodError(f"{cls.__name__} has no name")
+    if cls.Options.method != cls.name:
+        raise MethodError(f"{cls.__name__}.Options is for {cls.Options.method!r}, not {cls.name!r}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -141,15 +112,60 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str | PruningMethod, **options: Any) -> PruningMethod:
-    """Instantiate the method registered as ``name`` with its options (e.g. ``alpha``)."""
-    if isinstance(name, PruningMethod):
-        return name
+def method_class(name: str) -> type[PruningMethod]:
+    """The class registered as ``name``."""
     try:
-        cls = _REGISTRY[name.lower()]
+        return _REGISTRY[name.strip().lower()]
     except KeyError:
         raise MethodError(f"unknown method {name!r}; available: {', '.join(available_methods())}") from None
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise MethodError(f"bad options for method {name!r}: {exc}") from None
+
+
+def get_method(spec: "str | PruningMethod", **options: Any) -> PruningMethod:
+    """A method from a name or spec (``"dass"``, ``"dass:alpha=auto,rescale=down"``) plus
+    option values (which must not repeat the spec's), or a method object as it is."""
+    if isinstance(spec, PruningMethod):
+        if options:
+            raise MethodError(f"{spec.name}: options given beside a method object")
+        return spec
+    if not isinstance(spec, str):
+        raise MethodError(f"a method is a name such as 'dass' or a method object, got {spec!r}")
+    name, values = split_spec(spec)
+    cls = method_class(name)
+    both = sorted(set(values) & set(options))
+    if both:
+        raise MethodError(f"{name}: option {both[0]!r} given both in the spec and separately")
+    return cls(**{**values, **options})
+
+
+def option_names(cls: type[PruningMethod]) -> list[str]:
+    return [f.name for f in fields(cls.Options)]
+
+
+def methods_with_option(option: str) -> list[str]:
+    """The registered methods that take ``option``."""
+    return [n for n in available_methods() if option in option_names(_REGISTRY[n])]
+
+
+def get_method_with(
+    spec: str, extra: dict[str, Any], *, strict: bool = True, label: Callable[[str], str] = str
+) -> PruningMethod:
+    """The method of ``spec`` with more option values given separately (the CLI's
+    ``--alpha``/``--rescale`` shortcuts; None = not given). ``strict``: a value for an option
+    the method does not have is an error (naming the option as ``label(option)``);
+    otherwise it is left out for this method (``dass compare`` over several methods)."""
+    name, values = split_spec(spec)
+    cls = method_class(name)
+    known = option_names(cls)
+    for key, value in extra.items():
+        if value is None:
+            continue
+        if key not in known:
+            if strict:
+                takers = " and ".join(methods_with_option(key)) or "no method"
+                raise MethodError(f"{label(key)} applies to {takers} only, not to {name}")
+            continue
+        if key in values:
+            raise MethodError(f"{name}: {label(key)} given both in the method spec and separately")
+        values[key] = value
+    return cls(**values)
+

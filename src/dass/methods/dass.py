@@ -8,171 +8,150 @@ projections are scored like Wanda. No weight is updated.
 ``alpha`` is a number (the paper's method, default 0.5) or ``"auto"``: for every GLU block
 the exponent is chosen from a small candidate set by the reconstruction error of the
 block's MLP output on kept calibration input rows, averaged per token by default
-(``alpha_criterion``, :mod:`dass.core.alpha`); the chosen value and
-the candidates' errors are recorded in the gate/up results' ``info``.
+(``alpha_criterion``, :mod:`dass.core.alpha`); the chosen value and the candidates' errors
+are recorded in the gate/up results' ``info``.
 
 ``rescale`` ("none", "down" or "all"; "down" by default with ``alpha="auto"``, "none" with a
-fixed alpha) multiplies each masked row by its
-least-squares factor on the kept calibration input rows (:mod:`dass.core.rescale`): W_down's rows
-against the dense block output ("block" target, default) or the layer-local output
-("layer"); with "all" also W_gate's and W_up's rows against their own dense outputs. The
-masks do not change (still exactly N:M). With ``alpha="auto"`` and ``alpha_rescaled``, the
-candidates are compared after the rescale.
+fixed alpha) multiplies each masked row by its least-squares factor on the kept calibration
+input rows (:mod:`dass.core.rescale`): W_down's rows against the dense block output ("block"
+target, default) or the layer-local output ("layer"); with "all" also W_gate's and W_up's
+rows against their own dense outputs. The masks do not change (still exactly N:M). With
+``alpha="auto"`` and ``alpha_rescaled``, the candidates are compared after the rescale.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from dataclasses import dataclass
+from typing import Any
 
 from dass.core.alpha import (
     CRITERIA,
     DEFAULT_CANDIDATES,
     DEFAULT_MAX_NEURONS,
-    DEFAULT_SAMPLE_TOKENS,
     alpha_errors,
     choose_alpha,
-    dass_glu_masks,
 )
-from dass.core.patterns import Orientation, Pattern, select_mask
-from dass.core.scores import dass_glu_score
-from dass.core.stats import FeatureStats
-from dass.methods.base import (
-    MatrixResult,
-    MethodError,
-    PruningMethod,
-    parse_bool,
-    parse_rescale,
-    register,
-    rescaled_glu_results,
-)
+from dass.core.glu import dass_glu_mask, dass_glu_masks
+from dass.core.patterns import Orientation
+from dass.methods.base import MatrixResult, PruningMethod, register
+from dass.methods.options import as_bool, as_float_list, as_nonneg_float, as_nonneg_int, one_of, option
+from dass.methods.rescale_options import RescaleOptions, rescaled_glu_results
 from dass.methods.wanda import wanda_mask
 
-#: ``rescale`` of ``alpha="auto"`` unless given: W_down's rows against the dense block output
-#: (2:4 perplexity at the issue-7 protocol 49.2 against 74.6 without it, Wanda 82.5; grid 4:8
-#: 35.4 against 43.3, Wanda 44.3; docs/ablation.md).
-AUTO_RESCALE = "down"
 #: alpha used by ``alpha="auto"`` when a block has no kept input rows to compare on.
 AUTO_FALLBACK_ALPHA = 0.5
 
 
-def dass_glu_mask(weight: torch.Tensor, h_stats: FeatureStats, pattern: Pattern, alpha: float) -> MatrixResult:
-    """DaSS mask of one gate or up matrix ``[D, d]`` from the intermediate activations."""
-    score = dass_glu_score(weight, h_stats.norm, alpha)
-    mask = select_mask(score, pattern, group="column", orientation="output")
-    return MatrixResult(mask, "output" if pattern.is_nm else None)
-
-
-def _parse_alpha(alpha: object) -> float | str:
-    if isinstance(alpha, str) and alpha.strip().lower() == "auto":
+def as_alpha(value: Any) -> float | str:
+    """A non-negative number or ``"auto"``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
-        value = float(alpha)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise MethodError(f"alpha must be a number or 'auto', got {alpha!r}") from None
-    if not value >= 0:
-        raise MethodError(f"alpha must be >= 0, got {alpha!r}")
-    return value
+        return as_nonneg_float(value)
+    except ValueError:
+        raise ValueError(f"must be a number >= 0 or 'auto', got {value!r}") from None
+
+
+def _auto(o: "DaSSOptions") -> bool:
+    return o.alpha == "auto"
+
+
+@dataclass(frozen=True)
+class DaSSOptions(RescaleOptions):
+    method = "dass"
+    default_texts = {"rescale": "down with alpha=auto, else none"}
+    alpha: float | str = option(0.5, "exponent of the neuron norm in |W| * a^alpha (the paper: 0.5), or auto", as_alpha)
+    alpha_candidates: tuple[float, ...] | None = option(
+        None, "with alpha=auto: the exponents tried per block", as_float_list, when=_auto,
+        default_text="/".join(f"{a:g}" for a in DEFAULT_CANDIDATES),
+    )
+    alpha_criterion: str | None = option(
+        None, "with alpha=auto: how candidates' block errors are compared (token: per-token relative; total)",
+        one_of(*CRITERIA), when=_auto, default_text=CRITERIA[0],
+    )
+    max_neurons: int | None = option(
+        None, "with alpha=auto: neurons (whole N:M groups) the candidates are compared on (0: all)",
+        as_nonneg_int, when=_auto, default_text=str(DEFAULT_MAX_NEURONS),
+    )
+    alpha_rescaled: bool | None = option(
+        None, "with alpha=auto and a rescale: compare the candidates after the rescale", as_bool,
+        when=lambda o: _auto(o) and o.rescale_scope != "none", default_text="false",
+    )
+
+    @property
+    def default_rescale(self) -> str:
+        # auto rescales W_down by default (docs/ablation.md); a fixed alpha never does
+        return "down" if _auto(self) else "none"
+
+    @property
+    def uses_rows(self) -> bool:
+        return _auto(self) or self.rescale_scope != "none"
+
+    def resolve(self) -> None:
+        super().resolve()
+        if _auto(self):
+            if self.alpha_candidates is None:
+                self._set("alpha_candidates", DEFAULT_CANDIDATES)
+            if self.alpha_criterion is None:
+                self._set("alpha_criterion", CRITERIA[0])
+            if self.max_neurons is None:
+                self._set("max_neurons", DEFAULT_MAX_NEURONS)
+            if self.rescale != "none" and self.alpha_rescaled is None:
+                self._set("alpha_rescaled", False)
 
 
 @register
 class DaSS(PruningMethod):
     name = "dass"
-    requires_glu = True
+    summary = "DaSS: gate/up weights scored by |W| x (intermediate neuron norm)^alpha, N:M along outputs"
+    Options = DaSSOptions
 
-    def __init__(
-        self,
-        alpha: float | str = 0.5,
-        alpha_candidates: Sequence[float] | str | None = None,
-        sample_tokens: int | None = None,
-        max_neurons: int | None = None,
-        alpha_criterion: str | None = None,
-        rescale: str | None = None,
-        rescale_target: str = "block",
-        alpha_rescaled: bool | int | str | None = None,
-    ) -> None:
-        self.alpha = _parse_alpha(alpha)
-        self.auto = self.alpha == "auto"
-        if isinstance(alpha_candidates, str):
-            alpha_candidates = [c for c in alpha_candidates.replace(",", " ").split() if c]
-        cands = DEFAULT_CANDIDATES if alpha_candidates is None else alpha_candidates
-        parsed = [_parse_alpha(c) for c in cands]
-        if not parsed or any(isinstance(c, str) for c in parsed):
-            raise MethodError(f"alpha_candidates must be non-negative numbers, got {alpha_candidates!r}")
-        self.alpha_candidates = tuple(float(c) for c in parsed)  # type: ignore[arg-type]
-        if rescale is None:  # auto rescales W_down by default (docs/ablation.md); a fixed alpha never does
-            rescale = AUTO_RESCALE if self.auto else "none"
-        self.rescale, self.rescale_target = parse_rescale(rescale, rescale_target)
-        uses_rows = self.auto or self.rescale != "none"
-        if alpha_rescaled is not None and not (self.auto and self.rescale != "none"):
-            raise MethodError("alpha_rescaled only applies to alpha='auto' with a rescale")
-        self.alpha_rescaled = parse_bool(alpha_rescaled, "alpha_rescaled") if alpha_rescaled is not None else False
-        if not self.auto and any(v is not None for v in (alpha_candidates, max_neurons, alpha_criterion)):
-            raise MethodError("alpha_candidates, alpha_criterion and max_neurons only apply to alpha='auto'")
-        if not uses_rows and sample_tokens is not None:
-            raise MethodError("sample_tokens only applies to alpha='auto' or a rescale")
-        self.alpha_criterion = CRITERIA[0] if alpha_criterion is None else str(alpha_criterion)
-        if self.alpha_criterion not in CRITERIA:
-            raise MethodError(f"alpha_criterion must be one of {', '.join(CRITERIA)}, got {alpha_criterion!r}")
-        self.max_neurons = DEFAULT_MAX_NEURONS if max_neurons is None else int(max_neurons)
-        k = DEFAULT_SAMPLE_TOKENS if sample_tokens is None else int(sample_tokens)
-        if uses_rows and k < 1:
-            raise MethodError(f"sample_tokens must be >= 1, got {sample_tokens!r}")
-        # the pipeline keeps this many block input rows only when alpha is chosen from data
-        # or the pruned rows are rescaled
-        self.sample_tokens = k if uses_rows else 0
+    @property
+    def requires_glu(self) -> bool:
+        return True
 
-    def options(self) -> dict:
-        opts: dict = {"alpha": self.alpha}
-        if self.auto:
-            opts.update({"alpha_candidates": list(self.alpha_candidates), "alpha_criterion": self.alpha_criterion,
-                         "max_neurons": self.max_neurons})
-        if self.rescale != "none":
-            opts.update({"rescale": self.rescale, "rescale_target": self.rescale_target})
-            if self.auto:
-                opts["alpha_rescaled"] = self.alpha_rescaled
-        if self.sample_tokens:
-            opts["sample_tokens"] = self.sample_tokens
-        return opts
+    @property
+    def sample_tokens(self) -> int:
+        # the pipeline keeps block input rows only when alpha is chosen from data or the
+        # pruned rows are rescaled
+        return self.opts.sample_tokens or 0
+
+    @property
+    def auto(self) -> bool:
+        return _auto(self.opts)
 
     def orientation(self, role: str) -> Orientation:
         return "output" if role in ("gate", "up") else "input"
 
-    def prune_linear(self, weight: torch.Tensor, stats: FeatureStats | None, pattern: Pattern) -> MatrixResult:
+    def prune_linear(self, weight, stats, pattern) -> MatrixResult:
         assert stats is not None
         return wanda_mask(weight, stats, pattern)
 
     def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
         assert h_stats is not None
+        o = self.opts
         down_res = wanda_mask(down, h_stats, pattern)
         orient = "output" if pattern.is_nm else None
+        norm = h_stats.norm.to(gate.device)
+        info: dict[str, Any] = {}
         if not self.auto:
-            results = (
-                dass_glu_mask(gate, h_stats, pattern, self.alpha),  # type: ignore[arg-type]
-                dass_glu_mask(up, h_stats, pattern, self.alpha),  # type: ignore[arg-type]
-                down_res,
-            )
-            return self._rescaled(results, gate, up, down, x_stats, act)
-        x = x_stats.sample() if x_stats is not None else None
-        if x is None or x.shape[0] == 0:
-            alpha, info = AUTO_FALLBACK_ALPHA, {"alpha": AUTO_FALLBACK_ALPHA, "alpha_auto": "no kept input rows; default used"}
-            mg, mu = dass_glu_masks(gate, up, h_stats.norm, pattern, alpha)
+            alpha = float(o.alpha)  # type: ignore[arg-type]
+            masks = dass_glu_mask(gate, norm, pattern, alpha), dass_glu_mask(up, norm, pattern, alpha)
         else:
-            x = x.to(gate.device)
-            errors = alpha_errors(gate, up, down, down_res.mask, h_stats.norm.to(gate.device), x, pattern,
-                                  self.alpha_candidates, act, max_neurons=self.max_neurons,
-                                  criterion=self.alpha_criterion,
-                                  rescale=self.rescale if self.alpha_rescaled else "none",
-                                  rescale_target=self.rescale_target)
-            alpha = choose_alpha(errors)
-            info = {"alpha": alpha, "alpha_errors": {str(a): e for a, e in errors.items()}, "alpha_rows": int(x.shape[0])}
-            mg, mu = dass_glu_masks(gate, up, h_stats.norm.to(gate.device), pattern, alpha)
-        down_res.info = {"alpha": alpha}
-        results = MatrixResult(mg, orient, info=dict(info)), MatrixResult(mu, orient, info=dict(info)), down_res
-        return self._rescaled(results, gate, up, down, x_stats, act)
-
-    def _rescaled(self, results, gate, up, down, x_stats, act):
-        """With ``rescale``: the masked weights times their least-squares row factors on the
-        kept calibration input rows; masks unchanged."""
-        return rescaled_glu_results(results, gate, up, down, x_stats, act, self.rescale, self.rescale_target)
+            x = x_stats.sample() if x_stats is not None else None
+            if x is None or x.shape[0] == 0:
+                alpha = AUTO_FALLBACK_ALPHA
+                info = {"alpha": alpha, "alpha_auto": "no kept input rows; default used"}
+            else:
+                x = x.to(gate.device)
+                errors = alpha_errors(gate, up, down, down_res.mask, norm, x, pattern, o.alpha_candidates, act,
+                                      max_neurons=o.max_neurons, criterion=o.alpha_criterion,
+                                      rescale=o.rescale if o.alpha_rescaled else "none",
+                                      rescale_target=o.rescale_target or "block")
+                alpha = choose_alpha(errors)
+                info = {"alpha": alpha, "alpha_errors": {str(a): e for a, e in errors.items()},
+                        "alpha_rows": int(x.shape[0])}
+            masks = dass_glu_masks(gate, up, norm, pattern, alpha)
+            down_res.info = {"alpha": alpha}
+        results = MatrixResult(masks[0], orient, info=dict(info)), MatrixResult(masks[1], orient, info=dict(info)), down_res
+        return rescaled_glu_results(results, gate, up, down, x_stats, act, o)

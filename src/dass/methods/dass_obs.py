@@ -34,15 +34,25 @@ generalises DaSS's/Wanda's ``|w| a_i`` along the reduction dimension), or, with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from dass.core.glu import dass_glu_masks
 from dass.core.obs import obs_prune_output_groups
 from dass.core.patterns import Orientation, Pattern
 from dass.core.sparsegpt import sparsegpt_prune
 from dass.core.stats import FeatureStats
-from dass.methods.base import MatrixResult, MethodError, PruningMethod, register
-from dass.methods.dass import dass_glu_mask
+from dass.methods.base import MatrixResult, PruningMethod, register
+from dass.methods.options import (
+    MethodError,
+    MethodOptions,
+    as_nonneg_float,
+    as_positive_int,
+    one_of,
+    option,
+)
 from dass.methods.wanda import wanda_mask
 
 MASKS = ("sweep", "fixed")
@@ -67,47 +77,48 @@ def taylor_weights(
     return col * (da * u).pow(2).mean(0), col * a.pow(2).mean(0)
 
 
+@dataclass(frozen=True)
+class DaSSOBSOptions(MethodOptions):
+    method = "dass-obs"
+    alpha: float = option(1.0, "exponent of the neuron norm in the row weights a^(2 alpha)", as_nonneg_float)
+    masks: str = option("sweep", "sweep (chosen during the OBS sweep) or fixed (DaSS's masks first)", one_of(*MASKS))
+    weights: str = option("dass", "row weights: dass (a^(2 alpha)) or taylor (second-order block-output weights)",
+                          one_of(*WEIGHTS))
+    down: str = option("sparsegpt", "W_down: sparsegpt (its own OBS masks) or dass (DaSS's mask + OBS update)",
+                       one_of(*DOWNS))
+    blocksize: int = option(128, "input columns per OBS block", as_positive_int)
+    percdamp: float = option(0.01, "dampening, as a fraction of the mean Hessian diagonal", as_nonneg_float)
+    sample_tokens: int | None = option(None, "with weights=taylor: kept calibration input rows", as_positive_int,
+                                       when=lambda o: o.weights == "taylor", default_text="512")
+    order: str | None = option(None, "with masks=sweep: column order, hessian (decreasing H_jj) or natural",
+                               one_of(*ORDERS), when=lambda o: o.masks == "sweep", default_text="hessian")
+
+    def resolve(self) -> None:
+        if self.masks == "fixed" and self.weights != "dass":
+            raise MethodError("dass-obs: masks='fixed' uses DaSS's own scores; weights must be 'dass'")
+        if self.weights == "taylor" and self.sample_tokens is None:
+            self._set("sample_tokens", 512)
+        if self.masks == "sweep" and self.order is None:
+            self._set("order", "hessian")
+
+
 @register
 class DaSSOBS(PruningMethod):
     name = "dass-obs"
-    requires_glu = True
-    needs_hessian = True
+    summary = "DaSS's groups and neuron weights with SparseGPT's OBS weight updates"
+    Options = DaSSOBSOptions
 
-    def __init__(
-        self,
-        alpha: float = 1.0,
-        masks: str = "sweep",
-        weights: str = "dass",
-        down: str = "sparsegpt",
-        blocksize: int = 128,
-        percdamp: float = 0.01,
-        sample_tokens: int = 512,
-        order: str = "hessian",
-    ) -> None:
-        try:
-            self.alpha = float(alpha)
-        except (TypeError, ValueError):
-            raise MethodError(f"dass-obs: alpha must be a number, got {alpha!r}") from None
-        if not self.alpha >= 0:
-            raise MethodError(f"alpha must be >= 0, got {alpha!r}")
-        for label, value, allowed in (("masks", masks, MASKS), ("weights", weights, WEIGHTS), ("down", down, DOWNS),
-                                      ("order", order, ORDERS)):
-            if value not in allowed:
-                raise MethodError(f"dass-obs: {label} must be one of {', '.join(allowed)}, got {value!r}")
-        if masks == "fixed" and weights != "dass":
-            raise MethodError("dass-obs: masks='fixed' uses DaSS's own scores; weights must be 'dass'")
-        self.masks, self.weights, self.down, self.order = masks, weights, down, order
-        self.blocksize, self.percdamp = int(blocksize), float(percdamp)
-        self.sample_tokens = int(sample_tokens) if weights == "taylor" else 0
+    @property
+    def requires_glu(self) -> bool:
+        return True
 
-    def options(self) -> dict:
-        opts = {"alpha": self.alpha, "masks": self.masks, "weights": self.weights, "down": self.down,
-                "blocksize": self.blocksize, "percdamp": self.percdamp}
-        if self.masks == "sweep":
-            opts["order"] = self.order
-        if self.weights == "taylor":
-            opts["sample_tokens"] = self.sample_tokens
-        return opts
+    @property
+    def needs_hessian(self) -> bool:
+        return True
+
+    @property
+    def sample_tokens(self) -> int:
+        return self.opts.sample_tokens or 0
 
     def orientation(self, role: str) -> Orientation:
         return "output" if role in ("gate", "up") else "input"
@@ -115,39 +126,38 @@ class DaSSOBS(PruningMethod):
     def prune_linear(self, weight: torch.Tensor, stats: FeatureStats | None, pattern: Pattern) -> MatrixResult:
         """Attention (scope ``all``) and non-GLU linears: SparseGPT."""
         assert stats is not None
-        res = sparsegpt_prune(weight, stats.hessian(), pattern, blocksize=self.blocksize, percdamp=self.percdamp)
+        res = sparsegpt_prune(weight, stats.hessian(), pattern, blocksize=self.opts.blocksize, percdamp=self.opts.percdamp)
         return MatrixResult(res.mask, "input" if pattern.is_nm else None, weight=res.weight,
                             info={"damp": res.damp, "dead_inputs": res.dead_inputs})
 
     def _row_weights(self, gate, up, down, x_stats, h_stats, act):
-        if self.weights == "taylor":
+        if self.opts.weights == "taylor":
             x = x_stats.sample() if x_stats is not None else None
             if x is not None and x.shape[0]:
                 rg, ru = taylor_weights(gate, up, down, x.to(gate.device), act)
                 return torch.cat([rg, ru]), "taylor"
-        r = h_stats.norm.to(gate.device).float().pow(2 * self.alpha)
+        r = h_stats.norm.to(gate.device).float().pow(2 * self.opts.alpha)
         return torch.cat([r, r]), "dass"
 
     def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
         assert x_stats is not None and h_stats is not None
         D = gate.shape[0]
         # down: along the reduction dimension, like SparseGPT (or DaSS's mask + OBS update)
-        down_mask = wanda_mask(down, h_stats, pattern).mask if self.down == "dass" else None
-        rd = sparsegpt_prune(down, h_stats.hessian(), pattern, blocksize=self.blocksize,
-                             percdamp=self.percdamp, mask=down_mask)
+        down_mask = wanda_mask(down, h_stats, pattern).mask if self.opts.down == "dass" else None
+        rd = sparsegpt_prune(down, h_stats.hessian(), pattern, blocksize=self.opts.blocksize,
+                             percdamp=self.opts.percdamp, mask=down_mask)
         stacked = torch.cat([gate.detach(), up.detach()])
         hx = x_stats.hessian()
-        if self.masks == "fixed":
-            mg = dass_glu_mask(gate, h_stats, pattern, self.alpha).mask
-            mu = dass_glu_mask(up, h_stats, pattern, self.alpha).mask
-            res = sparsegpt_prune(stacked, hx, pattern, blocksize=self.blocksize, percdamp=self.percdamp,
+        if self.opts.masks == "fixed":
+            mg, mu = dass_glu_masks(gate, up, h_stats.norm.to(gate.device), pattern, self.opts.alpha)
+            res = sparsegpt_prune(stacked, hx, pattern, blocksize=self.opts.blocksize, percdamp=self.opts.percdamp,
                                   mask=torch.cat([mg, mu]))
             used = "dass"
         else:
             # the gate/up errors reach the output through the *pruned* W_down
             r, used = self._row_weights(gate, up, rd.weight, x_stats, h_stats, act)
-            res = obs_prune_output_groups(stacked, hx, pattern, r, row_groups=2, blocksize=self.blocksize,
-                                          percdamp=self.percdamp, order=self.order)
+            res = obs_prune_output_groups(stacked, hx, pattern, r, row_groups=2, blocksize=self.opts.blocksize,
+                                          percdamp=self.opts.percdamp, order=self.opts.order)
         orient_gu = "output" if pattern.is_nm else None
         info = {"damp": res.damp, "dead_inputs": res.dead_inputs, "weights": used}
         if res.retries:

@@ -8,15 +8,15 @@ be compared with Wanda given the same correction (docs/ablation.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dass.core.patterns import Pattern, select_mask
 from dass.core.scores import wanda_score
 from dass.core.stats import FeatureStats
-from dass.methods.base import MatrixResult, PruningMethod, parse_rescale, register, rescaled_glu_results
-
-#: calibration rows kept for the rescale (as DaSS's ``alpha="auto"``)
-RESCALE_SAMPLE_TOKENS = 1024
+from dass.methods.base import MatrixResult, PruningMethod, register
+from dass.methods.rescale_options import RescaleOptions, rescaled_glu_results
 
 
 def wanda_mask(weight: torch.Tensor, stats: FeatureStats, pattern: Pattern) -> MatrixResult:
@@ -25,20 +25,25 @@ def wanda_mask(weight: torch.Tensor, stats: FeatureStats, pattern: Pattern) -> M
     return MatrixResult(mask, "input" if pattern.is_nm else None)
 
 
+@dataclass(frozen=True)
+class WandaOptions(RescaleOptions):
+    method = "wanda"
+
+
 @register
 class Wanda(PruningMethod):
     name = "wanda"
+    summary = "|W| x input-feature norm, compared within each output row (Sun et al., 2023)"
+    Options = WandaOptions
 
-    def __init__(self, rescale: str = "none", rescale_target: str = "block") -> None:
-        self.rescale, self.rescale_target = parse_rescale(rescale, rescale_target)
+    @property
+    def requires_glu(self) -> bool:
         # a rescale needs the GLU block (down is fitted on the pruned gate/up) and kept rows
-        self.requires_glu = self.rescale != "none"
-        self.sample_tokens = RESCALE_SAMPLE_TOKENS if self.rescale != "none" else 0
+        return self.opts.rescale != "none"
 
-    def options(self) -> dict:
-        if self.rescale == "none":
-            return {}
-        return {"rescale": self.rescale, "rescale_target": self.rescale_target, "sample_tokens": self.sample_tokens}
+    @property
+    def sample_tokens(self) -> int:
+        return self.opts.sample_tokens or 0
 
     def prune_linear(self, weight: torch.Tensor, stats: FeatureStats | None, pattern: Pattern) -> MatrixResult:
         assert stats is not None
@@ -46,4 +51,4 @@ class Wanda(PruningMethod):
 
     def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
         results = super().prune_glu(gate, up, down, x_stats, h_stats, pattern, act)
-        return rescaled_glu_results(results, gate, up, down, x_stats, act, self.rescale, self.rescale_target)
+        return rescaled_glu_results(results, gate, up, down, x_stats, act, self.opts)

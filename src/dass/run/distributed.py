@@ -58,6 +58,13 @@ class Dist:
             if stats[k].max_samples:
                 _share_samples(stats[k])
 
+    def all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Sum tensors over ranks in place, in the given order (no-op in one process)."""
+        if not self.enabled:
+            return
+        for t in tensors:
+            dist.all_reduce(t)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -4,7 +4,7 @@
 with every parameter on the ``meta`` device; the non-layer tensors that the capture needs
 (embeddings, norms, rotary buffers) are loaded; then each decoder layer's tensors are read
 from the shards just before it is processed, pruned by the same per-layer step as
-:func:`dass.prune` (:func:`dass.run.pipeline.process_layer`), written as one output shard and
+:func:`dass.prune` (:class:`dass.run.layer.LayerStep`), written as one output shard and
 dropped. Peak host memory is a few layers (the one being read ahead, the one being
 written) plus the activations if they do not fit on the device.
 
@@ -19,46 +19,32 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from dass.arch import ArchitectureError, decoder_layers
+from dass.arch import decoder_layers
 from dass.core.graphs import clear_graphs
-from dass.core.patterns import parse_pattern
 from dass.errors import UserValueError
-from dass.methods import get_method
 from dass.run import distributed
-from dass.run.memory import choose_store, release_host_memory
-from dass.run.pipeline import (
-    FastPath,
-    MatrixReport,
-    PruneReport,
-    _move_module,
-    activation_bytes,
-    as_calibration_tensor,
-    calibration_batches,
-    capture_inputs,
-    check_options,
-    process_layer,
-    prune_layer,
-    tqdm,
-    validate,
-)
+from dass.run.calibration import as_calibration_tensor, calibration_batches
+from dass.run.capture import capture_inputs, move_module
+from dass.run.layer import prune_layer
+from dass.run.memory import release_host_memory
+from dass.run.report import MatrixReport, PruneReport
 from dass.run.resume import RunState, atomic_save_tensors, atomic_write_bytes, tensor_digest
+from dass.run.spec import RunSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
 NOT_COPIED = (INDEX, "pytorch_model.bin.index.json", "dass.json")
 SHARD_METADATA = {"format": "pt"}
-DIE_AFTER_LAYER = "DASS_TEST_DIE_AFTER_LAYER"  # test hook: os._exit after that layer's shard
 
 
 class StreamingError(UserValueError):
@@ -236,62 +222,21 @@ def _report_state(report: PruneReport) -> dict[str, Any]:
         "layer_seconds": report.layer_seconds,
         "fallbacks": report.fallbacks,
         "notes": report.notes,
+        "blocks": report.blocks,
     }
 
 
-def prune_checkpoint(
-    src_dir: str | Path,
-    out_dir: str | Path,
-    method: str = "dass",
-    pattern: str | float = "2:4",
-    scope: str = "mlp",
-    calibration_ids: torch.Tensor | None = None,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    batch_size: int = 8,
-    activations: str = "auto",
-    resume: bool = True,
-    progress: bool = True,
-    overwrite: bool = False,
-    checkpoint_seconds: float = 60.0,
-    calibration_spec: dict | None = None,
-    manifest_extra: dict | None = None,
-    **method_options: Any,
-) -> PruneReport:
-    """Prune the safetensors checkpoint ``src_dir`` into ``out_dir``, one layer at a time.
+def _restore_report(report: PruneReport, saved: dict[str, Any], start: int, n_layers: int) -> None:
+    rep = saved["report"]
+    report.matrices = [MatrixReport.from_dict(m) for m in rep["matrices"]]
+    report.layer_seconds, report.fallbacks = list(rep["layer_seconds"]), list(rep["fallbacks"])
+    report.blocks = list(rep.get("blocks", []))
+    report.notes = list(rep["notes"]) + [f"resumed at layer {start} of {n_layers}"]
 
-    Same pruning as :func:`dass.prune` on the loaded model (identical weights), with
-    ``calibration_ids`` token ids ``[N, L]`` (None only for magnitude). ``dtype``: the
-    compute and output dtype (default: the checkpoint's). ``activations``: ``auto`` |
-    ``device`` | ``cpu``. ``resume``: continue a partial run of the same settings found in
-    ``OUT.partial`` (False: delete it and start over). ``checkpoint_seconds``: how often
-    (at most) the activations are saved for resuming; 0 saves after every layer. Writing
-    them costs one pass over the activations through the disk, so for a large model a
-    resumed run redoes at most that many seconds of work. ``overwrite``: replace an
-    existing ``out_dir``.
-    """
-    t0 = time.perf_counter()
-    from dass.io.checkpoint import CheckpointError, build_manifest, move_into_place, write_json
 
-    src, out = Path(src_dir), Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; pass overwrite=True (--overwrite) to replace it")
-    meth = get_method(method, **method_options)
-    pat = parse_pattern(pattern)
-    check_options(scope, activations, batch_size)
-    ckpt = ShardedCheckpoint(src)
-    src_dtype = ckpt.dtype()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or src_dtype
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ids = None
-    if meth.needs_calibration or calibration_ids is not None:
-        ids = as_calibration_tensor(calibration_ids)
-
-    model = build_skeleton(src, dtype)
-    plans = validate(model, meth, pat, scope)  # shapes only: works on meta tensors
+def _layer_keys(ckpt: ShardedCheckpoint, model: nn.Module, src: Path) -> tuple[list[list[str]], list[str]]:
+    """The checkpoint's tensor names of each decoder layer, and the others; refuses a
+    checkpoint whose names are not the model's (transformers converts it on load)."""
     path, layers = decoder_layers(model)
     n_layers = len(layers)
     layer_keys: list[list[str]] = [[] for _ in range(n_layers)]
@@ -314,24 +259,83 @@ def prune_checkpoint(
                 f"(e.g. missing {sorted(missing)[:2]}, unexpected {unknown[:2]}); transformers converts "
                 "this checkpoint when loading it, so prune it in memory (dass.prune) instead"
             )
+    return layer_keys, other_keys
 
-    report = PruneReport(
-        meth.name, meth.options(), str(pat), scope,
-        nsamples=0 if ids is None else ids.shape[0], seqlen=0 if ids is None else ids.shape[1],
-    )
+
+def prune_checkpoint(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    method: "str | RunSpec" = "dass",
+    pattern: str | float = "2:4",
+    scope: str = "mlp",
+    calibration_ids: torch.Tensor | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    batch_size: int = 8,
+    activations: str = "auto",
+    reconstruct: Any = None,
+    resume: bool = True,
+    progress: bool = True,
+    overwrite: bool = False,
+    checkpoint_seconds: float = 60.0,
+    calibration_spec: dict | None = None,
+    manifest_extra: dict | None = None,
+    after_layer: Callable[[int], None] | None = None,
+    **method_options: Any,
+) -> PruneReport:
+    """Prune the safetensors checkpoint ``src_dir`` into ``out_dir``, one layer at a time.
+
+    Same pruning as :func:`dass.prune` on the loaded model (identical weights), with
+    ``calibration_ids`` token ids ``[N, L]`` (None only for magnitude). ``method`` is a
+    name, a spec string or a whole :class:`~dass.run.spec.RunSpec` (which then carries the
+    pattern, scope, batch size, activations and reconstruction; the calibration is
+    ``calibration_ids``). ``dtype``: the compute and output dtype (default: the
+    checkpoint's). ``resume``: continue a partial run of the same settings found in
+    ``OUT.partial`` (False: delete it and start over). ``checkpoint_seconds``: how often
+    (at most) the activations are saved for resuming; 0 saves after every layer. Writing
+    them costs one pass over the activations through the disk, so for a large model a
+    resumed run redoes at most that many seconds of work. ``overwrite``: replace an
+    existing ``out_dir``. ``after_layer(i)`` is called once layer ``i``'s shard is on disk,
+    before the resumable state records it.
+    """
+    t0 = time.perf_counter()
+    from dass.io.checkpoint import CheckpointError, build_manifest, move_into_place, write_json
+
+    src, out = Path(src_dir), Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if isinstance(method, RunSpec):
+        spec = method
+    else:
+        spec = RunSpec.create(method, pattern, scope, calibration_ids, batch_size=batch_size, device=device,
+                              activations=activations, reconstruct=reconstruct, **method_options)
+    ckpt = ShardedCheckpoint(src)
+    src_dtype = ckpt.dtype()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or src_dtype
+    dev = spec.compute_device()
+    ids = None
+    if spec.method.needs_calibration or calibration_ids is not None:
+        ids = as_calibration_tensor(calibration_ids)
+
+    model = build_skeleton(src, dtype)
+    plans = spec.plan(model)  # shapes only: works on meta tensors
+    layer_keys, other_keys = _layer_keys(ckpt, model, src)
+    n_layers = len(layer_keys)
+    report = spec.new_report(ids)
     report.notes.append(f"streamed from {src} layer by layer ({dtype}, {dev})")
     settings = {
         "source": ckpt.fingerprint(),
-        "method": meth.name,
-        "options": meth.options(),
-        "pattern": str(pat),
-        "scope": scope,
+        **spec.record(),
         "calibration": None if ids is None else tensor_digest(ids),
         "dtype": str(dtype),
-        "batch_size": batch_size,
         "device": dev.type,
         "versions": _versions(),
     }
+    if settings["reconstruct"] is None:  # the same settings hash as before reconstruction existed
+        del settings["reconstruct"]
     partial = _partial_dir(out)
     state = RunState(partial, settings)
     saved = None
@@ -345,17 +349,10 @@ def prune_checkpoint(
     start = 0
     if saved is not None:
         start = saved["next_layer"]
-        rep = saved["report"]
-        report.matrices = [MatrixReport.from_dict(m) for m in rep["matrices"]]
-        report.layer_seconds, report.fallbacks = list(rep["layer_seconds"]), list(rep["fallbacks"])
-        report.notes = list(rep["notes"]) + [f"resumed at layer {start} of {n_layers}"]
+        _restore_report(report, saved, start, n_layers)
 
     total_shards = n_layers + len(other_keys)
-    weight_map: dict[str, str] = {}
-    total_size = 0
-    for i, keys in enumerate(layer_keys):
-        for k in keys:
-            weight_map[k] = _shard_name(i, total_shards)
+    weight_map = {k: _shard_name(i, total_shards) for i, keys in enumerate(layer_keys) for k in keys}
     # non-layer tensors: materialised on the device (the capture needs them) and written
     for j, k in enumerate(other_keys):
         t = ckpt.read([k])[k]
@@ -366,67 +363,33 @@ def prune_checkpoint(
             atomic_save_tensors(partial / name, {k: t.contiguous()}, SHARD_METADATA)
         set_tensor(model, k, t.to(dev))
         del t
-    for k in ckpt.keys():
-        total_size += _nbytes(ckpt, k, dtype)
+    total_size = sum(_nbytes(ckpt, k, dtype) for k in ckpt.keys())
 
     store = dev
     inputs = None
+    step = None
     if ids is not None and start < n_layers:
         t_cap = time.perf_counter()
         hidden_size = getattr(model.config, "hidden_size", None) or 0
         layer_bytes = sum(_nbytes(ckpt, k, dtype) for k in layer_keys[0])
-        store = choose_store(dev, activations, activation_bytes(ids, hidden_size, dtype), reserve=4 * layer_bytes)
+        store = spec.store(dev, ids, hidden_size, dtype, reserve=4 * layer_bytes)
         if store != dev:
             report.notes.append(f"calibration activations offloaded to {store}")
-        inputs = capture_inputs(model, calibration_batches(ids, batch_size), dev, store, progress, restore=False)
+        step = spec.layer_step(report, dev, store, ids, plans, progress=progress, start=start,
+                               label=f"{spec.method.name} {spec.pattern} (streaming)")
+        inputs = capture_inputs(model, calibration_batches(ids, spec.batch_size), dev, store, False, restore=False)
         if saved is not None and start > 0:
             loaded = state.activations(saved)
             if loaded is None or len(loaded) != len(inputs.hidden):
                 raise CheckpointError(f"{state.dir}: saved activations do not match the calibration batches")
             inputs.hidden = [_place(h, store) for h in loaded]
         report.capture_seconds = time.perf_counter() - t_cap
-
-    fast = FastPath(report)
-    die_after = int(os.environ.get(DIE_AFTER_LAYER, "-1"))
-    last_commit = time.perf_counter()
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        pending: Future | None = None
-        ahead: Future | None = reader.submit(ckpt.read, layer_keys[start]) if start < n_layers else None
-        for i in tqdm(range(start, n_layers), desc=f"{meth.name} {pat} (streaming)", disable=not progress):
-            ts = time.perf_counter()
-            tensors = ahead.result()  # type: ignore[union-attr]
-            ahead = reader.submit(ckpt.read, layer_keys[i + 1]) if i + 1 < n_layers else None
-            for k, t in tensors.items():
-                set_tensor(model, k, _cast(t, dev, dtype))
-            del tensors
-            _move_module(layers[i], dev)  # buffers of the layer, if any
-            plan = plans[i]
-            if inputs is not None:
-                calls = inputs.args[i]
-                process_layer(plan, inputs.hidden, calls, meth, pat, report, dev, store, fast)
-            else:
-                prune_layer(plan, {}, meth, pat, report)
-            result = {k: get_tensor(model, k).detach().to("cpu").contiguous() for k in layer_keys[i]}
-            for k in layer_keys[i]:  # drop the layer
-                set_tensor(model, k, torch.empty_like(get_tensor(model, k), device="meta"))
-            if pending is not None:
-                pending.result()  # at most one shard in flight: bounded host memory
-            pending = writer.submit(atomic_save_tensors, partial / _shard_name(i, total_shards), result, SHARD_METADATA)
-            del result
-            release_host_memory()
-            report.layer_seconds.append(time.perf_counter() - ts)
-            done = i + 1
-            if die_after == i:
-                pending.result()
-                os._exit(17)  # simulated crash after the shard is written, before the state
-            if done < n_layers and time.perf_counter() - last_commit >= checkpoint_seconds:
-                pending.result()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                state.commit(done, inputs.hidden if inputs is not None else None, _report_state(report))
-                last_commit = time.perf_counter()
-        if pending is not None:
-            pending.result()
+    try:
+        _stream_layers(ckpt, model, plans, layer_keys, partial, total_shards, spec, report, state, inputs, step,
+                       start, dev, dtype, checkpoint_seconds, after_layer)
+    finally:
+        if step is not None and step.progress is not None:
+            step.progress.close()
 
     del inputs
     clear_graphs()
@@ -449,6 +412,51 @@ def prune_checkpoint(
     move_into_place(partial, out)
     ctx.barrier()
     return report
+
+
+def _stream_layers(ckpt, model, plans, layer_keys, partial, total_shards, spec, report, state, inputs, step,
+                   start, dev, dtype, checkpoint_seconds, after_layer) -> None:
+    """Read each layer from the shards (one layer ahead, in a thread), run the step, write
+    its shard (in another thread, at most one in flight: bounded host memory), drop it."""
+    _, layers = decoder_layers(model)
+    n_layers = len(layer_keys)
+    last_commit = time.perf_counter()
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        pending: Future | None = None
+        ahead: Future | None = reader.submit(ckpt.read, layer_keys[start]) if start < n_layers else None
+        for i in range(start, n_layers):
+            ts = time.perf_counter()
+            tensors = ahead.result()  # type: ignore[union-attr]
+            ahead = reader.submit(ckpt.read, layer_keys[i + 1]) if i + 1 < n_layers else None
+            for k, t in tensors.items():
+                set_tensor(model, k, _cast(t, dev, dtype))
+            del tensors
+            move_module(layers[i], dev)  # buffers of the layer, if any
+            if inputs is not None:
+                step(plans[i], inputs.hidden, inputs.args[i])
+            else:
+                prune_layer(plans[i], {}, spec.method, spec.pattern, report)
+            result = {k: get_tensor(model, k).detach().to("cpu").contiguous() for k in layer_keys[i]}
+            for k in layer_keys[i]:  # drop the layer
+                set_tensor(model, k, torch.empty_like(get_tensor(model, k), device="meta"))
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(atomic_save_tensors, partial / _shard_name(i, total_shards), result, SHARD_METADATA)
+            del result
+            release_host_memory()
+            report.layer_seconds.append(time.perf_counter() - ts)
+            done = i + 1
+            if after_layer is not None:
+                pending.result()
+                after_layer(i)
+            if done < n_layers and time.perf_counter() - last_commit >= checkpoint_seconds:
+                pending.result()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                state.commit(done, inputs.hidden if inputs is not None else None, _report_state(report))
+                last_commit = time.perf_counter()
+        if pending is not None:
+            pending.result()
 
 
 def _place(h: torch.Tensor, store: torch.device) -> torch.Tensor:

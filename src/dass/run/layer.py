@@ -1,0 +1,235 @@
+"""One decoder layer: observe, prune, (reconstruct), propagate.
+
+:class:`LayerStep` is the per-layer step that :func:`dass.prune` (a model in memory) and
+:func:`dass.run.streaming.prune_checkpoint` (a checkpoint on disk, one layer at a time) both
+run. Two things keep it cheap on a GPU:
+
+- the statistics pass stops as soon as the last observed input has been seen (a dense
+  GLU layer's ``down_proj``): the layer's output there is never used (unless the blocks
+  are reconstructed, which needs the dense MLP's output as the target);
+- under scope ``mlp`` the next layer's input is computed from the MLP branch alone
+  (:mod:`dass.run.propagate`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from dass.arch import LayerPlan, MatrixRef
+from dass.core.patterns import Pattern, nm_violations, sparsity_of
+from dass.core.stats import FeatureStats
+from dass.methods import MatrixResult, PruningMethod
+from dass.methods.magnitude import Magnitude
+from dass.run import distributed
+from dass.run.capture import Stop, first_output
+from dass.run.hooks import last_observed, raise_stop, register_stat_hooks
+from dass.run.memory import to_store
+from dass.run.progress import Progress
+from dass.run.propagate import FastPath
+from dass.run.reconstruct import BatchLayout, BlockRecorder, ReconstructOptions, reconstruct_blocks
+from dass.run.report import MatrixReport, PruneReport
+
+Job = tuple[MatrixRef, MatrixResult, str]
+
+
+def _mark(device: torch.device) -> Any:
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+PHASES = ("observe", "prune", "reconstruct", "propagate")
+
+
+def profile_summary(profile: list) -> dict[str, float]:
+    """Seconds spent in each phase of :class:`LayerStep` over the layers it recorded
+    (CUDA events on a GPU, so recording adds no synchronisation)."""
+    out = dict.fromkeys(PHASES, 0.0)
+    for marks in profile:
+        if isinstance(marks[0], torch.cuda.Event):
+            marks[-1].synchronize()
+            spans = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+        else:
+            spans = [b - a for a, b in zip(marks, marks[1:])]
+        for key, span in zip(PHASES, spans):
+            out[key] += span
+    return out
+
+
+def _apply(ref: MatrixRef, result: MatrixResult) -> None:
+    with torch.no_grad():
+        view = ref.get()
+        if result.weight is not None:
+            view.copy_(result.weight.to(view.device, view.dtype))
+        view.masked_fill_(~result.mask.to(view.device), 0)  # +0.0: no -0.0 signs to store
+
+
+def prune_layer(
+    plan: LayerPlan,
+    stats: dict[str, FeatureStats],
+    method: PruningMethod,
+    pattern: Pattern,
+    report: PruneReport,
+) -> list[tuple[MatrixRef, MatrixResult]]:
+    """Turn one layer's statistics into masks (and weights), apply them in place, record
+    them in ``report``; returns each matrix with its result."""
+    fallback = Magnitude()
+    jobs: list[Job] = []
+    for block in plan.glu:
+        x, h = stats.get(block.x_key), stats.get(block.h_key)
+        use = method
+        if method.needs_calibration and (x is None or x.tokens == 0):
+            use = fallback
+            report.fallbacks.append(
+                f"{block.gate.key}: expert received no calibration token; pruned by magnitude"
+            )
+        results = use.prune_glu(block.gate.get(), block.up.get(), block.down.get(), x, h, pattern, act=block.act)
+        jobs += [(ref, res, use.name) for ref, res in zip((block.gate, block.up, block.down), results)]
+    for target in plan.linears:
+        x = stats.get(target.x_key)
+        use = method if (x is not None and x.tokens) or not method.needs_calibration else fallback
+        jobs.append((target.ref, use.prune_linear(target.ref.get(), x, pattern), use.name))
+    for ref, res, used in jobs:
+        _apply(ref, res)
+        view = ref.get()
+        if pattern.is_nm and res.orientation and nm_violations(view, pattern.n, pattern.m, res.orientation):
+            raise AssertionError(f"{ref.key}: N:M pattern violated after pruning")  # an internal bug
+        report.matrices.append(
+            MatrixReport(
+                key=ref.key,
+                name=ref.name,
+                role=ref.role,
+                shape=tuple(view.shape),
+                pattern=str(pattern),
+                orientation=res.orientation,
+                sparsity=sparsity_of(view),
+                method=used,
+                expert=ref.expert,
+                rows=ref.rows,
+                info=res.info,
+            )
+        )
+        if res.info.get("cholesky_retries"):
+            report.notes.append(f"{ref.key}: Cholesky failed, dampening raised to {res.info['damp']:g}")
+    return [(ref, res) for ref, res, _ in jobs]
+
+
+class LayerStep:
+    """The per-layer step with the run's state: the propagation shortcut (checked once),
+    the reconstruction settings, the progress line and an optional profile.
+
+    ``profile``: a list that receives, for every layer, timestamps at the start and after
+    each phase of :data:`PHASES` (see :func:`profile_summary`).
+    """
+
+    def __init__(
+        self,
+        method: PruningMethod,
+        pattern: Pattern,
+        report: PruneReport,
+        device: torch.device,
+        store: torch.device,
+        layout: BatchLayout | None = None,
+        reconstruct: ReconstructOptions | None = None,
+        progress: Progress | None = None,
+        fast_mlp: bool = True,
+        profile: list | None = None,
+    ) -> None:
+        self.method, self.pattern, self.report = method, pattern, report
+        self.device, self.store = device, store
+        self.layout, self.reconstruct = layout, reconstruct
+        self.progress = progress
+        self.fast = FastPath(report, fast_mlp)
+        self.profile = profile
+
+    @staticmethod
+    def units(batches: int, reconstruct: ReconstructOptions | None, blocks: int) -> int:
+        """Progress units of one layer: each batch twice (statistics, propagation), plus
+        the reconstruction steps of its blocks."""
+        return 2 * batches + (reconstruct.steps * blocks if reconstruct is not None else 0)
+
+    def _tick(self, units: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(units)
+
+    def _phase(self, plan: LayerPlan, phase: str) -> None:
+        if self.progress is not None:
+            self.progress.phase(plan.index, phase)
+
+    @torch.no_grad()
+    def __call__(self, plan: LayerPlan, hidden: list[torch.Tensor], calls: dict[int, tuple[tuple, dict[str, Any]]]) -> None:
+        """Observe, prune, reconstruct and propagate one layer that is already on the device.
+
+        ``hidden`` holds the calibration activations entering the layer, one tensor per batch
+        (on the store device); they are replaced in place by the activations entering the
+        next layer. ``calls`` maps a batch size to the layer's positional and keyword
+        arguments, on the device.
+        """
+        dev, store, method = self.device, self.store, self.method
+        layer = plan.layer
+        marks = [_mark(dev)] if self.profile is not None else None
+        branch = self.fast.get(plan, hidden[0], calls[hidden[0].shape[0]], dev)
+        stats = {
+            key: FeatureStats(n, dev, with_hessian=method.needs_hessian, max_samples=method.sample_tokens)
+            for key, n in plan.feature_sizes().items()
+        }
+        handles = register_stat_hooks(plan, stats)
+        recorder = None
+        if self.reconstruct is not None:
+            blocks = [b for b in plan.blocks if b.name != "attention" or self.reconstruct.attention]
+            recorder = BlockRecorder(blocks, store)
+            handles += recorder.register()
+        mid: dict[str, torch.Tensor] = {}
+        if branch is not None:
+            handles.append(branch.entry.register_forward_pre_hook(lambda m, a: mid.__setitem__("h", a[0])))
+        stop = last_observed(plan) if recorder is None else None
+        if stop is not None:  # registered after the statistics hook: runs after it
+            handles.append(stop.register_forward_pre_hook(raise_stop))
+        self._phase(plan, "statistics")
+        try:
+            for j, h in enumerate(hidden):
+                args, kwargs = calls[h.shape[0]]
+                try:
+                    layer(h.to(dev, non_blocking=True), *args, **kwargs)
+                except Stop:
+                    pass
+                if branch is not None:  # the input is not needed again: keep h instead
+                    hidden[j] = to_store(mid.pop("h"), store, h)
+                self._tick()
+        finally:
+            for handle in handles:
+                handle.remove()
+        distributed.current().all_reduce_stats(stats)  # no-op in a single process
+        if marks is not None:
+            marks.append(_mark(dev))
+        self._phase(plan, "pruning")
+        jobs = prune_layer(plan, stats, method, self.pattern, self.report)
+        del stats
+        if marks is not None:
+            marks.append(_mark(dev))
+        if recorder is not None:
+            self._phase(plan, "reconstruction")
+            assert self.layout is not None and self.reconstruct is not None
+            self.report.blocks += reconstruct_blocks(plan, jobs, recorder, self.layout, self.reconstruct, dev,
+                                                     on_step=lambda s: self._tick())
+            del recorder
+        if marks is not None:
+            marks.append(_mark(dev))
+        self._phase(plan, "propagation")
+        for j, h in enumerate(hidden):
+            x = h.to(dev, non_blocking=True)
+            if branch is not None:
+                out = branch(x)
+            else:
+                args, kwargs = calls[h.shape[0]]
+                out = first_output(layer(x, *args, **kwargs))
+            hidden[j] = to_store(out, store, h)
+            self._tick()
+        if marks is not None and self.profile is not None:
+            marks.append(_mark(dev))
+            self.profile.append(marks)
