@@ -7,6 +7,7 @@ magnitude, returning a :class:`PruneReport`.
 
 from dass.arch import ArchitectureError
 from dass.core.patterns import Pattern, PatternError, parse_pattern
+from dass.io import hf_registry as _hf_registry  # noqa: F401  from_pretrained loads compressed checkpoints
 from dass.methods import available_methods, get_method, register
 from dass.run.pipeline import CalibrationError, PruneReport, prune
 
