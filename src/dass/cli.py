@@ -234,7 +234,7 @@ def _prune_streaming(args, method, pattern, options, device, quiet, t0) -> int:
 
 
 def _headline(r: dict[str, Any]) -> float:
-    """acc_norm where the harness reports it (METHOD.md), else acc."""
+    """acc_norm where the harness reports it (docs/method.md), else acc."""
     return r["acc_norm"] if r.get("acc_norm") is not None else r["acc"]
 
 
