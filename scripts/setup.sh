@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment in .venv with the CPU build of torch
 # installed first (so no multi-GB CUDA build is pulled), dass with its extras, and the
-# offline stand-ins of METHOD.md (model, text, zero-shot data) installed with --no-deps.
+# offline stand-ins of docs/method.md (model, text, zero-shot data) installed with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,4 +1,4 @@
-"""Each method's masks against a direct, written-out computation of METHOD.md."""
+"""Each method's masks against a direct, written-out computation of docs/method.md."""
 
 import itertools
 import math

@@ -16,6 +16,7 @@ __version__ = "0.2.0"
 from dass.arch import ArchitectureError  # noqa: E402
 from dass.core.patterns import Pattern, PatternError, parse_pattern  # noqa: E402
 from dass.errors import DassError  # noqa: E402
+from dass.io import hf_registry as _hf_registry  # noqa: E402,F401  from_pretrained loads compressed checkpoints
 from dass.methods import (  # noqa: E402
     DaSS,
     DaSSOBS,

@@ -80,19 +80,40 @@ def _reconstruct(args: argparse.Namespace):
     return None if value is None else reconstruct_options(value or True)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where the default is "not
+    given" (None, False): those say in their own words what happens without them. The
+    epilog (the list of methods and their options) keeps its line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "%(default)" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+#: What ``dass compress`` and ``prune --compress`` store, said once for both.
+COMPRESSED_FORMAT = "kept values + a one-bit-per-weight mask"
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="'default' (the embedded SmolLM2-135M), a local directory, or a hub id")
-    p.add_argument("--gguf-file", help="GGUF file name inside MODEL (a directory)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("model", help="'default' (the embedded SmolLM2-135M-Instruct, dequantized from a 4-bit GGUF), "
+                                 "a local checkpoint directory (dense or compressed), or a hub id")
+    p.add_argument("--gguf-file", help="GGUF file name inside MODEL (a directory); without it the safetensors are read")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load the weights in; auto keeps the checkpoint's own, float32 for 'default' on CPU")
     p.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int = 128, seqlen: int = 2048) -> None:
-    p.add_argument("--calibration", default="default", help="default | FILE.txt | FILE.jsonl | c4 | wikitext2")
-    p.add_argument("--nsamples", type=int, default=nsamples)
-    p.add_argument("--seqlen", type=int, default=seqlen)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration", default="default",
+                   help="calibration text: default (the embedded Wikipedia text's calibration split), "
+                        "FILE.txt, FILE.jsonl (a 'text' field per line), or c4 / wikitext2 (need the hub)")
+    p.add_argument("--nsamples", type=int, default=nsamples, help="calibration sequences; the paper uses 128")
+    p.add_argument("--seqlen", type=int, default=seqlen, help="tokens per calibration sequence; the paper uses 2048")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' positions")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
 
 
@@ -240,11 +261,15 @@ def _evaluate(model, tokenizer, args: argparse.Namespace, device: str) -> dict[s
 
 
 def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tokens: int | None = None) -> None:
-    p.add_argument("--ppl", default="default", help="default | wikitext2 | FILE | none")
-    p.add_argument("--eval-seqlen", type=int, default=eval_seqlen, help="perplexity window (tokens)")
-    p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="use only the first N evaluation tokens (0 = all)")
-    p.add_argument("--zeroshot", default=None, help=f"comma-separated tasks, e.g. {ZEROSHOT_TASKS}")
-    p.add_argument("--limit", type=int, default=None, help="zero-shot: items per task (quick runs)")
+    p.add_argument("--ppl", default="default",
+                   help="perplexity text: default (the embedded Wikipedia text's held-out split), "
+                        "wikitext2 (test split, needs the hub), FILE, or none (no perplexity)")
+    p.add_argument("--eval-seqlen", type=int, default=eval_seqlen,
+                   help="perplexity window in tokens (non-overlapping windows); the paper uses 2048")
+    p.add_argument("--eval-tokens", type=int, default=eval_tokens,
+                   help="use only the first N evaluation tokens (unset or 0: all of them, slow on a CPU)")
+    p.add_argument("--zeroshot", default=None, help=f"comma-separated tasks, e.g. {ZEROSHOT_TASKS} (unset: none)")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: the first N items per task (unset: all)")
     p.add_argument("--zeroshot-batch-size", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
 
 
@@ -330,13 +355,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from dass import __version__
 
-    parser = argparse.ArgumentParser(prog="dass", description="One-shot pruning of GLU language models.")
+    parser = argparse.ArgumentParser(prog="dass", description="One-shot pruning of GLU language models.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"dass {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save the checkpoint", epilog=methods_help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     _add_model_args(p)
     p.add_argument("--method", default="dass", metavar="NAME[:KEY=VALUE,...]",
                    help="pruning method and its options (listed below), e.g. dass:alpha=auto")
@@ -344,27 +370,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p)
     _add_calibration_args(p)
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--compress", action="store_true", help="store N:M matrices as values + bitmask")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--compress", action="store_true",
+                   help=f"also store every N:M matrix as {COMPRESSED_FORMAT} (as dass compress does)")
     p.add_argument("--stream", action="store_true", help="stream layers from disk (bounded memory, resumable)")
     p.add_argument("--no-resume", action="store_true", help="with --stream: start over instead of resuming")
     p.add_argument("--activations", default="auto", choices=["auto", "device", "cpu"],
                    help="where calibration activations live between layers")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy", formatter_class=HelpFormatter)
     _add_model_args(p)
     _add_eval_args(p)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--accelerate", action="store_true", help="run 2:4 matrices with sparse GPU kernels (CUDA only)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("verify", help="check a saved checkpoint against its manifest")
-    p.add_argument("dir")
+    p = sub.add_parser("verify", help="check a saved checkpoint against its manifest", formatter_class=HelpFormatter)
+    p.add_argument("dir", help="a checkpoint written by dass prune (dense or compressed): every pruned matrix "
+                               "is checked against dass.json (shape, sparsity, N:M groups)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compare", help="dense vs methods x patterns, one table", epilog=methods_help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     _add_model_args(p)
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="methods separated by ';' or ',' (a method's own options with ':', e.g. "
@@ -376,10 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="directory for results.json, results.md, the plot")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("compress", help="store a checkpoint's N:M matrices as values + indices")
-    p.add_argument("dir")
-    p.add_argument("--output", "-o")
-    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("compress", help=f"store a checkpoint's N:M matrices as {COMPRESSED_FORMAT}",
+                       formatter_class=HelpFormatter)
+    p.add_argument("dir", help="a checkpoint written by dass prune; the result still loads with "
+                               "from_pretrained after import dass, and with dass eval / verify")
+    p.add_argument("--output", "-o", help="write the compressed checkpoint here (default: replace DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("bench", help="speed of dense vs 2:4 kernels (GPU); options: dass bench --help", add_help=False)

