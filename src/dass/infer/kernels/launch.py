@@ -124,7 +124,6 @@ class Launcher:
             self.bt = c["BLOCK_T"]
         self.per = cdiv(cdiv(nunits, c["SPLIT_K"]), unit) * unit
         self.split = cdiv(nunits, self.per)
-        const["SPLIT_K"] = self.split
         if c["KIND"] == "gemv":
             if out:
                 const["PREFETCH"] = int(c.get("PREFETCH", 0))
@@ -139,6 +138,13 @@ class Launcher:
         self.kdim = K if out else K // 4  # K or NC
         self._compiled = None
         self._fast_key: tuple | None = None
+
+    def warmup(self, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> None:
+        """Compile for these arguments without running (under triton's AsyncCompileMode the
+        compilation goes to its executor)."""
+        y = torch.empty(1, self.N, dtype=torch.float32 if self.split > 1 else x.dtype, device=x.device)
+        self.kernel.warmup(x, values, meta, y, x.shape[0], self.dim, self.kdim, x.stride(0), self.N, 0, self.per,
+                           grid=self.grid(x.shape[0]), **self.const, **self.opts)
 
     def grid(self, T: int) -> tuple[int, int, int]:
         ntok = T if self.bt == 1 else cdiv(T, self.bt)

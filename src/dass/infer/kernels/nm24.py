@@ -63,7 +63,7 @@ def _group_store(yp, acc0, acc1, acc3, tot, mask):
 def _nm24_out_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, NG, K, stride_xt, stride_yt, stride_ys, k_per_split,
-    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr, T_FAST: tl.constexpr,
 ):
     # T_FAST: the token index is grid axis 0 (the programs of one row block and every token
@@ -125,7 +125,7 @@ def _nm24_out_kernel(
 def _nm24_in_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, N, NC, stride_xt, stride_yt, stride_ys, c_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, T_FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, T_FAST: tl.constexpr,
 ):
     # W is [N, 4*NC]; values [N, 2*NC]; meta [N, ceil(NC/2)]; T_FAST as in _nm24_out_kernel
     pid_m = tl.program_id(2) if T_FAST else tl.program_id(0)

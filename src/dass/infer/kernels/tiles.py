@@ -110,7 +110,7 @@ def _store(y_ptr, acc, rows, rmask, t, tmask, stride_yt, pid_k, stride_ys):
 def nm24_out_tile_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, NG, K, stride_xt, stride_yt, stride_ys, k_per_split,
-    BG: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, SPLIT_K: tl.constexpr,
+    BG: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Output orientation (groups of 4 output rows): W [4*NG, K]; a program owns 4*BG rows."""
@@ -148,7 +148,7 @@ def nm24_out_tile_kernel(
 def nm24_in_tile_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, N, NC, stride_xt, stride_yt, stride_ys, c_per_split,
-    BN: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, SPLIT_K: tl.constexpr,
+    BN: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Input orientation (groups of 4 inputs): W [N, 4*NC]; a program owns BN rows and walks
