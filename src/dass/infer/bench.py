@@ -181,9 +181,11 @@ def _run_parts(args, what, shapes, tokens, sweep_tokens, timer, dtype, device, e
             dump()
         if "dispatch" in what:
             print(f"dispatch {name} (d={d}, D={D}), GPU time of the MLP block (CUDA graph):", flush=True)
-            rows = bm.bench_dispatch(timer, d, D, sweep_tokens, dtype, device, errors, log=lambda s: print(s, flush=True))
-            res.setdefault("dispatch", []).extend(dict(r, shape=name) for r in rows)
-            dump()
+            def keep(r, name=name):
+                res.setdefault("dispatch", []).append(dict(r, shape=name))
+                dump()
+            bm.bench_dispatch(timer, d, D, sweep_tokens, dtype, device, errors, log=lambda s: print(s, flush=True),
+                              on_row=keep)
         if "matrix" in what:
             print(MATRIX_HEADER, flush=True)
             for kind, N, K, ors in (("gate", D, d, ["input", "output"]), ("down", d, D, ["input"])):

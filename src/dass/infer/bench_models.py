@@ -91,7 +91,7 @@ def _mlp_modules(mlp) -> dict[str, Any]:
 
 
 def bench_dispatch(timer: Timer, d: int, D: int, tokens: list[int], dtype, device, errors: list,
-                   log=print) -> list[dict[str, Any]]:
+                   log=print, on_row=None) -> list[dict[str, Any]]:
     """For each token count: what the dispatcher chose for every accelerated matrix of the MLP
     (all paths' GPU times against dense cuBLAS), and the whole block's GPU time (CUDA-graph
     replay) dense against accelerated in both orientations."""
@@ -117,6 +117,8 @@ def bench_dispatch(timer: Timer, d: int, D: int, tokens: list[int], dtype, devic
                 row[f"{name}_graph_ms"] = safe(lambda: timer.graph(lambda i: m(x)), errors, f"{name} mlp T={T}")
             rows.append(row)
             log(_fmt_dispatch(row))
+            if on_row is not None:  # the caller saves as it goes (a time box may stop the run)
+                on_row(row)
     return rows
 
 

@@ -32,8 +32,9 @@ class AccelerateConfig:
     autotune: bool = True
     # search the Triton kernels' launch configurations too (else their defaults are timed)
     tune_kernels: bool = True
-    # read and write the on-disk tuning cache
-    tuning_cache: bool = True
+    # read and write the on-disk tuning cache (True: the default file, see
+    # dass.infer.tuning_cache; a path: that file; False: none)
+    tuning_cache: bool | str = True
     autotune_max_triton_tokens: int = 1024
     keep_dense: bool = False
     graphs: bool = True

@@ -82,6 +82,7 @@ class DecodeGraphs:
         self.capture = capture
         self.max_graphs = max_graphs
         self.orig = model.forward
+        self._own_forward = "forward" in vars(model)  # an instance attribute already (e.g. accelerate's)
         self.entries: dict[tuple, _Entry] = {}
         self.log: list[str] = []
         self.disabled = False
@@ -94,7 +95,10 @@ class DecodeGraphs:
         model.forward = forward
 
     def remove(self) -> None:
-        self.model.forward = self.orig
+        if self._own_forward:
+            self.model.forward = self.orig
+        else:
+            vars(self.model).pop("forward", None)
         self.entries.clear()
 
     def _forward(self, *args, **kwargs):

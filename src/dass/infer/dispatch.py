@@ -91,9 +91,9 @@ def decide(mod, T: int) -> Decision:
         return Decision(mod.static_path(T), None, source="static", reason="autotune off or capturing")
     cache = None
     if cfg.tuning_cache:
-        from dass.infer.tuning_cache import default_cache
+        from dass.infer.tuning_cache import cache_at, default_cache
 
-        cache = default_cache()
+        cache = default_cache() if cfg.tuning_cache is True else cache_at(cfg.tuning_cache)
         hit = cache.get(_key_str(key))
         if isinstance(hit, dict) and hit.get("path") in cands:
             d = _DECISIONS[key] = Decision(**{**hit, "source": "cache"})

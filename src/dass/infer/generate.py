@@ -164,7 +164,10 @@ def compare(model, make_ids, batches: list[int], new_tokens: int, modes: list[st
     from dass.infer.accelerate import accelerate, tuning_log
 
     res: dict[str, Any] = {"dense": [], "sparse": [], "skipped": []}
+    start = time.perf_counter()
     for phase in ("dense", "sparse"):
+        # the dense phase may use at most 45% of the time box, so the accelerated one always runs
+        stop = None if deadline is None else (start + 0.45 * (deadline - start) if phase == "dense" else deadline)
         if phase == "sparse":
             t = time.perf_counter()
             rep = accelerate(model, **(accelerate_kw or {}))
@@ -175,9 +178,11 @@ def compare(model, make_ids, batches: list[int], new_tokens: int, modes: list[st
         for mode in modes:
             state: dict = {}
             for B in batches:
-                if deadline is not None and time.perf_counter() > deadline:
+                if stop is not None and time.perf_counter() > stop:
                     res["skipped"].append(f"{phase} {mode} B={B}: time box")
                     continue
+                if phase == "sparse" and not any((r["mode"], r["batch"]) == (mode, B) for r in res["dense"]):
+                    continue  # nothing to compare with
                 try:
                     r = measure(model, make_ids(B), new_tokens, mode, reps, state)
                 except Exception as e:  # noqa: BLE001 -- one failing case must not stop the others

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TuningCache", "default_cache", "environment_signature"]
+__all__ = ["TuningCache", "default_cache", "cache_at", "environment_signature"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,9 +108,14 @@ def _default_path() -> Path:
 _DEFAULT: dict[str, TuningCache] = {}
 
 
-def default_cache() -> TuningCache:
-    """The process-wide cache at the default path."""
-    path = str(_default_path())
+def cache_at(path: str | os.PathLike) -> TuningCache:
+    """The process-wide cache object of the file ``path``."""
+    path = str(path)
     if path not in _DEFAULT:
         _DEFAULT[path] = TuningCache(path)
     return _DEFAULT[path]
+
+
+def default_cache() -> TuningCache:
+    """The process-wide cache at the default path."""
+    return cache_at(_default_path())
