@@ -9,9 +9,10 @@
 # the others:
 #   1. correctness: every kernel at every token bucket, both orientations, fp16 and bf16;
 #      generate() gives the dense model's greedy tokens (GPU tests of tests/test_infer_gpu.py)
-#   2. dispatcher + MLP block over T in {1,...,16384}, LLaMA-2-7B shapes, both orientations:
+#   2. host time per call (dense vs NM24Linear paths vs accelerated MLP), then the
+#      dispatcher + MLP block over T in {1,...,16384}, LLaMA-2-7B shapes, both orientations:
 #      every path's time per matrix, the choice, the block's GPU time vs dense
-#      (dass bench --what dispatch; JSON: $OUT/dispatch.json)
+#      (dass bench --what host,dispatch; JSON: $OUT/dispatch.json)
 #   3. generate(): 7B shape, 32 layers, random 2:4 weights (DaSS orientation, MLP scope),
 #      bf16, batch 1/4/16/64, decode graphs on and eager, dense vs accelerated
 #      (dass generate --synthetic 7b; JSON: $OUT/generate.json)
@@ -53,13 +54,13 @@ main() {
     T_ALL=1,2,4,8,16,32,64,128,256,512,1024,4096,16384
     if [ "$SMOKE" = 1 ]; then
         part kernels-smoke 25 $PY -m pytest -q -x -p no:cacheprovider tests/test_infer_gpu.py -k "every_bucket and bfloat16"
-        part dispatch-smoke 25 $PY -m dass bench --what dispatch --shapes 7b --tokens 1,16,64 --reps 3 --target-ms 2 \
+        part dispatch-smoke 25 $PY -m dass bench --what host,dispatch --shapes 7b --tokens 1,16,64 --reps 3 --target-ms 2 \
             --out "$OUT/dispatch_smoke.json"
         part generate-smoke 20 $PY -m dass generate --synthetic 7b --layers 2 --batches 1,16 --new-tokens 8 --reps 1 \
             --modes graphs,eager --max-seconds 15 --out "$OUT/generate_smoke.json"
     else
         part correctness 60 $PY -m pytest -q -x -p no:cacheprovider tests/test_infer_gpu.py -k "every_bucket or generate_gives"
-        part dispatch 200 $PY -m dass bench --what dispatch --shapes 7b --tokens "$T_ALL" --reps 5 --target-ms 4 \
+        part dispatch 200 $PY -m dass bench --what host,dispatch --shapes 7b --tokens "$T_ALL" --reps 5 --target-ms 4 \
             --out "$OUT/dispatch.json"
         part generate 150 $PY -m dass generate --synthetic 7b --layers 32 --batches 1,4,16,64 --prompt-len 64 \
             --new-tokens 32 --reps 3 --modes graphs,eager --max-seconds 135 --out "$OUT/generate.json"

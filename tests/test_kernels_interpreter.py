@@ -110,6 +110,7 @@ def _check(rows: list[dict]) -> None:
         assert r["rel_err"] < tol, r
 
 
+@pytest.mark.slow
 def test_kernels_match_dense_in_the_interpreter():
     rows = _run(BUCKETS)
     per_t = {1: 3, 2: 4, 3: 4, 4: 4, 8: 4}

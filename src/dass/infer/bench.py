@@ -26,7 +26,7 @@ SWEEP_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384]
 DRY_SHAPES = "256x704"
 DRY_TOKENS = "1,16"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-WHATS = ("ceilings", "kernels", "gemv", "matrix", "mlp", "dispatch", "e2e", "cslt", "generate")
+WHATS = ("ceilings", "host", "kernels", "gemv", "matrix", "mlp", "dispatch", "e2e", "cslt", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1, default=str)
 
-    gpu_only = {"ceilings", "kernels", "gemv", "dispatch", "cslt", "generate"}
+    gpu_only = {"ceilings", "host", "kernels", "gemv", "dispatch", "cslt", "generate"}
     if device != "cuda" and what & gpu_only:
         res["skipped_without_gpu"] = sorted(what & gpu_only)
         print(f"(no GPU: skipping {', '.join(sorted(what & gpu_only))})", flush=True)
@@ -172,6 +172,9 @@ def _run_parts(args, what, shapes, tokens, sweep_tokens, timer, dtype, device, e
     if "ceilings" in what:
         res["ceilings"] = safe(lambda: bk.ceilings(timer, device), errors, "ceilings")
         print("ceilings:", res["ceilings"], flush=True)
+    if "host" in what:
+        res["host"] = bm.bench_host([1, 4, 16, 64], dtype, device, errors, log=lambda s: print(s, flush=True))
+        dump()
     for name, d, D in shapes:
         if what & {"kernels", "gemv"}:
             toks = [1] if "kernels" not in what else sweep_tokens

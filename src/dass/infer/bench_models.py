@@ -19,7 +19,7 @@ import torch
 from dass.infer.bench_timing import Timer, safe
 from dass.infer.generate import _magnitude24, prune_24
 
-__all__ = ["make_mlps", "bench_mlp", "bench_dispatch", "bench_kernels", "bench_e2e"]
+__all__ = ["make_mlps", "bench_mlp", "bench_dispatch", "bench_kernels", "bench_e2e", "bench_host"]
 
 VARIANTS = (("wanda", "input"), ("dass", "output"))  # name -> orientation of gate/up
 
@@ -159,6 +159,55 @@ def bench_kernels(timer: Timer, d: int, D: int, tokens: list[int], dtype, device
                 log(f"  kernels {kind:7} {o:6} {N}x{K} T={T:<5} dense {dms * 1e3:8.1f} us, best 2:4 {res['best_ms'] * 1e3:8.1f} us "
                     f"({dms / res['best_ms']:.2f}x) {res['best']}")
         del W, values, meta
+    return rows
+
+
+def _host_us(fn, calls: int = 400) -> float:
+    """Host microseconds per call of ``fn`` (GPU work small enough that the queue never fills)."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def bench_host(tokens: list[int], dtype, device, errors: list, log=print) -> list[dict[str, Any]]:
+    """Host time per call (what bounds eager ``generate()``): a dense ``nn.Linear`` against an
+    ``NM24Linear`` on each path, and a dense ``LlamaMLP`` against accelerated ones (whole-MLP
+    graph replay), on a 256x704 MLP whose GPU work is a few microseconds."""
+    from dass.infer.accelerate import AccelerateConfig, accelerate
+    from dass.infer.nm24_linear import NM24Linear
+
+    mlps = make_mlps(256, 704, dtype, device)
+    dense_lin = torch.nn.Linear(256, 704, bias=False, device=device, dtype=dtype)
+    rows = []
+    from dass.arch import glu_children
+
+    gate = getattr(mlps["dass"], glu_children(mlps["dass"]).gate).weight.detach()  # 2:4 along the outputs
+    for name, _ in VARIANTS:
+        safe(lambda: accelerate(mlps[name], config=AccelerateConfig(tuning_cache=False)), errors, f"host accelerate {name}")
+    for T in tokens:
+        x = torch.randn(T, 256, device=device, dtype=dtype)
+        row: dict[str, Any] = {"T": T, "dense_linear_us": _host_us(lambda: dense_lin(x))}
+        for path in ("triton", "decompress", "dense"):
+            cfg = AccelerateConfig(autotune=False, keep_dense=path == "dense", tuning_cache=False,
+                                   triton_max_tokens={"input": 10**9 if path == "triton" else 0,
+                                                      "output": 10**9 if path == "triton" else 0})
+            mod = safe(lambda: NM24Linear(gate, None, "output", cfg), errors, f"host module {path}")
+            if mod is not None:
+                row[f"nm24_{path}_us"] = safe(lambda: _host_us(lambda: mod(x)), errors, f"host {path} T={T}")
+        with torch.inference_mode():
+            row["dense_mlp_us"] = _host_us(lambda: mlps["dense"](x))
+            for name, _ in VARIANTS:
+                row[f"{name}_mlp_us"] = safe(lambda: _host_us(lambda: mlps[name](x)), errors, f"host mlp {name} T={T}")
+        rows.append(row)
+        log("  host us/call T=%-4d " % T + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in row.items() if k != "T" and v))
     return rows
 
 
