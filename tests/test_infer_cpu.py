@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from dass.infer.dispatch import _reason
 from dass.infer.tuning_cache import TuningCache
-from tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,8 +75,8 @@ def test_decode_graph_plumbing_gives_the_same_tokens():
     ref = _greedy(model, ids, 10)
     dg = DecodeGraphs(model, capture=lambda fn: fn)
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = StaticCache(config=model.config, max_cache_len=32)
     for _ in range(2):  # the second run reuses the cache (reset) and the captured step
-        cache = StaticCache(config=model.config, max_cache_len=32) if _ == 0 else cache
         cache.reset()
         got = _greedy(model, ids, 10, **{kw: cache}, disable_compile=True)
         assert torch.equal(got, ref)
@@ -139,6 +139,8 @@ INTERPRETED = textwrap.dedent(
     rep = accelerate(model, config=AccelerateConfig(keep_dense=True), tune_tokens=[1, 9])
     mlp = model.model.layers[0].mlp
     out["replaced"] = sorted(set(rep["replaced"].values()))
+    # off the GPU the tuned counts take the static path (triton), so no dense copy is kept
+    out["dense_kept"] = rep["dense_kept"]
     out["fused"] = len(rep["fused_gate_up"])
     out["stacked"] = isinstance(getattr(mlp, "dass_gate_up", None), NM24Linear) and glu_children(mlp) is None
     ids = torch.randint(0, 128, (2, 9))
@@ -146,8 +148,8 @@ INTERPRETED = textwrap.dedent(
         want = exact(ids).logits
         out["err_accelerated"] = rel_err(model(ids).logits, want)
         out["err_dense_bf16"] = rel_err(ref(ids).logits, want)
-    # every path of one module, against the exact product
-    lin = mlp.dass_gate_up
+    # every path of one module (dense copy kept), against the exact product
+    lin = NM24Linear(mlp.dass_gate_up.dense_weight(), None, "output", AccelerateConfig(keep_dense=True))
     W = lin.dense_weight().double()
     errs = {}
     for path in lin.candidates(4):
@@ -171,6 +173,7 @@ def test_accelerate_in_the_interpreter():
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["replaced"] == ["input", "output"] and out["fused"] == 2 and out["stacked"]
+    assert out["dense_kept"] == []
     assert out["err_accelerated"] < 2 * out["err_dense_bf16"] + 1e-3, out
     assert set(k.split()[0] for k in out["path_errs"]) == {"triton", "decompress", "dense"}
     assert all(v < 1e-2 for v in out["path_errs"].values()), out["path_errs"]

@@ -5,7 +5,6 @@ giving the dense model's greedy tokens, with and without decode-step graphs."""
 
 import pytest
 import torch
-
 from test_accelerate import prune24, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -24,7 +24,13 @@ import torch.nn as nn
 
 from dass.arch import glu_children
 from dass.infer.config import AccelerateConfig
-from dass.infer.device import AccelerationError, check_device, cslt_search, cslt_supported, triton_ok
+from dass.infer.device import (
+    AccelerationError,
+    check_device,
+    cslt_search,
+    cslt_supported,
+    triton_ok,
+)
 from dass.infer.dispatch import clear_decisions, decide, tuning_log
 from dass.infer.graphs import clear_graphs
 from dass.infer.mlp_fusion import fuse_gate_up, graph_mlp

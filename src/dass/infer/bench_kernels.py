@@ -17,7 +17,12 @@ __all__ = ["bench_matrix", "cslt_layouts", "ceilings"]
 def bench_matrix(timer: Timer, N: int, K: int, T: int, orientations: list[str], dtype, device,
                  errors: list, triton_max_T: int = 1024) -> dict[str, Any]:
     """One weight shape [N, K] at T tokens: dense vs every sparse path available."""
-    from dass.infer.kernels import nm24_decompress, nm24_matmul, to_kernel_layout, triton_available
+    from dass.infer.kernels import (
+        nm24_decompress,
+        nm24_matmul,
+        to_kernel_layout,
+        triton_available,
+    )
 
     row: dict[str, Any] = {"N": N, "K": K, "T": T}
     dense_bytes = N * K * torch.finfo(dtype).bits // 8

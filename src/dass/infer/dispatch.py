@@ -156,8 +156,5 @@ def _time_path(mod, x: torch.Tensor, path: str) -> float:
     nbytes = mod.values.numel() * mod.values.element_size()
     nc = copies_for(nbytes if path != "dense" else 2 * nbytes)
     ops = [mod.operands()] + [mod.operand_copy(path) for _ in range(nc - 1)]
-    try:
-        mod.run_path(x, path)  # compile, search cuSPARSELt's algorithm
-        return gpu_time(lambda i: mod.run_path(x, path, ops=ops[i]), nc)
-    finally:
-        del ops
+    mod.run_path(x, path)  # compile, search cuSPARSELt's algorithm
+    return gpu_time(lambda i: mod.run_path(x, path, ops=ops[i]), nc)

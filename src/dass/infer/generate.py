@@ -253,7 +253,12 @@ def _load_dir(path: str, dtype: torch.dtype, device: str):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dass.io.checkpoint import MANIFEST, is_compressed, load_pruned_model, read_manifest
+    from dass.io.checkpoint import (
+        MANIFEST,
+        is_compressed,
+        load_pruned_model,
+        read_manifest,
+    )
 
     model = (load_pruned_model(path, dtype=dtype) if is_compressed(path)
              else AutoModelForCausalLM.from_pretrained(path, dtype=dtype))

@@ -71,7 +71,9 @@ def fuse_gate_up(mlp: nn.Module, kids: GLUChildren, config: AccelerateConfig) ->
     with torch.no_grad():
         fused = NM24Linear(torch.cat([g.dense_weight(), u.dense_weight()]), None, g.orientation, config)
     kind = _fused_act(act, D, dev, dtype)
-    from dass.infer.kernels import glu_act_mul  # imported here, not per call: the forward is host-bound at 1 token
+    from dass.infer.kernels import (
+        glu_act_mul,  # imported here, not per call: the forward is host-bound at 1 token
+    )
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         gu = fused(x)

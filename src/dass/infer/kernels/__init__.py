@@ -27,7 +27,11 @@ import torch
 
 from dass.infer.kernels.launch import Launcher, block_t, cdiv, normalise_config
 from dass.infer.kernels.launch import default_config as _base_config
-from dass.infer.kernels.layout import from_kernel_layout, nibbles_from_mask, to_kernel_layout
+from dass.infer.kernels.layout import (
+    from_kernel_layout,
+    nibbles_from_mask,
+    to_kernel_layout,
+)
 
 __all__ = [
     "triton_available",

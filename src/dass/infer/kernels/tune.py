@@ -21,7 +21,13 @@ from typing import Any, Callable
 
 import torch
 
-from dass.infer.kernels.launch import Launcher, block_t, cdiv, normalise_config, sm_count
+from dass.infer.kernels.launch import (
+    Launcher,
+    block_t,
+    cdiv,
+    normalise_config,
+    sm_count,
+)
 
 __all__ = ["bucket", "candidates", "gpu_time", "tune_kernel", "copies_for"]
 
@@ -178,7 +184,6 @@ def tune_kernel(values: torch.Tensor, meta: torch.Tensor, N: int, K: int, orient
             tried.append({"config": ln.cfg, "ms": ms})
         except Exception as e:  # a configuration that does not compile or run here is skipped
             tried.append({"config": ln.cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-    del vals, metas
     ok = [t for t in tried if "ms" in t]
     if not ok:
         return {"best": None, "best_ms": None, "tried": tried}
