@@ -64,7 +64,7 @@ main() {
             --out "$OUT/dispatch.json"
         part generate 150 $PY -m dass generate --synthetic 7b --layers 32 --batches 1,4,16,64 --prompt-len 64 \
             --new-tokens 32 --reps 3 --modes graphs,eager --max-seconds 135 --out "$OUT/generate.json"
-        part gpu-tests 80 $PY -m pytest -q -p no:cacheprovider tests/test_infer_gpu.py tests/test_accelerate.py \
+        part gpu-tests 80 $PY -m pytest -q -p no:cacheprovider tests/test_accelerate.py tests/test_infer_gpu.py \
             tests/test_speed_paths.py -k "not interpreter and (gpu or cuda or test_infer_gpu or test_accelerate)"
     fi
     [ -f "$DASS_TUNING_CACHE" ] && cp "$DASS_TUNING_CACHE" "$OUT/tuning_cache.json"

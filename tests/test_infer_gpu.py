@@ -31,28 +31,6 @@ def test_kernels_every_bucket(orientation, dtype):
                 assert rel_err(y, ref) < 1e-2, (N, K, T, cfg)
 
 
-@pytest.mark.parametrize("orientation", ["input", "output"])
-def test_every_tuning_candidate(orientation):
-    """What the tuner may pick computes the right product, and a launcher reused across token
-    counts of a bucket (its direct launch path) gives the same bits as a fresh one."""
-    from dass.infer.kernels import Launcher, to_kernel_layout
-    from dass.infer.kernels.tune import candidates
-
-    torch.manual_seed(1)
-    N, K = 1024, 2048
-    W = prune24(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.05, orientation)
-    values, meta = to_kernel_layout(W, orientation)
-    for T in (1, 2, 4, 8, 16, 32, 64, 128):
-        for cfg in candidates(orientation, T, N, K):
-            ln = Launcher(N, K, orientation, cfg, T)
-            for t in sorted({T, max(1, T - 1), max(1, T // 2 + 1)}):
-                x = torch.randn(t, K, device="cuda", dtype=torch.bfloat16)
-                y1, y2 = ln(x, values, meta), ln(x, values, meta)
-                fresh = Launcher(N, K, orientation, cfg, T)(x, values, meta)
-                assert torch.equal(y1, y2) and torch.equal(y1, fresh), (T, t, cfg)
-                assert rel_err(y1, x.double() @ W.double().T) < 1e-2, (T, t, cfg)
-
-
 def test_dispatcher_log_and_disk_cache(tmp_path):
     from dass.infer.accelerate import AccelerateConfig, NM24Linear
     from dass.infer.dispatch import clear_decisions, tuning_log
@@ -134,3 +112,25 @@ def test_generate_gives_the_dense_tokens():
         assert len(r["tokens"][0]) == 32
         assert _agree(dense_tokens, r["tokens"][0], margins, eps), (r["mode"], dense_tokens, r["tokens"][0])
     assert "graph_log" in res and any("captured" in line for v in res["graph_log"].values() for line in v), res.get("graph_log")
+
+
+@pytest.mark.parametrize("orientation", ["input", "output"])
+def test_every_tuning_candidate(orientation):
+    """What the tuner may pick computes the right product, and a launcher reused across token
+    counts of a bucket (its direct launch path) gives the same bits as a fresh one."""
+    from dass.infer.kernels import Launcher, to_kernel_layout
+    from dass.infer.kernels.tune import candidates
+
+    torch.manual_seed(1)
+    N, K = 1024, 2048
+    W = prune24(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.05, orientation)
+    values, meta = to_kernel_layout(W, orientation)
+    for T in (1, 2, 4, 8, 16, 32, 64, 128):
+        for cfg in candidates(orientation, T, N, K):
+            ln = Launcher(N, K, orientation, cfg, T)
+            for t in sorted({T, max(1, T - 1), max(1, T // 2 + 1)}):
+                x = torch.randn(t, K, device="cuda", dtype=torch.bfloat16)
+                y1, y2 = ln(x, values, meta), ln(x, values, meta)
+                fresh = Launcher(N, K, orientation, cfg, T)(x, values, meta)
+                assert torch.equal(y1, y2) and torch.equal(y1, fresh), (T, t, cfg)
+                assert rel_err(y1, x.double() @ W.double().T) < 1e-2, (T, t, cfg)

@@ -71,17 +71,16 @@ def candidates(orientation: str, T: int, N: int, K: int, dev: int = 0) -> list[d
     if b == 1:
         if out:
             cands += [gemv(2, 512, 4), gemv(2, 256, 1), gemv(2, 256, 2), gemv(4, 256, 4), gemv(2, 128, 1),
-                      gemv(2, 1024, 8), gemv(4, 128, 2), gemv(2, 512, 4, pf=0)]
+                      gemv(2, 1024, 8)]
         else:
             cands += [gemv(8, 256, 4), gemv(8, 128, 4), gemv(16, 128, 4), gemv(4, 256, 2), gemv(8, 256, 2),
-                      gemv(16, 64, 4), gemv(4, 128, 1)]
+                      gemv(16, 64, 4)]
     else:
         bt = block_t(T)
         if b <= 8:
             cands += ([gemv(2, 512, 4, fast=1), gemv(2, 256, 1, fast=1), gemv(4, 256, 2, fast=1)] if out else
                       [gemv(8, 256, 4, fast=1), gemv(4, 256, 2, fast=1), gemv(8, 128, 2, fast=1)])
-            cands += [tile(16, 64, bt, 4, 1, 1, 0), tile(32, 64, bt, 4, 1, 1, 0), tile(16, 128, bt, 4, 1, 1, 0),
-                      tile(32, 32, bt, 2, 1, 1, 0)]
+            cands += [tile(16, 64, bt, 4, 1, 1, 0), tile(32, 64, bt, 4, 1, 1, 0), tile(16, 128, bt, 4, 1, 1, 0)]
         tb = max(16, min(bt, 64))
         cands += [tile(64, 128, tb, 4, 2, 1, 1), tile(64, 256, tb, 4, 2, 1, 1), tile(128, 128, tb, 8, 2, 1, 1),
                   tile(64, 128, tb, 4, 3, 0, 1), tile(32, 256, min(tb, 32), 4, 2, 1, 1)]
