@@ -1,7 +1,11 @@
 """Thin wrapper: ``python benchmarks/bench_sparse.py [options]`` == ``dass bench [options]``.
 
-Example (the command behind docs/speed.md):
+Examples (docs/speed.md):
     PYTHONPATH=src python3 benchmarks/bench_sparse.py --what ceilings,matrix,mlp,e2e --out bench.json
+    PYTHONPATH=src python3 benchmarks/bench_sparse.py --what dispatch --shapes 7b --out dispatch.json
+    PYTHONPATH=src python3 benchmarks/bench_sparse.py --dry-run     # tiny shapes on CPU, seconds
+
+The whole GPU session (tests, dispatcher sweep, generate): benchmarks/gpu_infer.sh.
 """
 
 import os

@@ -127,14 +127,14 @@ def test_module_paths_match_dense(orientation, shape):
     N, K = shape
     W = prune24(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.05, orientation)
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    paths = ["triton", "dense"] + (["cslt"] if orientation == "input" and N % 64 == 0 and K % 64 == 0 else [])
+    paths = ["triton", "decompress", "dense"] + (["cslt"] if orientation == "input" and N % 64 == 0 and K % 64 == 0 else [])
     for path in paths:
-        cfg = AccelerateConfig(autotune=False)
+        cfg = AccelerateConfig(autotune=False, keep_dense=path == "dense")
         if path == "triton":
             cfg.triton_max_tokens = {"input": 10**9, "output": 10**9}
         else:
             cfg.triton_max_tokens = {"input": 0, "output": 0}
-            if path == "dense":
+            if path in ("decompress", "dense"):
                 cfg.dense_band = (0, 10**9)
         mod = NM24Linear(W, bias, orientation, cfg)
         assert torch.equal(mod.dense_weight(), W)
@@ -202,7 +202,7 @@ def test_gate_up_stacked_matches_dense(gate_orientation, act):
             lin.weight.copy_(prune24(lin.weight, o))
     ref = _ActMLP(256, 704, act).cuda().to(torch.bfloat16)
     ref.load_state_dict(mlp.state_dict())
-    report = accelerate(mlp)
+    report = accelerate(mlp, config=AccelerateConfig(tune_kernels=False, tuning_cache=False))
     assert report["fused_gate_up"] == [""] and report["graphed_mlps"] == [""]
     assert not hasattr(mlp, "gate_proj") and not hasattr(mlp, "up_proj")
     fused = mlp.dass_gate_up
@@ -223,7 +223,7 @@ def test_accelerate_model_matches_dense(gate_orientation):
     _prune_toy(model, gate_orientation)
     ref_model = _Toy().cuda().to(torch.bfloat16)
     ref_model.load_state_dict(model.state_dict())
-    report = accelerate(model)
+    report = accelerate(model, config=AccelerateConfig(tune_kernels=False, tuning_cache=False))
     assert report["replaced"] == {
         "mlp.gate_proj": gate_orientation,
         "mlp.up_proj": gate_orientation,
@@ -256,7 +256,7 @@ def test_autotuned_module(orientation):
 
     torch.manual_seed(5)
     W = prune24(torch.randn(768, 512, device="cuda", dtype=torch.float16), orientation)
-    mod = NM24Linear(W, None, orientation)
+    mod = NM24Linear(W, None, orientation, AccelerateConfig(tuning_cache=False))
     for T in (1, 48, 640, 3000):
         x = torch.randn(T, 512, device="cuda", dtype=torch.float16)
         y = mod(x)

@@ -14,7 +14,7 @@ ELSEWHERE: set[str] = set()
 def subparsers():
     parser = build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: p for name, p in action.choices.items() if name != "bench"}  # bench parses its own options
+    return {name: p for name, p in action.choices.items() if name not in ("bench", "generate")}  # they parse their own options
 
 
 def flat(text):

@@ -337,6 +337,12 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return int(bench_main(rest) or 0)
 
 
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from dass.infer.generate import main as generate_main
+
+    return int(generate_main(rest) or 0)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from dass.io.checkpoint import compress_checkpoint, read_manifest
 
@@ -414,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed of dense vs 2:4 kernels (GPU); options: dass bench --help", add_help=False)
     p.set_defaults(func=None)
+
+    p = sub.add_parser("generate", help="generate() on a 2:4 model, accelerated vs dense (GPU); options: dass generate --help",
+                       add_help=False)
+    p.set_defaults(func=None)
     return parser
 
 
@@ -422,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if argv and argv[0] == "bench":
         return cmd_bench(argparse.Namespace(), argv[1:])
+    if argv and argv[0] == "generate":
+        return cmd_generate(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         os.environ.setdefault("TQDM_DISABLE", "1")

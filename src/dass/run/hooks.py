@@ -75,7 +75,7 @@ def raise_stop(module: nn.Module, args: tuple) -> None:
 
 def last_observed(plan: LayerPlan) -> nn.Module | None:
     """The module whose input is the last statistic a layer pass gathers, if it is known:
-    the ``down_proj`` of a layer with one dense GLU block (attention projections, when
+    the down projection of a layer with one dense GLU block (attention projections, when
     observed, come before it). None for MoE layers and plain MLPs."""
     if len(plan.glu) != 1 or plan.experts or plan.glu[0].expert is not None:
         return None

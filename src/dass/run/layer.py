@@ -5,7 +5,7 @@
 run. Two things keep it cheap on a GPU:
 
 - the statistics pass stops as soon as the last observed input has been seen (a dense
-  GLU layer's ``down_proj``): the layer's output there is never used (unless the blocks
+  GLU layer's down projection): the layer's output there is never used (unless the blocks
   are reconstructed, which needs the dense MLP's output as the target);
 - under scope ``mlp`` the next layer's input is computed from the MLP branch alone
   (:mod:`dass.run.propagate`).

@@ -4,11 +4,10 @@ Imported lazily by :mod:`dass.infer.kernels` (needs triton and a GPU, or TRITON_
 
 ``y = x @ W.T`` with ``x`` [T, K] and ``W`` [N, K] given as (values, meta):
 
-- ``BLOCK_T == 1``: one token per program along grid axis 2; a streaming GEMV that keeps
-  fp32 partial products in registers and reduces them once at the end.
-- ``BLOCK_T >= 16``: tensor-core path; the 2:4 tile is expanded in registers into its four
-  "phase" sub-tiles (row 4g+p of each group for the output orientation, column 4c+p for the
-  input orientation) and each is fed to ``tl.dot``.
+- one token per program (grid axis 2, or axis 0 with ``T_FAST``): a streaming GEMV that keeps
+  fp32 partial products in registers and reduces them once at the end. Two or more tokens
+  run the tile kernels of :mod:`dass.infer.kernels.tiles` (or this GEMV once per token, which
+  the autotuner may pick for 2-8 tokens: with ``T_FAST`` the weights come from memory once).
 - ``SPLIT_K > 1``: programs split the reduction and write fp32 partials (summed on the host
   side), for shapes that would otherwise give too few programs.
 """
@@ -60,122 +59,78 @@ def _group_store(yp, acc0, acc1, acc3, tot, mask):
     tl.store(yp + 3, s3.to(ety), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "stride_ys"])
 def _nm24_out_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, NG, K, stride_xt, stride_yt, stride_ys, k_per_split,
-    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr = 0,
+    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr, T_FAST: tl.constexpr,
 ):
-    pid_g = tl.program_id(0)
+    # T_FAST: the token index is grid axis 0 (the programs of one row block and every token
+    # run side by side, so the weights are read from memory once and the other tokens hit L2)
+    pid_g = tl.program_id(2) if T_FAST else tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_t = tl.program_id(2)
-    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    gmask = g < NG
-    g64 = g.to(tl.int64)
-    vrow0 = (2 * g64) * K
-    vrow1 = vrow0 + K
-    mrow = (g64 // 2) * K
-    shift = ((g % 2) * 4)[:, None]
+    pid_t = tl.program_id(0) if T_FAST else tl.program_id(2)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    rows = 4 * g64
     y_base = y_ptr + pid_k.to(tl.int64) * stride_ys
-    if BLOCK_T == 1:
-        # GEMV over BLOCK_G // 2 pairs of groups: a pair shares one metadata byte (group 2h in
-        # the low nibble, 2h + 1 in the high one), so each byte is loaded once and every row is
-        # one bit test + one select; row 2 of a group is its total minus rows 0, 1 and 3.
-        HP: tl.constexpr = BLOCK_G // 2
-        t = pid_t.to(tl.int64)
-        hh = pid_g * HP + tl.arange(0, HP)
-        h64 = hh.to(tl.int64)
-        amask = (2 * hh) < NG
-        bmask = (2 * hh + 1) < NG
-        ra = (4 * h64) * K
-        mr = h64 * K
-        a0 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        a1 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        a3 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        at = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        b0 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        b1 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        b3 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        bt = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
-        # PREFETCH = d > 0: the loads of the block d steps ahead are issued before this block's
-        # arithmetic (a program's blocks otherwise wait on memory one after another)
-        kb = k_lo + tl.arange(0, BLOCK_K)
+    # GEMV over BLOCK_G // 2 pairs of groups: a pair shares one metadata byte (group 2h in
+    # the low nibble, 2h + 1 in the high one), so each byte is loaded once and every row is
+    # one bit test + one select; row 2 of a group is its total minus rows 0, 1 and 3.
+    HP: tl.constexpr = BLOCK_G // 2
+    t = pid_t.to(tl.int64)
+    hh = pid_g * HP + tl.arange(0, HP)
+    h64 = hh.to(tl.int64)
+    amask = (2 * hh) < NG
+    bmask = (2 * hh + 1) < NG
+    ra = (4 * h64) * K
+    mr = h64 * K
+    a0 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+    a1 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+    a3 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+    at = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+    b0 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+    b1 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+    b3 = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+    bt = tl.zeros([HP, BLOCK_K], dtype=tl.float32)
+    # PREFETCH = d > 0: the loads of the block d steps ahead are issued before this block's
+    # arithmetic (a program's blocks otherwise wait on memory one after another)
+    kb = k_lo + tl.arange(0, BLOCK_K)
+    if PREFETCH >= 1:
+        xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb, k_hi,
+                                                 amask, bmask)
+    if PREFETCH >= 2:
+        pxv, pmb, pu0, pu1, pw0, pw1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb + BLOCK_K,
+                                                       k_hi, amask, bmask)
+    for kk in range(0, k_per_split, BLOCK_K):
         if PREFETCH >= 1:
-            xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb, k_hi,
+            nxv, nmb, nu0, nu1, nw0, nw1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
+                                                           kb + kk + PREFETCH * BLOCK_K, k_hi, amask, bmask)
+        else:
+            xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb + kk, k_hi,
                                                      amask, bmask)
+        a0, a1, a3, at = _group_accumulate(a0, a1, a3, at, mb, u0, u1, xv, 0)
+        b0, b1, b3, bt = _group_accumulate(b0, b1, b3, bt, mb, w0, w1, xv, 4)
         if PREFETCH >= 2:
-            pxv, pmb, pu0, pu1, pw0, pw1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb + BLOCK_K,
-                                                           k_hi, amask, bmask)
-        for kk in range(0, k_per_split, BLOCK_K):
-            if PREFETCH >= 1:
-                nxv, nmb, nu0, nu1, nw0, nw1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K,
-                                                               kb + kk + PREFETCH * BLOCK_K, k_hi, amask, bmask)
-            else:
-                xv, mb, u0, u1, w0, w1 = _out_pair_loads(x_ptr, v_ptr, m_ptr, t, stride_xt, ra, mr, K, kb + kk, k_hi,
-                                                         amask, bmask)
-            a0, a1, a3, at = _group_accumulate(a0, a1, a3, at, mb, u0, u1, xv, 0)
-            b0, b1, b3, bt = _group_accumulate(b0, b1, b3, bt, mb, w0, w1, xv, 4)
-            if PREFETCH >= 2:
-                xv, mb, u0, u1, w0, w1 = pxv, pmb, pu0, pu1, pw0, pw1
-                pxv, pmb, pu0, pu1, pw0, pw1 = nxv, nmb, nu0, nu1, nw0, nw1
-            elif PREFETCH == 1:
-                xv, mb, u0, u1, w0, w1 = nxv, nmb, nu0, nu1, nw0, nw1
-        yp = y_base + t * stride_yt + 8 * h64
-        _group_store(yp, a0, a1, a3, at, amask)
-        _group_store(yp + 4, b0, b1, b3, bt, bmask)
-    else:
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        tmask = t < T
-        t64 = t.to(tl.int64)
-        acc0 = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_G, BLOCK_T], dtype=tl.float32)
-        for kk in range(0, k_per_split, BLOCK_K):
-            k0 = k_lo + kk
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < k_hi
-            m2 = gmask[:, None] & kmask[None, :]
-            v0 = tl.load(v_ptr + vrow0[:, None] + k[None, :], mask=m2, other=0.0)
-            v1 = tl.load(v_ptr + vrow1[:, None] + k[None, :], mask=m2, other=0.0)
-            mb = tl.load(m_ptr + mrow[:, None] + k[None, :], mask=m2, other=0).to(tl.int32)
-            xt = tl.load(
-                x_ptr + t64[None, :] * stride_xt + k[:, None],
-                mask=kmask[:, None] & tmask[None, :], other=0.0,
-            )
-            nib = mb >> shift
-            z = tl.zeros_like(v0)
-            w0 = tl.where((nib & 1) != 0, v0, z)
-            w1 = tl.where((nib & 2) != 0, v0, tl.where((nib & 4) != 0, v1, z))
-            w2 = tl.where((nib & 3) == 0, v0, tl.where((nib & 12) == 0, v1, z))
-            w3 = tl.where((nib & 8) != 0, v1, z)
-            acc0 = tl.dot(w0, xt, acc0)
-            acc1 = tl.dot(w1, xt, acc1)
-            acc2 = tl.dot(w2, xt, acc2)
-            acc3 = tl.dot(w3, xt, acc3)
-        ety = y_ptr.dtype.element_ty
-        yp = y_base + t64[None, :] * stride_yt + rows[:, None]
-        smask = gmask[:, None] & tmask[None, :]
-        tl.store(yp + 0, acc0.to(ety), mask=smask)
-        tl.store(yp + 1, acc1.to(ety), mask=smask)
-        tl.store(yp + 2, acc2.to(ety), mask=smask)
-        tl.store(yp + 3, acc3.to(ety), mask=smask)
+            xv, mb, u0, u1, w0, w1 = pxv, pmb, pu0, pu1, pw0, pw1
+            pxv, pmb, pu0, pu1, pw0, pw1 = nxv, nmb, nu0, nu1, nw0, nw1
+        elif PREFETCH == 1:
+            xv, mb, u0, u1, w0, w1 = nxv, nmb, nu0, nu1, nw0, nw1
+    yp = y_base + t * stride_yt + 8 * h64
+    _group_store(yp, a0, a1, a3, at, amask)
+    _group_store(yp + 4, b0, b1, b3, bt, bmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "stride_ys"])
 def _nm24_in_kernel(
     x_ptr, v_ptr, m_ptr, y_ptr,
     T, N, NC, stride_xt, stride_yt, stride_ys, c_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, T_FAST: tl.constexpr,
 ):
-    # W is [N, 4*NC]; values [N, 2*NC]; meta [N, ceil(NC/2)]
-    pid_m = tl.program_id(0)
+    # W is [N, 4*NC]; values [N, 2*NC]; meta [N, ceil(NC/2)]; T_FAST as in _nm24_out_kernel
+    pid_m = tl.program_id(2) if T_FAST else tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_t = tl.program_id(2)
+    pid_t = tl.program_id(0) if T_FAST else tl.program_id(2)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < N
     r64 = r.to(tl.int64)
@@ -186,61 +141,30 @@ def _nm24_in_kernel(
     c_lo = pid_k * c_per_split
     c_hi = tl.minimum(c_lo + c_per_split, NC)
     y_base = y_ptr + pid_k.to(tl.int64) * stride_ys
-    if BLOCK_T == 1:
-        t = pid_t.to(tl.int64)
-        xrow = x_ptr + t * stride_xt
-        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for cc in range(0, c_per_split, BLOCK_C):
-            c0 = c_lo + cc
-            c = c0 + tl.arange(0, BLOCK_C)
-            vc = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
-            mc = c0 // 2 + tl.arange(0, BLOCK_C // 2)
-            cmask = c < c_hi
-            vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
-                         mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
-            mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
-                         mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
-            x0 = tl.load(xrow + 4 * c + 0, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            x1 = tl.load(xrow + 4 * c + 1, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            x2 = tl.load(xrow + 4 * c + 2, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            x3 = tl.load(xrow + 4 * c + 3, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
-            nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
-            xs0 = tl.where((nib & 1) != 0, x0, tl.where((nib & 2) != 0, x1, x2))
-            xs1 = tl.where((nib & 8) != 0, x3, tl.where((nib & 4) != 0, x1, x2))
-            acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
-        out = tl.sum(acc, axis=1)
-        tl.store(y_base + t * stride_yt + r64, out.to(y_ptr.dtype.element_ty), mask=rmask)
-    else:
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        tmask = t < T
-        t64 = t.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
-        for cc in range(0, c_per_split, BLOCK_C):
-            c0 = c_lo + cc
-            c = c0 + tl.arange(0, BLOCK_C)
-            cmask = c < c_hi
-            vc = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
-            vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
-                         mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
-            v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
-            mc = c0 // 2 + tl.arange(0, BLOCK_C // 2)
-            mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
-                         mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
-            nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
-            z = tl.zeros_like(v0)
-            xm = cmask[:, None] & tmask[None, :]
-            xb = x_ptr + t64[None, :] * stride_xt + 4 * c[:, None]
-            d0 = tl.where((nib & 1) != 0, v0, z)
-            acc = tl.dot(d0, tl.load(xb + 0, mask=xm, other=0.0), acc)
-            d1 = tl.where((nib & 2) != 0, v0, tl.where((nib & 4) != 0, v1, z))
-            acc = tl.dot(d1, tl.load(xb + 1, mask=xm, other=0.0), acc)
-            d2 = tl.where((nib & 3) == 0, v0, tl.where((nib & 12) == 0, v1, z))
-            acc = tl.dot(d2, tl.load(xb + 2, mask=xm, other=0.0), acc)
-            d3 = tl.where((nib & 8) != 0, v1, z)
-            acc = tl.dot(d3, tl.load(xb + 3, mask=xm, other=0.0), acc)
-        yp = y_base + t64[None, :] * stride_yt + r64[:, None]
-        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & tmask[None, :])
+    t = pid_t.to(tl.int64)
+    xrow = x_ptr + t * stride_xt
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for cc in range(0, c_per_split, BLOCK_C):
+        c0 = c_lo + cc
+        c = c0 + tl.arange(0, BLOCK_C)
+        vc = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
+        mc = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+        cmask = c < c_hi
+        vv = tl.load(v_ptr + vrow[:, None] + vc[None, :],
+                     mask=rmask[:, None] & (vc < 2 * c_hi)[None, :], other=0.0)
+        mb = tl.load(m_ptr + mrow[:, None] + mc[None, :],
+                     mask=rmask[:, None] & (2 * mc < c_hi)[None, :], other=0).to(tl.int32)
+        x0 = tl.load(xrow + 4 * c + 0, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        x1 = tl.load(xrow + 4 * c + 1, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        x2 = tl.load(xrow + 4 * c + 2, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        x3 = tl.load(xrow + 4 * c + 3, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_C, 2)))
+        nib = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_M, BLOCK_C))
+        xs0 = tl.where((nib & 1) != 0, x0, tl.where((nib & 2) != 0, x1, x2))
+        xs1 = tl.where((nib & 8) != 0, x3, tl.where((nib & 4) != 0, x1, x2))
+        acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+    out = tl.sum(acc, axis=1)
+    tl.store(y_base + t * stride_yt + r64, out.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit

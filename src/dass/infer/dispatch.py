@@ -1,0 +1,160 @@
+"""Which path runs a 2:4 product, per (shape, token bucket): measured, logged, remembered.
+
+Paths of an :class:`~dass.infer.nm24_linear.NM24Linear`:
+
+- ``"triton"``: the Triton kernels (GEMV at one token, tiles above), launch configuration
+  searched by :func:`dass.infer.kernels.tune.tune_kernel`;
+- ``"cslt"``: cuSPARSELt sparse tensor cores (input orientation only);
+- ``"decompress"``: decompress in one Triton pass, then cuBLAS;
+- ``"dense"``: cuBLAS on a kept dense copy (only with ``AccelerateConfig.keep_dense``).
+
+On first use of a bucket every candidate is timed (CUDA-graph replays cycling over copies of
+the matrix so it cannot sit in L2) together with plain cuBLAS on the dense matrix, the
+fastest candidate is kept, and the decision (path, kernel configuration, all times, and why)
+goes to the tuning log (:func:`tuning_log`) and to the on-disk cache
+(:mod:`dass.infer.tuning_cache`), so the next process replays it without timing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from dass.infer.kernels.tune import bucket, copies_for, gpu_time, tune_kernel
+
+__all__ = ["Decision", "decide", "tuning_log", "clear_decisions", "bucket"]
+
+
+@dataclass
+class Decision:
+    """The path of one (shape, token bucket), with the times (ms) it was chosen from."""
+
+    path: str
+    config: dict[str, Any] | None = None
+    times_ms: dict[str, float] = field(default_factory=dict)
+    dense_ms: float | None = None
+    reason: str = ""
+    source: str = "measured"  # "measured", "cache" or "static"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_DECISIONS: dict[tuple, Decision] = {}
+
+
+def clear_decisions() -> None:
+    """Forget the in-memory decisions (the on-disk cache is kept)."""
+    _DECISIONS.clear()
+
+
+def _key_str(key: tuple) -> str:
+    o, N, K, dtype, _dev, b, cands = key
+    return f"{o} {N}x{K} {str(dtype).replace('torch.', '')} T={b} [{','.join(cands)}]"
+
+
+def tuning_log() -> dict[str, dict[str, Any]]:
+    """Every decision of this process: '{orientation} {N}x{K} {dtype} T={bucket} [candidates]'
+    -> {path, config, times_ms, dense_ms, reason, source}."""
+    return {_key_str(k): d.as_dict() for k, d in _DECISIONS.items()}
+
+
+def _reason(path: str, times: dict[str, float], dense_ms: float | None, keep_dense: bool, dense_mb: float) -> str:
+    t = times[path]
+    if dense_ms is None:
+        return f"{path} fastest ({t * 1e3:.1f} us); dense cuBLAS not measured"
+    ratio = dense_ms / t if t > 0 else float("inf")
+    if path == "dense":
+        sparse = {p: v for p, v in times.items() if p != "dense"}
+        best = min(sparse, key=sparse.get) if sparse else None
+        what = f"best sparse path {best} {sparse[best] * 1e3:.1f} us ({dense_ms / sparse[best]:.2f}x)" if best else "no sparse path ran"
+        return f"dense copy fastest ({t * 1e3:.1f} us); {what}"
+    msg = f"{path} {t * 1e3:.1f} us vs dense cuBLAS {dense_ms * 1e3:.1f} us: {ratio:.2f}x"
+    if ratio < 1.0 and not keep_dense:
+        msg += f"; slower than dense: AccelerateConfig(keep_dense=True) would run cuBLAS here (+{dense_mb:.0f} MB)"
+    return msg
+
+
+def decide(mod, T: int) -> Decision:
+    """The decision for ``mod`` (an NM24Linear) at T tokens: from memory, from the disk cache,
+    measured (CUDA, not while capturing), or the static rule."""
+    b = bucket(T)
+    cands = tuple(mod.candidates(b))
+    key = (mod.orientation, mod.out_features, mod.in_features, mod.values.dtype, mod.values.device.index, b, cands)
+    d = _DECISIONS.get(key)
+    if d is not None:
+        return d
+    cfg = mod.config
+    if not cfg.autotune or not mod.values.is_cuda or torch.cuda.is_current_stream_capturing():
+        return Decision(mod.static_path(T), None, source="static", reason="autotune off or capturing")
+    cache = None
+    if cfg.tuning_cache:
+        from dass.infer.tuning_cache import cache_at, default_cache
+
+        cache = default_cache() if cfg.tuning_cache is True else cache_at(cfg.tuning_cache)
+        hit = cache.get(_key_str(key))
+        if isinstance(hit, dict) and hit.get("path") in cands:
+            d = _DECISIONS[key] = Decision(**{**hit, "source": "cache"})
+            return d
+    d = _DECISIONS[key] = _measure(mod, b, cands)
+    if cache is not None:
+        cache.put(_key_str(key), {k: v for k, v in d.as_dict().items() if k != "source"})
+    return d
+
+
+def _measure(mod, b: int, cands: tuple[str, ...]) -> Decision:
+    """Time each candidate path (and dense cuBLAS) at ``b`` tokens on this module's matrix."""
+    dev, dtype = mod.values.device, mod.values.dtype
+    N, K = mod.out_features, mod.in_features
+    x = torch.randn(b, K, device=dev, dtype=dtype)
+    times: dict[str, float] = {}
+    config = None
+    notes = []
+    with torch.inference_mode(False), torch.no_grad():
+        if "triton" in cands:
+            try:
+                if mod.config.tune_kernels:
+                    res = tune_kernel(mod.values, mod.meta, N, K, mod.orientation, b)
+                    config = res["best"]
+                    if config is not None:
+                        times["triton"] = res["best_ms"]
+                else:
+                    times["triton"] = _time_path(mod, x, "triton")
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"triton failed: {type(e).__name__}: {str(e)[:120]}")
+        for p in cands:
+            if p == "triton":
+                continue
+            try:
+                times[p] = _time_path(mod, x, p)
+            except Exception as e:  # noqa: BLE001 -- a path that cannot run here is not chosen
+                notes.append(f"{p} failed: {type(e).__name__}: {str(e)[:120]}")
+        dense_ms = times.get("dense")
+        if dense_ms is None:
+            try:
+                w = mod.dense_weight()
+                nc = copies_for(w.numel() * w.element_size())
+                ws = [w] + [w.clone() for _ in range(nc - 1)]
+                dense_ms = gpu_time(lambda i: torch.nn.functional.linear(x, ws[i]), nc)
+                del ws, w
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"dense reference failed: {type(e).__name__}")
+    if not times:
+        return Decision(mod.static_path(b), None, {}, dense_ms, "no path could be timed: " + "; ".join(notes), "static")
+    path = min(times, key=times.get)
+    dense_mb = N * K * mod.values.element_size() / 2**20
+    reason = _reason(path, times, dense_ms, mod.config.keep_dense, dense_mb)
+    if notes:
+        reason += " (" + "; ".join(notes) + ")"
+    return Decision(path, config if path == "triton" else None, times, dense_ms, reason)
+
+
+def _time_path(mod, x: torch.Tensor, path: str) -> float:
+    """GPU ms per call of one path, cycling over copies of the module's operands."""
+    nbytes = mod.values.numel() * mod.values.element_size()
+    nc = copies_for(nbytes if path != "dense" else 2 * nbytes)
+    ops = [mod.operands()] + [mod.operand_copy(path) for _ in range(nc - 1)]
+    mod.run_path(x, path)  # compile, search cuSPARSELt's algorithm
+    return gpu_time(lambda i: mod.run_path(x, path, ops=ops[i]), nc)

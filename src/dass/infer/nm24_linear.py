@@ -1,0 +1,223 @@
+"""``NM24Linear``: a 2:4 sparse replacement for ``nn.Linear`` (bf16/fp16, CUDA, inference).
+
+It holds the matrix compressed (kernel-layout ``values`` + 4-bit ``meta``: 56% of the dense
+bytes; for the input orientation also cuSPARSELt's compressed copy; with
+``AccelerateConfig.keep_dense`` the dense weight as well) and runs, per token bucket, the
+path :func:`dass.infer.dispatch.decide` measured fastest.
+
+Host work per call is kept small on purpose (eager ``generate()`` is bound by it): the first
+call with T tokens builds a runner for exactly that T (the decision, the bound kernel
+launcher, the graph choice) and later calls with T do one dict lookup and call it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dass.infer.config import AccelerateConfig
+from dass.infer.device import cslt_search, cslt_supported, interpreting, triton_ok
+from dass.infer.dispatch import Decision, bucket, decide
+from dass.infer.graphs import GraphCache, capturing, graph_bucket, on_clear
+
+__all__ = ["NM24Linear"]
+
+_DEFAULT = AccelerateConfig()
+_ALG_CACHE: dict[tuple, int] = {}
+on_clear(_ALG_CACHE.clear)
+
+
+class NM24Linear(nn.Module):
+    """A 2:4 sparse ``nn.Linear`` replacement (bf16/fp16, CUDA, inference only).
+
+    ``dense_weight()`` gives back the exact dense matrix; ``decision(T)`` says which path a
+    call with T tokens takes and why."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, orientation: str,
+                 config: AccelerateConfig | None = None, keep: torch.Tensor | None = None):
+        super().__init__()
+        if orientation not in ("input", "output"):
+            raise ValueError(f"orientation must be 'input' or 'output', got {orientation!r}")
+        if weight.dim() != 2 or weight.dtype not in (torch.float16, torch.bfloat16) or not (weight.is_cuda or interpreting()):
+            raise ValueError("NM24Linear needs a 2-D fp16/bf16 CUDA weight")
+        N, K = weight.shape
+        if (orientation == "output" and N % 4) or (orientation == "input" and K % 4):
+            raise ValueError(f"shape {[N, K]} cannot hold 2:4 groups along the {orientation} dim")
+        from dass.infer.kernels.layout import to_kernel_layout
+
+        self.in_features, self.out_features, self.orientation = K, N, orientation
+        self.config = config or _DEFAULT
+        with torch.no_grad():
+            w = weight.detach().contiguous()
+            values, meta = to_kernel_layout(w, orientation, keep)
+            self.register_buffer("values", values)
+            self.register_buffer("meta", meta)
+            self.register_buffer("cslt", None)
+            self.register_buffer("dense", w if self.config.keep_dense else None)
+            if orientation == "input" and N % 64 == 0 and K % 64 == 0 and cslt_supported(w.device):
+                self.register_buffer("cslt", torch._cslt_compress(w))
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._triton = triton_ok()
+        self._dtype = values.dtype
+        self._runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._launchers: dict[tuple, Any] = {}
+        self._graph = GraphCache(self._plain, K, N, self.config.max_graphs_per_module)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4 along {self.orientation}, "
+                f"cuSPARSELt={'yes' if self.cslt is not None else 'no'}, dense copy={'yes' if self.dense is not None else 'no'}, "
+                f"bias={self.bias is not None}")
+
+    # ------------------------------------------------------------------ paths
+    def candidates(self, T: int) -> list[str]:
+        """Paths that can run a call with T tokens here."""
+        c = []
+        if self._triton and T <= self.config.autotune_max_triton_tokens:
+            c.append("triton")
+        if self.cslt is not None:
+            c.append("cslt")
+        c.append("decompress")
+        if self.dense is not None:
+            c.append("dense")
+        return c
+
+    def static_path(self, T: int) -> str:
+        """The path without measurements (``AccelerateConfig(autotune=False)``)."""
+        cfg = self.config
+        if self._triton and T <= cfg.triton_max_tokens[self.orientation]:
+            return "triton"
+        if self.cslt is not None:
+            band = cfg.dense_band
+            if not (band is not None and band[0] <= T <= band[1]):
+                return "cslt"
+        return "dense" if self.dense is not None else "decompress"
+
+    def decision(self, T: int) -> Decision:
+        """The path (and why) of a call with T tokens; measures it on first use."""
+        return decide(self, T)
+
+    def path_for(self, T: int) -> str:
+        return self.decision(T).path
+
+    # ------------------------------------------------------------------ operands
+    def operands(self) -> tuple:
+        return (self.values, self.meta, self.cslt, self.dense)
+
+    def operand_copy(self, path: str) -> tuple:
+        """A copy of the operands ``path`` reads (timing cycles over copies to defeat L2)."""
+        need = {"triton": (0, 1), "decompress": (0, 1), "cslt": (2,), "dense": (3,)}[path]
+        return tuple(t.clone() if (i in need and t is not None) else t for i, t in enumerate(self.operands()))
+
+    def dense_weight(self) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense
+        from dass.infer.kernels import nm24_decompress
+        from dass.infer.kernels.layout import from_kernel_layout
+
+        if self._triton:
+            return nm24_decompress(self.values, self.meta, self.out_features, self.in_features, self.orientation)
+        return from_kernel_layout(self.values, self.meta, (self.out_features, self.in_features), self.orientation)
+
+    def _apply(self, fn, *args, **kwargs):
+        # moved or cast: runners and launchers hold the old buffers
+        self._runners.clear()
+        self._launchers.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def drop_dense(self) -> None:
+        """Free the dense copy (``keep_dense``) and forget runners that used it."""
+        self.dense = None
+        self._runners.clear()
+
+    # ------------------------------------------------------------------ running
+    def _launcher(self, T: int, config: dict | None):
+        from dass.infer.kernels import Launcher, default_config
+
+        key = (bucket(T), None if config is None else tuple(sorted(config.items())))
+        ln = self._launchers.get(key)
+        if ln is None:
+            cfg = config or default_config(self.orientation, T, self.out_features, self.in_features)
+            ln = self._launchers[key] = Launcher(self.out_features, self.in_features, self.orientation, cfg, T)
+        return ln
+
+    def _cslt_mm(self, x2: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        T = x2.shape[0]
+        pad = (-T) % 8  # cuSPARSELt refuses fewer than 8 rows
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        alg = 0
+        cfg = self.config
+        if cfg.cslt_alg_search and T >= cfg.cslt_search_min_tokens and x2.dtype == torch.bfloat16:
+            key = (self.out_features, self.in_features, graph_bucket(T), x2.dtype, x2.device.index)
+            found = _ALG_CACHE.get(key)
+            if found is None and not torch.cuda.is_current_stream_capturing():
+                found = _ALG_CACHE[key] = cslt_search(packed, x2.t())
+            alg = found or 0
+        y = torch._cslt_sparse_mm(packed, x2.t(), transpose_result=True, alg_id=alg)
+        return y[:T] if pad else y
+
+    def run_path(self, x2: torch.Tensor, path: str, config: dict | None = None, ops: tuple | None = None) -> torch.Tensor:
+        """``x2 @ W.T + bias`` by ``path`` (on ``ops``, a copy of the operands, when given)."""
+        values, meta, packed, dense = ops or self.operands()
+        if path == "triton":
+            y = self._launcher(x2.shape[0], config)(x2.contiguous(), values, meta)
+        elif path == "cslt":
+            y = self._cslt_mm(x2, packed)
+        elif path == "dense":
+            return F.linear(x2, dense, self.bias)
+        else:
+            from dass.infer.kernels import nm24_decompress
+
+            w = (nm24_decompress(values, meta, self.out_features, self.in_features, self.orientation)
+                 if self._triton else self.dense_weight())
+            return F.linear(x2, w, self.bias)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def _plain(self, x2: torch.Tensor) -> torch.Tensor:
+        """The product without graphs (what graphs capture)."""
+        d = self.decision(x2.shape[0])
+        return self.run_path(x2, d.path, d.config)
+
+    def _make_runner(self, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        d = self.decision(T)
+        path, config = d.path, d.config
+        cfg = self.config
+        bias = self.bias
+        if path == "triton":
+            ln = self._launcher(T, config)
+            values, meta = self.values, self.meta
+
+            def plain(x2):
+                y = ln(x2 if x2.is_contiguous() else x2.contiguous(), values, meta)
+                return y if bias is None else y.add_(bias)
+        else:
+            def plain(x2):
+                return self.run_path(x2, path, config)
+        run = plain
+        if cfg.graphs and path in cfg.graph_paths and T <= cfg.graph_max_tokens:
+            graph = self._graph
+
+            def run(x2):
+                return plain(x2) if capturing() else graph(x2)
+        if d.source != "static" or not cfg.autotune:  # a stand-in while capturing is not kept
+            if len(self._runners) > 256:
+                self._runners.clear()
+            self._runners[T] = run
+        return run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self._dtype:
+            raise TypeError(f"NM24Linear holds {self._dtype} weights, got {x2.dtype} input")
+        T = x2.shape[0]
+        if T == 0:
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        run = self._runners.get(T)
+        if run is None:
+            run = self._make_runner(T)
+        return run(x2).view(*x.shape[:-1], self.out_features)
