@@ -54,6 +54,8 @@ class ReconstructOptions(MethodOptions):
     warmup: int = option(0, "linear warm-up steps", as_nonneg_int)
     lr_scale: str = option("rms", "rms (lr relative to each matrix's RMS) or absolute", one_of("rms", "absolute"))
     attention: bool = option(True, "under --scope all, refit the attention block too", as_bool)
+    precision: str = option("auto", "block forward on a GPU: auto (bf16 autocast, fp16 for fp16 models) or fp32; "
+                            "the fitted masters and the loss are fp32 either way", one_of("auto", "fp32"))
     eval_tokens: int = option(4096, "calibration tokens the block error before/after is measured on",
                               as_positive_int)
     seed: int = option(0, "seed of the row sampling", as_nonneg_int)
@@ -170,18 +172,21 @@ def _select(obj: Any, batch: int, idx: torch.Tensor) -> Any:
     return obj
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+def _autocast(device: torch.device, dtype: torch.dtype, precision: str):
+    """Half-precision block forwards on a GPU (the model's half dtype; bf16 for an fp32
+    model), fp32 on the CPU or when asked."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16)
 
 
 class _BlockData:
     """One block's recorded calls and targets, and the loss on chosen global rows."""
 
     def __init__(self, block: Block, recorder: BlockRecorder, layout: BatchLayout, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, precision: str) -> None:
         self.block, self.layout, self.device, self.dtype = block, layout, device, dtype
+        self.precision = precision
         calls, outs = recorder.calls[block.name], recorder.outputs[block.name]
         if block.token_wise:
             x = torch.cat([c[0][0] for c in calls])
@@ -213,7 +218,7 @@ class _BlockData:
                 return torch.zeros((), device=self.device), 0
             x = self.x.index_select(0, idx.to(self.x.device)).to(self.device, non_blocking=True)
             y = self.y.index_select(0, idx.to(self.y.device)).to(self.device, non_blocking=True)
-            with _autocast(self.device, self.dtype):
+            with _autocast(self.device, self.dtype, self.precision):
                 out = first_output(functional_call(self.block.module, weights, (x.unsqueeze(0),)))
             return (out.float().reshape(y.shape) - y.float()).pow(2).sum(), int(idx.numel())
         mine, local_seq = self.layout.locate(rows)
@@ -228,7 +233,7 @@ class _BlockData:
             a = to_device(_select(args, batch, sel), self.device)
             kw = to_device(_select(kwargs, batch, sel), self.device)
             y = self.outs[j].index_select(0, sel.to(self.outs[j].device)).to(self.device)
-            with _autocast(self.device, self.dtype):
+            with _autocast(self.device, self.dtype, self.precision):
                 out = first_output(functional_call(self.block.module, weights, a, kw))
             err = err + (out.float() - y.float()).pow(2).sum()
             n += int(sel.numel())
@@ -252,7 +257,7 @@ def reconstruct_blocks(
         if not weights:
             continue
         dtype = next(iter(weights.values())).dtype
-        data = _BlockData(block, recorder, layout, device, dtype)
+        data = _BlockData(block, recorder, layout, device, dtype, options.precision)
         gen = torch.Generator().manual_seed(options.seed * 1_000_003 + plan.index * 101 + bi)
         per_step = options.batch_tokens if block.token_wise else max(1, options.batch_tokens // layout.seqlen)
         n_eval = options.eval_tokens if block.token_wise else max(1, options.eval_tokens // layout.seqlen)
