@@ -153,7 +153,7 @@ def test_auto_alpha_rescaled_judges_candidates_after_the_rescale(glu, scope):
     gate, up, down, x = glu
     p = parse_pattern("2:4")
     h = F.silu(x @ gate.t()) * (x @ up.t())
-    m = get_method("dass", alpha="auto", rescale=scope, alpha_rescaled=True, sample_tokens=64)
+    m = get_method("dass", alpha="auto", rescale=scope, alpha_rescaled=True, sample_tokens=64, alpha_select="min")
     assert m.options()["alpha_rescaled"] is True
     sx = stats(x, keep=64)
     rows = sx.sample()

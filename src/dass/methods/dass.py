@@ -28,12 +28,17 @@ import torch
 
 from dass.core.alpha import (
     CRITERIA,
+    DEFAULT_ALPHA,
     DEFAULT_CANDIDATES,
     DEFAULT_MAX_NEURONS,
     DEFAULT_SAMPLE_TOKENS,
-    alpha_errors,
-    choose_alpha,
+    GUARDS,
+    MEASURES,
+    SELECTIONS,
+    BlockView,
+    candidate_row_errors,
     dass_glu_masks,
+    select_alpha,
 )
 from dass.core.patterns import Orientation, Pattern, select_mask
 from dass.core.scores import dass_glu_score
@@ -53,8 +58,9 @@ from dass.methods.wanda import wanda_mask
 #: (2:4 perplexity at the issue-7 protocol 49.2 against 74.6 without it, Wanda 82.5; grid 4:8
 #: 35.4 against 43.3, Wanda 44.3; docs/ablation.md).
 AUTO_RESCALE = "down"
-#: alpha used by ``alpha="auto"`` when a block has no kept input rows to compare on.
-AUTO_FALLBACK_ALPHA = 0.5
+#: alpha used by ``alpha="auto"`` when a block has no kept input rows to compare on, and
+#: whenever the evidence for another candidate is weak (:func:`dass.core.alpha.decide_alpha`).
+AUTO_FALLBACK_ALPHA = DEFAULT_ALPHA
 
 
 def dass_glu_mask(weight: torch.Tensor, h_stats: FeatureStats, pattern: Pattern, alpha: float) -> MatrixResult:
@@ -62,6 +68,15 @@ def dass_glu_mask(weight: torch.Tensor, h_stats: FeatureStats, pattern: Pattern,
     score = dass_glu_score(weight, h_stats.norm, alpha)
     mask = select_mask(score, pattern, group="column", orientation="output")
     return MatrixResult(mask, "output" if pattern.is_nm else None)
+
+
+def _choice(value: object, allowed: tuple[str, ...], name: str) -> str:
+    """``value`` if it is one of ``allowed`` (the first, the default, when None)."""
+    if value is None:
+        return allowed[0]
+    if value not in allowed:
+        raise MethodError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return str(value)
 
 
 def _parse_alpha(alpha: object) -> float | str:
@@ -91,6 +106,9 @@ class DaSS(PruningMethod):
         rescale: str | None = None,
         rescale_target: str = "block",
         alpha_rescaled: bool | int | str | None = None,
+        alpha_select: str | None = None,
+        alpha_guard: str | None = None,
+        alpha_measure: str | None = None,
     ) -> None:
         self.alpha = _parse_alpha(alpha)
         self.auto = self.alpha == "auto"
@@ -108,8 +126,14 @@ class DaSS(PruningMethod):
         if alpha_rescaled is not None and not (self.auto and self.rescale != "none"):
             raise MethodError("alpha_rescaled only applies to alpha='auto' with a rescale")
         self.alpha_rescaled = parse_bool(alpha_rescaled, "alpha_rescaled") if alpha_rescaled is not None else False
-        if not self.auto and any(v is not None for v in (alpha_candidates, max_neurons, alpha_criterion)):
-            raise MethodError("alpha_candidates, alpha_criterion and max_neurons only apply to alpha='auto'")
+        auto_only = (alpha_candidates, max_neurons, alpha_criterion, alpha_select, alpha_guard, alpha_measure)
+        if not self.auto and any(v is not None for v in auto_only):
+            raise MethodError("alpha_candidates, alpha_criterion, alpha_select, alpha_guard, alpha_measure and "
+                              "max_neurons only apply to alpha='auto'")
+        # issue 15: a safe choice by default (falls back to the paper's alpha on weak evidence)
+        self.alpha_select = _choice(alpha_select, SELECTIONS, "alpha_select")
+        self.alpha_guard = _choice(alpha_guard, GUARDS, "alpha_guard")
+        self.alpha_measure = _choice(alpha_measure, MEASURES, "alpha_measure")
         if not uses_rows and sample_tokens is not None:
             raise MethodError("sample_tokens only applies to alpha='auto' or a rescale")
         self.alpha_criterion = CRITERIA[0] if alpha_criterion is None else str(alpha_criterion)
@@ -127,7 +151,8 @@ class DaSS(PruningMethod):
         opts: dict = {"alpha": self.alpha}
         if self.auto:
             opts.update({"alpha_candidates": list(self.alpha_candidates), "alpha_criterion": self.alpha_criterion,
-                         "max_neurons": self.max_neurons})
+                         "max_neurons": self.max_neurons, "alpha_select": self.alpha_select,
+                         "alpha_guard": self.alpha_guard, "alpha_measure": self.alpha_measure})
         if self.rescale != "none":
             opts.update({"rescale": self.rescale, "rescale_target": self.rescale_target})
             if self.auto:
@@ -143,7 +168,10 @@ class DaSS(PruningMethod):
         assert stats is not None
         return wanda_mask(weight, stats, pattern)
 
-    def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
+    #: the pipeline passes ``view`` (a :class:`dass.core.alpha.BlockView`) to methods that say so
+    uses_block_view = True
+
+    def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None, view: BlockView | None = None):
         assert h_stats is not None
         down_res = wanda_mask(down, h_stats, pattern)
         orient = "output" if pattern.is_nm else None
@@ -160,13 +188,17 @@ class DaSS(PruningMethod):
             mg, mu = dass_glu_masks(gate, up, h_stats.norm, pattern, alpha)
         else:
             x = x.to(gate.device)
-            errors = alpha_errors(gate, up, down, down_res.mask, h_stats.norm.to(gate.device), x, pattern,
-                                  self.alpha_candidates, act, max_neurons=self.max_neurons,
-                                  criterion=self.alpha_criterion,
-                                  rescale=self.rescale if self.alpha_rescaled else "none",
-                                  rescale_target=self.rescale_target)
-            alpha = choose_alpha(errors)
-            info = {"alpha": alpha, "alpha_errors": {str(a): e for a, e in errors.items()}, "alpha_rows": int(x.shape[0])}
+            use_view = view if self.alpha_measure == "next" and view is not None else None
+            cands = self.alpha_candidates
+            if self.alpha_select == "safe" and AUTO_FALLBACK_ALPHA not in cands:  # the fallback is always judged
+                cands = (AUTO_FALLBACK_ALPHA, *cands)
+            rows = candidate_row_errors(gate, up, down, down_res.mask, h_stats.norm.to(gate.device), x, pattern,
+                                        cands, act, max_neurons=self.max_neurons, view=use_view,
+                                        rescale=self.rescale if self.alpha_rescaled else "none",
+                                        rescale_target=self.rescale_target)
+            alpha, info = select_alpha(rows, self.alpha_select, self.alpha_criterion, self.alpha_guard,
+                                       AUTO_FALLBACK_ALPHA)
+            info["alpha_rows"] = int(x.shape[0])
             mg, mu = dass_glu_masks(gate, up, h_stats.norm.to(gate.device), pattern, alpha)
         down_res.info = {"alpha": alpha}
         results = MatrixResult(mg, orient, info=dict(info)), MatrixResult(mu, orient, info=dict(info)), down_res

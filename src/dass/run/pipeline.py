@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dass.arch import MLP_NAMES, ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
+from dass.core.alpha import BlockView
 from dass.core.graphs import clear_graphs
 from dass.core.patterns import Pattern, nm_violations, parse_pattern, sparsity_of
 from dass.core.sparsegpt import accumulate_xtx
@@ -525,7 +526,10 @@ def process_layer(
     distributed.current().all_reduce_stats(stats)  # no-op in a single process
     if marks is not None:
         marks.append(_mark(device))
-    prune_layer(plan, stats, method, pattern, report)
+    view = {}  # issue 15: the MLP-entry residual (kept in `hidden` by the fast path) for dass --alpha auto
+    if branch is not None and distributed.current().world == 1:
+        view = {"residual": hidden, "post": branch.post}
+    prune_layer(plan, stats, method, pattern, report, **view)
     del stats
     if marks is not None:
         marks.append(_mark(device))
@@ -550,14 +554,40 @@ def _apply(ref: MatrixRef, result: MatrixResult) -> None:
         view.masked_fill_(~result.mask.to(view.device), 0)  # +0.0: no -0.0 signs to store
 
 
+def block_view(x: FeatureStats | None, residual: list[torch.Tensor] | None, post: nn.Module | None) -> BlockView | None:
+    """The residual stream entering a GLU block's MLP branch at the block's kept input rows
+    (``residual``: one tensor per calibration batch, in the order the statistics saw them)
+    and the branch's output transform; None when the rows cannot be matched (no kept rows,
+    or an expert that saw only some tokens)."""
+    if x is None or residual is None or not x.sample_index:
+        return None
+    rows = [h.reshape(-1, h.shape[-1]) for h in residual]
+    if x.tokens != sum(r.shape[0] for r in rows):
+        return None
+    idx, out, start = torch.cat(x.sample_index), [], 0
+    for r in rows:
+        local = idx[(idx >= start) & (idx < start + r.shape[0])] - start
+        out.append(r[local.to(r.device)].to(x.sqsum.device))
+        start += r.shape[0]
+    fn = None
+    if post is not None:
+        dtype = next(post.parameters(), torch.empty(0)).dtype
+        fn = lambda y: post(y.to(dtype)).float()  # noqa: E731
+    return BlockView(torch.cat(out).float(), fn)
+
+
 def prune_layer(
     plan: LayerPlan,
     stats: dict[str, FeatureStats],
     method: PruningMethod,
     pattern: Pattern,
     report: PruneReport,
+    residual: list[torch.Tensor] | None = None,
+    post: nn.Module | None = None,
 ) -> None:
-    """Turn one layer's statistics into masks (and weights) and apply them in place."""
+    """Turn one layer's statistics into masks (and weights) and apply them in place.
+    ``residual``/``post``: the MLP-entry residual of every calibration batch and the MLP
+    branch's output transform, for methods that read a :class:`BlockView`."""
     fallback = get_method("magnitude")
     jobs: list[tuple[MatrixRef, MatrixResult, str]] = []
     for block in plan.glu:
@@ -568,7 +598,9 @@ def prune_layer(
             report.fallbacks.append(
                 f"{block.gate.key}: expert received no calibration token; pruned by magnitude"
             )
-        results = use.prune_glu(block.gate.get(), block.up.get(), block.down.get(), x, h, pattern, act=block.act)
+        extra = {"view": block_view(x, residual, post)} if getattr(use, "uses_block_view", False) else {}
+        results = use.prune_glu(block.gate.get(), block.up.get(), block.down.get(), x, h, pattern, act=block.act,
+                                **extra)
         jobs += [(ref, res, use.name) for ref, res in zip((block.gate, block.up, block.down), results)]
     for target in plan.linears:
         x = stats.get(target.x_key)
