@@ -68,7 +68,10 @@ def build_model(
     heads: int = 4,
     kv_heads: int = 2,
     massive_layer: int = 1,
-    massive: float = 40.0,
+    massive: float = 4.0,
+    writers: int = 4,
+    writer: float = 2.0,
+    responder: float = 0.5,
     sink_strength: float = 8.0,
     seed: int = 0,
 ) -> torch.nn.Module:
@@ -122,11 +125,17 @@ def build_model(
         mlp.down_proj.weight.copy_(torch.randn(d, D, generator=g) * 0.5 / math.sqrt(D))
         mlp.down_proj.weight[[b, c]] = 0  # nothing else writes into the special channels
         if i == massive_layer:
-            # one neuron reads u with many small weights and writes the massive channel
-            mlp.gate_proj.weight[0] = 4.0 * u
-            mlp.up_proj.weight[0] = 4.0 * u
-            mlp.down_proj.weight[:, 0] = 0
-            mlp.down_proj.weight[c, 0] = massive
+            # responders: a quarter of the neurons also fire on the sink tokens, so their norms a_i
+            # are set by the sinks (as in trained LLMs), not by the tokens they serve
+            resp = torch.randperm(D, generator=g)[: D // 4]
+            mlp.gate_proj.weight[resp] += responder * u
+            mlp.up_proj.weight[resp] += responder * u
+            # writers: a few neurons read u with many small weights and write the massive channel
+            w = list(range(writers))
+            mlp.gate_proj.weight[w] = writer * u
+            mlp.up_proj.weight[w] = writer * u
+            mlp.down_proj.weight[:, w] = 0
+            mlp.down_proj.weight[c, w] = massive / writers
         if i > massive_layer:
             # attention sinks: constant queries (from b) meet the sinks' keys (from c); sink values 0
             for h in range(heads):
@@ -140,7 +149,7 @@ def build_model(
     set_norm(base.norm)
     # a peaked next-token distribution: tied head, logits spread of a few nats
     if not gemma:
-        base.norm.weight.mul_(0.6)
+        base.norm.weight.mul_(0.25)
     return model
 
 

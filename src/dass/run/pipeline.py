@@ -33,6 +33,7 @@ from torch import nn
 
 from dass.arch import MLP_NAMES, ExpertsCapture, LayerPlan, MatrixRef, decoder_layers, plan_model
 from dass.core.alpha import BlockView
+from dass.core.alpha_report import alpha_summary
 from dass.core.graphs import clear_graphs
 from dass.core.patterns import Pattern, nm_violations, parse_pattern, sparsity_of
 from dass.core.sparsegpt import accumulate_xtx
@@ -123,11 +124,14 @@ class PruneReport:
         }
 
     def summary(self) -> str:
-        return (
+        head = (
             f"{self.method} {self.pattern} ({self.scope}): {len(self.matrices)} matrices, "
             f"sparsity {self.sparsity:.4f}, {self.total_seconds:.1f} s"
             + (f", {len(self.fallbacks)} fallback(s)" if self.fallbacks else "")
         )
+        # issue 15: what --alpha auto chose per block, and its warnings
+        extra = alpha_summary([m.info for m in self.matrices if m.role == "gate"])
+        return "\n".join([head, *extra])
 
 
 # --------------------------------------------------------------------------------------
