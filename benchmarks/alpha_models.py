@@ -172,3 +172,56 @@ def log_probs(model: torch.nn.Module, tokens: torch.Tensor, seqlen: int = 512, b
     dev = next(model.parameters()).device
     for batch in ids.split(batch_size):
         yield torch.log_softmax(model(batch.to(dev), use_cache=False).logits.float(), dim=-1).cpu()
+
+
+#: Vocabulary of the built models: the most frequent tokens of the text, the rest folded into one id.
+BUILT_VOCAB = 4096
+
+
+def remap_by_frequency(ids: Sequence[torch.Tensor], vocab: int = BUILT_VOCAB) -> list[torch.Tensor]:
+    """The token ids of ``ids`` renumbered by frequency over all of them (0 = the most
+    frequent), ids beyond ``vocab - 1`` folded into ``vocab - 1``. The built models' sink
+    tokens are ids 0-2: the three most frequent tokens (punctuation and "the" in prose), as
+    the delimiters that carry massive activations in trained LLMs."""
+    flat = torch.cat([t.reshape(-1) for t in ids])
+    order = torch.argsort(torch.bincount(flat), descending=True, stable=True)
+    rank = torch.full((int(flat.max()) + 1,), vocab - 1, dtype=torch.long)
+    top = order[: vocab - 1]
+    rank[top] = torch.arange(top.numel())
+    return [rank[t] for t in ids]
+
+
+def load_subject(spec: str, calibration: str, nsamples: int, seqlen: int, seed: int, eval_source: str,
+                 tokens: str | None = None, device: str = "cpu"):
+    """``(model, calibration ids, evaluation ids, kind)`` for ``spec``: ``built:FAMILY`` (a
+    model of :func:`build_model`, on the embedded tokenizer's ids remapped by
+    :func:`remap_by_frequency`; ``kind="built"``) or anything :func:`dass.io.models.load_model`
+    takes (``kind="real"``). ``tokens``: a file written by ``--save-tokens`` (``torch.save``
+    of ``{"calibration", "evaluation"}``) instead of tokenizing text, for machines without
+    the text packages."""
+    from dass.io.data import evaluation_tokens, sample_calibration
+    from dass.io.models import default_model_dir, load_model
+
+    built = spec.startswith("built:")
+    saved = torch.load(tokens) if tokens else None
+    if built:
+        family = spec.split(":", 1)[1]
+        if saved is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+            cal = sample_calibration(tok, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
+            ev = evaluation_tokens(tok, eval_source)
+        else:
+            cal, ev = saved["calibration"], saved["evaluation"]
+        cal, ev = remap_by_frequency([cal, ev])
+        model = build_model(family, vocab_size=BUILT_VOCAB, sink_tokens=(0, 1, 2), seed=seed)
+        return model.to(device), cal, ev, "built"
+    if saved is None:
+        model, tok = load_model(spec, device="cpu")
+        cal = sample_calibration(tok, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        ev = evaluation_tokens(tok, eval_source)
+    else:
+        model, _ = load_model(spec, device="cpu")
+        cal, ev = saved["calibration"], saved["evaluation"]
+    return model.to(device), cal, ev, "real"

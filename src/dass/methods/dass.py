@@ -6,10 +6,15 @@ M consecutive output rows of one column (N:M, "output" orientation). Down and at
 projections are scored like Wanda. No weight is updated.
 
 ``alpha`` is a number (the paper's method, default 0.5) or ``"auto"``: for every GLU block
-the exponent is chosen from a small candidate set by the reconstruction error of the
-block's MLP output on kept calibration input rows, averaged per token by default
-(``alpha_criterion``, :mod:`dass.core.alpha`); the chosen value and
-the candidates' errors are recorded in the gate/up results' ``info``.
+the exponent is chosen from a small candidate set by the error each candidate causes on
+kept calibration input rows, measured at the next layer's input when the pipeline passes a
+:class:`dass.core.alpha.BlockView` (``alpha_measure="next"``; else at the MLP output),
+averaged per token (``alpha_criterion``). With ``alpha_select="safe"`` (the default) a
+candidate replaces the paper's 0.5 only on evidence: better on two disjoint halves of the
+rows by more than they disagree, and not worse by the summed error (``alpha_guard``);
+``alpha_select="min"`` takes the lowest error (the first ``auto``). The chosen value, the
+candidates' errors and the reason are recorded in the gate/up results' ``info``
+(:mod:`dass.core.alpha`).
 
 ``rescale`` ("none", "down" or "all"; "down" by default with ``alpha="auto"``, "none" with a
 fixed alpha) multiplies each masked row by its
