@@ -90,13 +90,15 @@ def label(spec: str) -> str:
         return LABELS[spec]
     if method == "dass":
         crit = f" ({opts['alpha_criterion']} error)" if "alpha_criterion" in opts else ""
-        if opts.get("alpha_select") == "min" and opts.get("alpha_measure") == "mlp":
-            crit += " [issue-15 old: lowest MLP-output error]"
+        if opts.get("alpha_select") == "min" and opts.get("alpha_measure") == "mlp" and opts.get("max_neurons") == 512:
+            crit += " [before issue 15: lowest MLP-output error, 512 neurons]"
         else:
             if opts.get("alpha_select") == "min":
                 crit += " [lowest error, no safety rule]"
             if opts.get("alpha_measure") == "mlp":
                 crit += " [MLP-output error]"
+            if "max_neurons" in opts:
+                crit += f" [{opts['max_neurons']} neurons]"
             if "alpha_guard" in opts:
                 crit += f" [guard {opts['alpha_guard']}]"
         rescale = opts.get("rescale", "down" if opts.get("alpha") == "auto" else "none")  # auto's default

@@ -38,7 +38,7 @@ LOG=$OUT/alpha.log
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())' | tee -a "$LOG"
 
 CONFIGS=${CONFIGS:-"dense wanda dass:alpha=0.5 dass:alpha=1 dass:alpha=auto dass:alpha=auto,rescale=none
- dass:alpha=auto,alpha_select=min,alpha_measure=mlp dass:alpha=auto,alpha_select=min,alpha_measure=mlp,rescale=none"}
+ dass:alpha=auto,alpha_select=min,alpha_measure=mlp,max_neurons=512 dass:alpha=auto,alpha_select=min,alpha_measure=mlp,max_neurons=512,rescale=none"}
 COMMON=${COMMON:-"--nsamples 128 --seqlen 2048 --eval-seqlen 2048 --eval-batch 4 --patterns 2:4 4:8 --device cuda --batch-size 16"}
 MODELS=${MODELS:-"smollm2 built:qwen2 built:gemma gemma3"}
 # seconds each model may take (the whole script stays within about 5 minutes for the first three)

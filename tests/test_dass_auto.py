@@ -173,7 +173,7 @@ def test_bad_options():
         get_method("dass", alpha=0.5, alpha_criterion="total")
     m = get_method("dass", alpha="AUTO", alpha_candidates="0.5, 1 2")
     assert m.options() == {"alpha": "auto", "alpha_candidates": [0.5, 1.0, 2.0], "alpha_criterion": "token",
-                           "sample_tokens": 1024, "max_neurons": 512, "alpha_select": "safe",
+                           "sample_tokens": 1024, "max_neurons": None, "alpha_select": "safe",
                            "alpha_guard": "total", "alpha_measure": "next",
                            "rescale": "down", "rescale_target": "block", "alpha_rescaled": False}
     assert "rescale" not in get_method("dass", alpha="auto", rescale="none").options()

@@ -70,9 +70,13 @@ MIN_GAIN = 0.01
 #: are spread over all calibration tokens, between half the cap and the cap of them:
 #: :meth:`dass.core.stats.FeatureStats._keep_sample`).
 DEFAULT_SAMPLE_TOKENS = 1024
-#: Default number of intermediate neurons (whole N:M groups, evenly spaced) the candidates
-#: are compared on; the final masks always cover every neuron.
-DEFAULT_MAX_NEURONS = 512
+#: Default cap on the intermediate neurons (whole N:M groups, evenly spaced) the candidates
+#: are compared on (None: all; the final masks always cover every neuron). A subset's error
+#: misses the cross terms between the subset's and the other neurons' errors, which add up
+#: coherently (all pruned neurons shrink the output along the same directions), so it is a
+#: biased estimate: on Gemma-3-270M it preferred alpha 1-2 where every neuron, and the model,
+#: preferred 0.5 (docs/ablation.md). Hence all neurons by default.
+DEFAULT_MAX_NEURONS: int | None = None
 
 
 @dataclass(frozen=True)

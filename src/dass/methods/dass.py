@@ -144,7 +144,7 @@ class DaSS(PruningMethod):
         self.alpha_criterion = CRITERIA[0] if alpha_criterion is None else str(alpha_criterion)
         if self.alpha_criterion not in CRITERIA:
             raise MethodError(f"alpha_criterion must be one of {', '.join(CRITERIA)}, got {alpha_criterion!r}")
-        self.max_neurons = DEFAULT_MAX_NEURONS if max_neurons is None else int(max_neurons)
+        self.max_neurons = DEFAULT_MAX_NEURONS if max_neurons in (None, "none", "all") else int(max_neurons)
         k = DEFAULT_SAMPLE_TOKENS if sample_tokens is None else int(sample_tokens)
         if uses_rows and k < 1:
             raise MethodError(f"sample_tokens must be >= 1, got {sample_tokens!r}")
