@@ -161,6 +161,7 @@ def run(args) -> dict:
 
     meta = {
         "model": args.model,
+        "kind": kind,
         "scope": args.scope,
         "calibration": {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
         "evaluation": {"source": args.eval_source, "seqlen": args.eval_seqlen,
@@ -287,22 +288,25 @@ def markdown(data: dict) -> str:
     tkey = "prune_cpu_seconds" if cpu else "prune_seconds"  # CPU time on a shared CPU, wall time on a GPU
     tname = "CPU s" if cpu else "prune s"
     has_kl = any("kl" in r for r in rows)
-    what = ("ppl", "KL", tname) if has_kl else ("ppl", tname)
+    built = data.get("meta", {}).get("kind") == "built"  # random weights: perplexity means nothing, KL does
+    what = ("KL", tname) if built else (("ppl", "KL", tname) if has_kl else ("ppl", tname))
+    key = "kl" if built else "ppl"
     head = ["configuration"] + [f"{pattern_label(p)} {w}" for p in patterns for w in what]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def kl_cell(r: dict) -> list[str]:
-        return [f"{r['kl']:.4f}" if "kl" in r else ""] if has_kl else []
+    def metric_cells(r: dict) -> list[str]:
+        kl = [f"{r['kl']:.4f}" if "kl" in r else ""] if has_kl else []
+        return kl if built else [f"{r['ppl']:.2f}"] + kl
 
     for c in configs:
         cells = [label(c)]
         if (c, None) in cell:  # dense
             d = cell[(c, None)]
-            cells += [f"{d['ppl']:.2f}"] + kl_cell(d) + ["-"] + [""] * len(what) * (len(patterns) - 1)
+            cells += metric_cells(d) + ["-"] + [""] * len(what) * (len(patterns) - 1)
         else:
             for p in patterns:
                 r = cell.get((c, p))
-                cells += ([f"{r['ppl']:.2f}"] + kl_cell(r) + [f"{r[tkey]:.1f}"] if r else [""] * len(what))
+                cells += (metric_cells(r) + [f"{r[tkey]:.1f}"] if r else [""] * len(what))
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
     # the targets, where the rows exist
@@ -322,7 +326,7 @@ def markdown(data: dict) -> str:
             a = cell.get((c, p))
             if not (w and a and c.startswith("dass:alpha=auto")):
                 continue
-            notes.append(f"- {pattern_label(p)}: {label(c)} / Wanda: ppl x{a['ppl'] / w['ppl']:.3f}, "
+            notes.append(f"- {pattern_label(p)}: {label(c)} / Wanda: {key} x{a[key] / w[key]:.3f}, "
                          f"{time_ratio(a, w)}"
                          + (f"; alpha per layer {_alpha_summary(a.get('alpha_per_layer'))}" if a.get("alpha_per_layer") else ""))
         s = cell.get(("sparsegpt", p))

@@ -222,7 +222,7 @@ def candidate_row_errors(
             yp = h @ (dn * dm).t()
         else:  # judged as it will be applied: fitted on the same rows
             gp, upp, dp, _ = rescale_glu(g, u, dn, (mg, mu, dm), xf, act, scope=rescale, target=rescale_target,
-                                         dense_out=y)
+                                         dense_out=y, normalise=view is not None and view.post is not None)
             yp = (act(xf @ gp.t()) * (xf @ upp.t())) @ dp.t()
         diff = yp - y
         if view is not None:

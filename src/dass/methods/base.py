@@ -62,10 +62,12 @@ def rescaled_glu_results(
     act: Callable[[torch.Tensor], torch.Tensor] | None,
     scope: str,
     target: str,
+    normalise: bool = False,
 ) -> tuple["MatrixResult", "MatrixResult", "MatrixResult"]:
     """A GLU block's results with the masked weights times their least-squares row factors
     (:func:`dass.core.rescale.rescale_glu`) on the kept calibration input rows; masks unchanged.
-    Shared by every method that offers ``rescale`` (DaSS, Wanda)."""
+    Shared by every method that offers ``rescale`` (DaSS, Wanda). ``normalise``: the block's
+    output is RMS-normalised before the residual (fit on per-token unit outputs)."""
     from dass.core.rescale import rescale_glu
 
     if scope == "none":
@@ -76,7 +78,8 @@ def rescaled_glu_results(
             r.info["rescale"] = "no kept input rows; not rescaled"
         return results
     masks = tuple(r.mask.to(gate.device) for r in results)
-    *weights, scales = rescale_glu(gate, up, down, masks, x.to(gate.device), act, scope=scope, target=target)  # type: ignore[arg-type]
+    *weights, scales = rescale_glu(gate, up, down, masks, x.to(gate.device), act, scope=scope, target=target,  # type: ignore[arg-type]
+                                   normalise=normalise)
     for r, w, name, ref in zip(results, weights, ("gate", "up", "down"), (gate, up, down)):
         if name in scales:
             s = scales[name]

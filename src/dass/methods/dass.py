@@ -186,7 +186,7 @@ class DaSS(PruningMethod):
                 dass_glu_mask(up, h_stats, pattern, self.alpha),  # type: ignore[arg-type]
                 down_res,
             )
-            return self._rescaled(results, gate, up, down, x_stats, act)
+            return self._rescaled(results, gate, up, down, x_stats, act, view)
         x = x_stats.sample() if x_stats is not None else None
         if x is None or x.shape[0] == 0:
             alpha, info = AUTO_FALLBACK_ALPHA, {"alpha": AUTO_FALLBACK_ALPHA, "alpha_auto": "no kept input rows; default used"}
@@ -207,9 +207,12 @@ class DaSS(PruningMethod):
             mg, mu = dass_glu_masks(gate, up, h_stats.norm.to(gate.device), pattern, alpha)
         down_res.info = {"alpha": alpha}
         results = MatrixResult(mg, orient, info=dict(info)), MatrixResult(mu, orient, info=dict(info)), down_res
-        return self._rescaled(results, gate, up, down, x_stats, act)
+        return self._rescaled(results, gate, up, down, x_stats, act, view)
 
-    def _rescaled(self, results, gate, up, down, x_stats, act):
+    def _rescaled(self, results, gate, up, down, x_stats, act, view=None):
         """With ``rescale``: the masked weights times their least-squares row factors on the
-        kept calibration input rows; masks unchanged."""
-        return rescaled_glu_results(results, gate, up, down, x_stats, act, self.rescale, self.rescale_target)
+        kept calibration input rows; masks unchanged. Fitted on per-token unit outputs when
+        the block's output is RMS-normalised before the residual (``view.post``, issue 15)."""
+        normalise = view is not None and view.post is not None
+        return rescaled_glu_results(results, gate, up, down, x_stats, act, self.rescale, self.rescale_target,
+                                    normalise=normalise)
