@@ -61,6 +61,9 @@ LABELS = {
     # rows kept from runs before the kept calibration rows were spread over all windows
     "dass:alpha=auto,rows=first-batch": "DaSS alpha auto (old rows: first batch, 512)",
     "dass:alpha=auto,alpha_criterion=total,rows=first-batch": "DaSS alpha auto (total error; old rows)",
+    # issue 15: rows run with the code before it (commit 3be9760), kept under these names
+    "dass:alpha=auto@3be9760": "DaSS alpha auto before issue 15 (rescale down)",
+    "dass:alpha=auto,rescale=none@3be9760": "DaSS alpha auto before issue 15, rescale none",
 }
 
 
