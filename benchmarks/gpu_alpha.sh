@@ -41,7 +41,7 @@ CONFIGS=${CONFIGS:-"dense wanda dass:alpha=0.5 dass:alpha=1 dass:alpha=auto dass
  dass:alpha=auto,alpha_select=min,alpha_measure=mlp,max_neurons=512 dass:alpha=auto,alpha_select=min,alpha_measure=mlp,max_neurons=512,rescale=none"}
 COMMON=${COMMON:-"--nsamples 128 --seqlen 2048 --eval-seqlen 2048 --eval-batch 4 --patterns 2:4 4:8 --device cuda --batch-size 16"}
 MODELS=${MODELS:-"smollm2 built:qwen2 built:gemma gemma3"}
-# seconds each model may take (the whole script stays within about 5 minutes for the first three)
+# seconds each model may take (LIMIT_S overrides all; the first three fit about 5 minutes together)
 declare -A LIMIT=([smollm2]=110 [built:qwen2]=60 [built:gemma]=60 [gemma3]=240)
 
 for m in $MODELS; do
@@ -58,7 +58,7 @@ for m in $MODELS; do
   name=${m/:/-}
   echo "== $m" | tee -a "$LOG"
   # shellcheck disable=SC2086
-  timeout "${LIMIT[$m]:-120}" python3 benchmarks/ablation.py --model "$spec" --tokens "$tokens" $COMMON \
+  timeout "${LIMIT_S:-${LIMIT[$m]:-120}}" python3 benchmarks/ablation.py --model "$spec" --tokens "$tokens" $COMMON \
     --configs $CONFIGS --out "$OUT/alpha-$name.json" >/dev/null 2>>"$LOG"
   echo "exit $? after ${SECONDS}s" | tee -a "$LOG"
   # also an interrupted run leaves its finished rows in the JSON
