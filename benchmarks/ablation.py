@@ -33,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 #: The rows of the issue's table, then the weight-updating DaSS variants.
 DEFAULT_CONFIGS = [
@@ -60,6 +61,9 @@ LABELS = {
     # rows kept from runs before the kept calibration rows were spread over all windows
     "dass:alpha=auto,rows=first-batch": "DaSS alpha auto (old rows: first batch, 512)",
     "dass:alpha=auto,alpha_criterion=total,rows=first-batch": "DaSS alpha auto (total error; old rows)",
+    # issue 15: rows run with the code before it (commit 3be9760), kept under these names
+    "dass:alpha=auto@3be9760": "DaSS alpha auto before issue 15 (rescale down)",
+    "dass:alpha=auto,rescale=none@3be9760": "DaSS alpha auto before issue 15, rescale none",
 }
 
 
@@ -89,8 +93,20 @@ def label(spec: str) -> str:
         return LABELS[spec]
     if method == "dass":
         crit = f" ({opts['alpha_criterion']} error)" if "alpha_criterion" in opts else ""
-        if opts.get("rescale", "none") != "none":
-            crit += f" + rescale {opts['rescale']}"
+        if opts.get("alpha_select") == "min" and opts.get("alpha_measure") == "mlp" and opts.get("max_neurons") == 512:
+            crit += " [before issue 15: lowest MLP-output error, 512 neurons]"
+        else:
+            if opts.get("alpha_select") == "min":
+                crit += " [lowest error, no safety rule]"
+            if opts.get("alpha_measure") == "mlp":
+                crit += " [MLP-output error]"
+            if "max_neurons" in opts:
+                crit += f" [{opts['max_neurons']} neurons]"
+            if "alpha_guard" in opts:
+                crit += f" [guard {opts['alpha_guard']}]"
+        rescale = opts.get("rescale", "down" if opts.get("alpha") == "auto" else "none")  # auto's default
+        if rescale != "none":
+            crit += f" + rescale {rescale}"
             if opts.get("rescale_target", "block") != "block":
                 crit += f" ({opts['rescale_target']} target)"
             from dass.methods.options import as_bool
@@ -123,26 +139,32 @@ def pattern_label(p: str) -> str:
 
 def run(args) -> dict:
     from dass import prune
-    from dass.io.data import evaluation_tokens, sample_calibration
     from dass.evaluation.evaluate import perplexity
-    from dass.io.models import load_model
 
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device="cpu")
-    model.to(device)
+    from alpha_models import kl_to_dense, load_subject, log_probs
+
+    model, calib, ev, kind = load_subject(args.model, args.calibration, args.nsamples, args.seqlen, args.seed,
+                                          args.eval_source, args.tokens, str(device))
+    if args.save_tokens:  # for a machine without the text packages (benchmarks/gpu_alpha.sh)
+        torch.save({"calibration": calib, "evaluation": ev}, args.save_tokens)
+        log(f"tokens saved to {args.save_tokens}")
+        return {"meta": {}, "rows": []}
+    calib = calib[: args.nsamples, : args.seqlen]
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    calib = sample_calibration(tok, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    ev = evaluation_tokens(tok, args.eval_source)
     if args.eval_tokens:
         ev = ev[:, : args.eval_tokens]
-    log(f"model loaded; calibration {tuple(calib.shape)}; evaluation {ev.numel()} tokens; device {device}")
+    log(f"model loaded ({kind}); calibration {tuple(calib.shape)}; evaluation {ev.numel()} tokens; device {device}")
+    use_kl = args.kl if args.kl is not None else kind == "built"
+    dense_lp = list(log_probs(model, ev, args.eval_seqlen, args.eval_batch)) if use_kl else None
 
     meta = {
         "model": args.model,
+        "kind": kind,
         "scope": args.scope,
         "calibration": {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
         "evaluation": {"source": args.eval_source, "seqlen": args.eval_seqlen,
@@ -161,6 +183,9 @@ def run(args) -> dict:
 
     def evaluate() -> float:
         return perplexity(model, ev, seqlen=args.eval_seqlen, batch_size=args.eval_batch, progress=False)["ppl"]
+
+    def kl() -> float:  # KL(dense || pruned) per token: the measure for built models (their ppl means nothing)
+        return kl_to_dense(model, dense_lp, ev, args.eval_seqlen, args.eval_batch) if dense_lp is not None else float("nan")
 
     # pattern-major, dense first: an interrupted run still leaves whole columns of the table
     jobs = [(s, None) for s in args.configs if s == "dense"]
@@ -205,11 +230,17 @@ def run(args) -> dict:
             alphas = [m.info.get("alpha") for m in report.matrices if m.role == "gate"]
             if any(a is not None for a in alphas) and opts.get("alpha") == "auto":
                 rec["alpha_per_layer"] = alphas
+                rec["alpha_info"] = [{k: v for k, v in m.info.items() if k != "rescale"}
+                                     for m in report.matrices if m.role == "gate"]
+                rec["summary"] = report.summary()
         ts = time.perf_counter()
         rec["ppl"] = float("nan") if args.no_eval else evaluate()
+        if dense_lp is not None and not args.no_eval:
+            rec["kl"] = 0.0 if method == "dense" else kl()
         rec["eval_seconds"] = time.perf_counter() - ts
         rows.append(rec)
         log(f"{rec['label']:<45} {pattern_label(pat) if pat else '-':>5}  ppl {rec['ppl']:9.2f}"
+            + (f"  KL {rec['kl']:.4f}" if "kl" in rec else "")
             + (f"  prune {rec['prune_seconds']:7.1f} s ({rec['prune_cpu_seconds']:.1f} CPU s)" if "prune_seconds" in rec else ""))
         if args.out:  # partial results survive an interrupted run
             _write(args.out, {"meta": meta, "rows": rows})
@@ -259,16 +290,26 @@ def markdown(data: dict) -> str:
     cpu = data.get("meta", {}).get("device", "cpu") == "cpu"
     tkey = "prune_cpu_seconds" if cpu else "prune_seconds"  # CPU time on a shared CPU, wall time on a GPU
     tname = "CPU s" if cpu else "prune s"
-    head = ["configuration"] + [f"{pattern_label(p)} {w}" for p in patterns for w in ("ppl", tname)]
+    has_kl = any("kl" in r for r in rows)
+    built = data.get("meta", {}).get("kind") == "built"  # random weights: perplexity means nothing, KL does
+    what = ("KL", tname) if built else (("ppl", "KL", tname) if has_kl else ("ppl", tname))
+    key = "kl" if built else "ppl"
+    head = ["configuration"] + [f"{pattern_label(p)} {w}" for p in patterns for w in what]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def metric_cells(r: dict) -> list[str]:
+        kl = [f"{r['kl']:.4f}" if "kl" in r else ""] if has_kl else []
+        return kl if built else [f"{r['ppl']:.2f}"] + kl
+
     for c in configs:
         cells = [label(c)]
         if (c, None) in cell:  # dense
-            cells += [f"{cell[(c, None)]['ppl']:.2f}", "-"] + ["", ""] * (len(patterns) - 1)
+            d = cell[(c, None)]
+            cells += metric_cells(d) + ["-"] + [""] * len(what) * (len(patterns) - 1)
         else:
             for p in patterns:
                 r = cell.get((c, p))
-                cells += ([f"{r['ppl']:.2f}", f"{r[tkey]:.1f}"] if r else ["", ""])
+                cells += (metric_cells(r) + [f"{r[tkey]:.1f}"] if r else [""] * len(what))
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
     # the issue's targets, where the rows exist
@@ -288,7 +329,7 @@ def markdown(data: dict) -> str:
             a = cell.get((c, p))
             if not (w and a and c.startswith("dass:alpha=auto")):
                 continue
-            notes.append(f"- {pattern_label(p)}: {label(c)} / Wanda: ppl x{a['ppl'] / w['ppl']:.3f}, "
+            notes.append(f"- {pattern_label(p)}: {label(c)} / Wanda: {key} x{a[key] / w[key]:.3f}, "
                          f"{time_ratio(a, w)}"
                          + (f"; alpha per layer {_alpha_summary(a.get('alpha_per_layer'))}" if a.get("alpha_per_layer") else ""))
         s = cell.get(("sparsegpt", p))
@@ -438,7 +479,13 @@ def block_markdown(data: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="default",
+                    help="default, a checkpoint path, or built:qwen2 / built:gemma / built:llama (benchmarks/alpha_models.py)")
+    ap.add_argument("--tokens", default=None, help="calibration/evaluation ids saved by --save-tokens (no text needed)")
+    ap.add_argument("--save-tokens", default=None, help="only tokenize: save calibration/evaluation ids to this file")
+    ap.add_argument("--kl", dest="kl", action="store_true", default=None,
+                    help="also measure KL(dense || pruned) per token (default for built models)")
+    ap.add_argument("--no-kl", dest="kl", action="store_false")
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     ap.add_argument("--patterns", nargs="+", default=DEFAULT_PATTERNS)
     ap.add_argument("--scope", default="mlp")

@@ -60,7 +60,8 @@ def test_auto_picks_the_candidate_with_the_lowest_error(glu, spec, criterion):
     gate, up, down, x = glu
     h = F.silu(x @ gate.t()) * (x @ up.t())
     p = parse_pattern(spec)
-    m = get_method("dass", alpha="auto", sample_tokens=40, alpha_criterion=criterion)
+    # alpha_select="min": the plain lowest-error choice ("safe", the default, is tested in test_alpha_safety.py)
+    m = get_method("dass", alpha="auto", sample_tokens=40, alpha_criterion=criterion, alpha_select="min")
     sx = stats(x, keep=m.sample_tokens)
     rows = sx.sample()
     assert 20 <= rows.shape[0] <= 40 and rows.shape[1] == x.shape[1]
@@ -172,7 +173,8 @@ def test_bad_options():
         get_method("dass", alpha=0.5, alpha_criterion="total")
     m = get_method("dass", alpha="AUTO", alpha_candidates="0.5, 1 2")
     assert m.options() == {"alpha": "auto", "alpha_candidates": [0.5, 1.0, 2.0], "alpha_criterion": "token",
-                           "sample_tokens": 1024, "max_neurons": 512,
+                           "sample_tokens": 1024, "max_neurons": None, "alpha_select": "safe",
+                           "alpha_guard": "total", "alpha_measure": "next",
                            "rescale": "down", "rescale_target": "block", "alpha_rescaled": False}
     assert get_method("dass", alpha="auto", rescale="none").options()["rescale"] == "none"  # recorded: not auto's default
 

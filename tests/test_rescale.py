@@ -153,7 +153,7 @@ def test_auto_alpha_rescaled_judges_candidates_after_the_rescale(glu, scope):
     gate, up, down, x = glu
     p = parse_pattern("2:4")
     h = F.silu(x @ gate.t()) * (x @ up.t())
-    m = get_method("dass", alpha="auto", rescale=scope, alpha_rescaled=True, sample_tokens=64)
+    m = get_method("dass", alpha="auto", rescale=scope, alpha_rescaled=True, sample_tokens=64, alpha_select="min")
     assert m.options()["alpha_rescaled"] is True
     sx = stats(x, keep=64)
     rows = sx.sample()
@@ -233,3 +233,26 @@ def test_wanda_rescale_needs_a_glu_model():
     with pytest.raises(ArchitectureError, match="gate_proj/up_proj/down_proj"):
         dass.prune(model, "wanda", "2:4", calibration=calib(4, 16), progress=False, rescale="down")
     dass.prune(model, "wanda", "2:4", calibration=calib(4, 16), progress=False)  # plain Wanda prunes fc1/fc2
+
+
+def test_normalised_rescale_fits_unit_outputs_and_ignores_token_scale(glu):
+    """For a block whose output is RMS-normalised before the residual (Gemma-2/3), W_down's
+    factors are fitted on per-token unit outputs: a per-token scale of the target, which
+    the norm undoes, does not change them."""
+    gate, up, down, x = glu
+    p = parse_pattern("2:4")
+    h = F.silu(x @ gate.t()) * (x @ up.t())
+    rg, ru, rd = get_method("dass", alpha=1.0).prune_glu(gate, up, down, stats(x), stats(h), p)
+    masks = (rg.mask, ru.mask, rd.mask)
+    y = h @ down.t()
+    hp = F.silu(x @ (gate * rg.mask).t()) * (x @ (up * ru.mask).t())
+    approx = hp @ (down * rd.mask).t()
+    _, _, d2, s = rescale_glu(gate, up, down, masks, x, F.silu, normalise=True)
+    unit = lambda t: t / t.norm(dim=1, keepdim=True)  # noqa: E731
+    assert torch.allclose(s["down"], ls_scale(unit(y), unit(approx)), rtol=1e-4)
+    assert torch.allclose(d2, (down * rd.mask) * s["down"].reshape(-1, 1))
+    scaled = y * torch.linspace(0.1, 10, y.shape[0]).reshape(-1, 1)
+    _, _, _, s2 = rescale_glu(gate, up, down, masks, x, F.silu, normalise=True, dense_out=scaled)
+    assert torch.allclose(s2["down"], s["down"], rtol=1e-4)
+    _, _, _, plain = rescale_glu(gate, up, down, masks, x, F.silu, dense_out=scaled)
+    assert not torch.allclose(plain["down"], s["down"], rtol=1e-2)

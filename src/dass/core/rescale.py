@@ -16,6 +16,14 @@ For a GLU block ``y = W_down (act(W_gate x) * W_up x)`` on kept calibration inpu
   activations (``target="layer"``, the layer-local least squares).
 - ``scope="all"``: first W_gate's and W_up's rows against their own dense outputs
   (``X W_gate^T``, ``X W_up^T``), then W_down as above on the rescaled gate/up.
+
+``normalise=True`` (a block whose output passes through an RMS norm before the residual,
+Gemma-2/3's post-feedforward norm): W_down's factors are fitted on the per-token *unit*
+outputs ``y_t / ||y_t||`` and ``y'_t / ||y'_t||``. The norm undoes each token's scale, so
+the plain fit's main correction (the pruned block's overall shrinkage) is wasted there and
+its per-channel part is weighted by the tokens' norms instead of what the next layer reads
+(issue 15: the plain fit did nothing on a Gemma model, 137.17 -> 137.10, and on
+Gemma-3-270M it cost 1%; docs/ablation.md).
 """
 
 from __future__ import annotations
@@ -66,10 +74,12 @@ def rescale_glu(
     scope: str = "down",
     target: str = "block",
     dense_out: torch.Tensor | None = None,
+    normalise: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Masked (and rescaled) fp32 gate, up, down of one GLU block and the factors used
     (``{"gate": s, "up": s, "down": s}``, only for the rescaled matrices). ``dense_out``:
-    the dense block output on ``x`` when the caller has it already (``target="block"``)."""
+    the dense block output on ``x`` when the caller has it already (``target="block"``).
+    ``normalise``: fit W_down's factors on per-token unit outputs (module docstring)."""
     if scope not in SCOPES or scope == "none":
         raise ValueError(f"scope must be 'down' or 'all', got {scope!r}")
     if target not in TARGETS:
@@ -89,5 +99,16 @@ def rescale_glu(
         y = dense_out.float() if dense_out is not None else glu_hidden(xf, g, u, act) @ dn.t()
     else:
         y = h @ dn.t()
-    dp, scales["down"] = rescale_rows(dn, md, h, y)
+    if normalise:
+        approx = h @ (dn * md).t()
+        s = ls_scale(y / _row_norm(y), approx / _row_norm(approx))
+        dp, scales["down"] = (dn * md) * s.reshape(-1, 1), s
+    else:
+        dp, scales["down"] = rescale_rows(dn, md, h, y)
     return gp, upr, dp, scales
+
+
+def _row_norm(t: torch.Tensor) -> torch.Tensor:
+    """Each row's L2 norm as a column, 1 for zero rows (they then contribute nothing)."""
+    n = t.norm(dim=1, keepdim=True)
+    return torch.where(n > 0, n, torch.ones_like(n))

@@ -26,10 +26,14 @@ from typing import Any
 
 from dass.core.alpha import (
     CRITERIA,
+    DEFAULT_ALPHA,
     DEFAULT_CANDIDATES,
-    DEFAULT_MAX_NEURONS,
-    alpha_errors,
-    choose_alpha,
+    GUARDS,
+    MEASURES,
+    SELECTIONS,
+    BlockView,
+    candidate_row_errors,
+    select_alpha,
 )
 from dass.core.glu import dass_glu_mask, dass_glu_masks
 from dass.core.patterns import Orientation
@@ -38,8 +42,16 @@ from dass.methods.options import as_bool, as_float_list, as_nonneg_float, as_non
 from dass.methods.rescale_options import RescaleOptions, rescaled_glu_results
 from dass.methods.wanda import wanda_mask
 
-#: alpha used by ``alpha="auto"`` when a block has no kept input rows to compare on.
-AUTO_FALLBACK_ALPHA = 0.5
+#: alpha used by ``alpha="auto"`` when a block has no kept input rows to compare on, and
+#: whenever the evidence for another candidate is weak (:func:`dass.core.alpha.decide_alpha`).
+AUTO_FALLBACK_ALPHA = DEFAULT_ALPHA
+
+
+def as_neuron_cap(value: Any) -> int | None:
+    """A number of neurons, or all/none/0 for every neuron (None)."""
+    if isinstance(value, str) and value.strip().lower() in ("all", "none"):
+        return None
+    return as_nonneg_int(value) or None
 
 
 def as_alpha(value: Any) -> float | str:
@@ -70,8 +82,20 @@ class DaSSOptions(RescaleOptions):
         one_of(*CRITERIA), when=_auto, default_text=CRITERIA[0],
     )
     max_neurons: int | None = option(
-        None, "with alpha=auto: neurons (whole N:M groups) the candidates are compared on (0: all)",
-        as_nonneg_int, when=_auto, default_text=str(DEFAULT_MAX_NEURONS),
+        None, "with alpha=auto: neurons (whole N:M groups) the candidates are compared on (0 or all: every one)",
+        as_neuron_cap, when=_auto, default_text="all",
+    )
+    alpha_select: str | None = option(
+        None, "with alpha=auto: safe (leave the paper's 0.5 only on evidence from two halves of the rows) or min "
+        "(the lowest error)", one_of(*SELECTIONS), when=_auto, default_text=SELECTIONS[0],
+    )
+    alpha_guard: str | None = option(
+        None, "with alpha=auto, safe: the reduction a winner must not be worse than 0.5 by (total, token, none)",
+        one_of(*GUARDS), when=_auto, default_text=GUARDS[0],
+    )
+    alpha_measure: str | None = option(
+        None, "with alpha=auto: where errors are measured, next (the next layer's input) or mlp (the MLP output)",
+        one_of(*MEASURES), when=_auto, default_text=MEASURES[0],
     )
     alpha_rescaled: bool | None = option(
         None, "with alpha=auto and a rescale: compare the candidates after the rescale", as_bool,
@@ -94,8 +118,9 @@ class DaSSOptions(RescaleOptions):
                 self._set("alpha_candidates", DEFAULT_CANDIDATES)
             if self.alpha_criterion is None:
                 self._set("alpha_criterion", CRITERIA[0])
-            if self.max_neurons is None:
-                self._set("max_neurons", DEFAULT_MAX_NEURONS)
+            for name, allowed in (("alpha_select", SELECTIONS), ("alpha_guard", GUARDS), ("alpha_measure", MEASURES)):
+                if getattr(self, name) is None:
+                    self._set(name, allowed[0])
             if self.rescale != "none" and self.alpha_rescaled is None:
                 self._set("alpha_rescaled", False)
 
@@ -127,7 +152,10 @@ class DaSS(PruningMethod):
         assert stats is not None
         return wanda_mask(weight, stats, pattern)
 
-    def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None):
+    #: the pipeline passes ``view`` (a :class:`dass.core.alpha.BlockView`) to methods that say so
+    uses_block_view = True
+
+    def prune_glu(self, gate, up, down, x_stats, h_stats, pattern, act=None, view: BlockView | None = None):
         assert h_stats is not None
         o = self.opts
         down_res = wanda_mask(down, h_stats, pattern)
@@ -144,14 +172,19 @@ class DaSS(PruningMethod):
                 info = {"alpha": alpha, "alpha_auto": "no kept input rows; default used"}
             else:
                 x = x.to(gate.device)
-                errors = alpha_errors(gate, up, down, down_res.mask, norm, x, pattern, o.alpha_candidates, act,
-                                      max_neurons=o.max_neurons, criterion=o.alpha_criterion,
-                                      rescale=o.rescale if o.alpha_rescaled else "none",
-                                      rescale_target=o.rescale_target or "block")
-                alpha = choose_alpha(errors)
-                info = {"alpha": alpha, "alpha_errors": {str(a): e for a, e in errors.items()},
-                        "alpha_rows": int(x.shape[0])}
+                cands = o.alpha_candidates
+                if o.alpha_select == "safe" and AUTO_FALLBACK_ALPHA not in cands:  # the fallback is always judged
+                    cands = (AUTO_FALLBACK_ALPHA, *cands)
+                rows = candidate_row_errors(gate, up, down, down_res.mask, norm, x, pattern, cands, act,
+                                            max_neurons=o.max_neurons,
+                                            view=view if o.alpha_measure == "next" else None,
+                                            rescale=o.rescale if o.alpha_rescaled else "none",
+                                            rescale_target=o.rescale_target or "block")
+                alpha, info = select_alpha(rows, o.alpha_select, o.alpha_criterion, o.alpha_guard, AUTO_FALLBACK_ALPHA)
+                info["alpha_rows"] = int(x.shape[0])
             masks = dass_glu_masks(gate, up, norm, pattern, alpha)
             down_res.info = {"alpha": alpha}
         results = MatrixResult(masks[0], orient, info=dict(info)), MatrixResult(masks[1], orient, info=dict(info)), down_res
-        return rescaled_glu_results(results, gate, up, down, x_stats, act, o)
+        # fitted on per-token unit outputs when the block's output is RMS-normalised before the residual
+        normalise = view is not None and view.post is not None
+        return rescaled_glu_results(results, gate, up, down, x_stats, act, o, normalise=normalise)

@@ -69,10 +69,12 @@ def rescaled_glu_results(
     x_stats: FeatureStats | None,
     act: Callable[[torch.Tensor], torch.Tensor] | None,
     opts: RescaleOptions,
+    normalise: bool = False,
 ) -> tuple[MatrixResult, MatrixResult, MatrixResult]:
     """A GLU block's results with the masked weights times their least-squares row factors
     (:func:`dass.core.rescale.rescale_glu`) on the kept calibration input rows; masks
-    unchanged. Shared by every method that offers ``rescale`` (DaSS, Wanda)."""
+    unchanged. Shared by every method that offers ``rescale`` (DaSS, Wanda). ``normalise``:
+    the block's output is RMS-normalised before the residual (fit on per-token unit outputs)."""
     if opts.rescale == "none":
         return results
     x = x_stats.sample() if x_stats is not None else None
@@ -82,7 +84,7 @@ def rescaled_glu_results(
         return results
     masks = tuple(r.mask.to(gate.device) for r in results)
     *weights, scales = rescale_glu(gate, up, down, masks, x.to(gate.device), act,  # type: ignore[arg-type]
-                                   scope=opts.rescale, target=opts.rescale_target)
+                                   scope=opts.rescale, target=opts.rescale_target, normalise=normalise)
     for r, w, name, ref in zip(results, weights, ("gate", "up", "down"), (gate, up, down)):
         if name in scales:
             s = scales[name]

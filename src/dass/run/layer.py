@@ -17,8 +17,10 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 
 from dass.arch import LayerPlan, MatrixRef
+from dass.core.alpha import BlockView
 from dass.core.patterns import Pattern, nm_violations, sparsity_of
 from dass.core.stats import FeatureStats
 from dass.methods import MatrixResult, PruningMethod
@@ -69,15 +71,41 @@ def _apply(ref: MatrixRef, result: MatrixResult) -> None:
         view.masked_fill_(~result.mask.to(view.device), 0)  # +0.0: no -0.0 signs to store
 
 
+def block_view(x: FeatureStats | None, residual: list[torch.Tensor] | None, post: nn.Module | None) -> BlockView | None:
+    """The residual stream entering a GLU block's MLP branch at the block's kept input rows
+    (``residual``: one tensor per calibration batch, in the order the statistics saw them)
+    and the branch's output transform; None when the rows cannot be matched (no kept rows,
+    or an expert that saw only some tokens)."""
+    if x is None or residual is None or not x.sample_index:
+        return None
+    rows = [h.reshape(-1, h.shape[-1]) for h in residual]
+    if x.tokens != sum(r.shape[0] for r in rows):
+        return None
+    idx, out, start = torch.cat(x.sample_index), [], 0
+    for r in rows:
+        local = idx[(idx >= start) & (idx < start + r.shape[0])] - start
+        out.append(r[local.to(r.device)].to(x.sqsum.device))
+        start += r.shape[0]
+    fn = None
+    if post is not None:
+        dtype = next(post.parameters(), torch.empty(0)).dtype
+        fn = lambda y: post(y.to(dtype)).float()  # noqa: E731
+    return BlockView(torch.cat(out).float(), fn)
+
+
 def prune_layer(
     plan: LayerPlan,
     stats: dict[str, FeatureStats],
     method: PruningMethod,
     pattern: Pattern,
     report: PruneReport,
+    residual: list[torch.Tensor] | None = None,
+    post: nn.Module | None = None,
 ) -> list[tuple[MatrixRef, MatrixResult]]:
     """Turn one layer's statistics into masks (and weights), apply them in place, record
-    them in ``report``; returns each matrix with its result."""
+    them in ``report``; returns each matrix with its result. ``residual``/``post``: the
+    MLP-entry residual of every calibration batch and the MLP branch's output transform,
+    for methods that read a :class:`~dass.core.alpha.BlockView` (``dass --alpha auto``)."""
     fallback = Magnitude()
     jobs: list[Job] = []
     for block in plan.glu:
@@ -88,7 +116,9 @@ def prune_layer(
             report.fallbacks.append(
                 f"{block.gate.key}: expert received no calibration token; pruned by magnitude"
             )
-        results = use.prune_glu(block.gate.get(), block.up.get(), block.down.get(), x, h, pattern, act=block.act)
+        extra = {"view": block_view(x, residual, post)} if getattr(use, "uses_block_view", False) else {}
+        results = use.prune_glu(block.gate.get(), block.up.get(), block.down.get(), x, h, pattern, act=block.act,
+                                **extra)
         jobs += [(ref, res, use.name) for ref, res in zip((block.gate, block.up, block.down), results)]
     for target in plan.linears:
         x = stats.get(target.x_key)
@@ -208,7 +238,10 @@ class LayerStep:
         if marks is not None:
             marks.append(_mark(dev))
         self._phase(plan, "pruning")
-        jobs = prune_layer(plan, stats, method, self.pattern, self.report)
+        view = {}  # the MLP-entry residual (kept in `hidden` by the fast path), for dass --alpha auto
+        if branch is not None and distributed.current().world == 1:
+            view = {"residual": hidden, "post": branch.post}
+        jobs = prune_layer(plan, stats, method, self.pattern, self.report, **view)
         del stats
         if marks is not None:
             marks.append(_mark(dev))

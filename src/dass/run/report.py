@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dass.core.alpha_report import alpha_summary
+
 
 @dataclass
 class MatrixReport:
@@ -87,4 +89,6 @@ class PruneReport:
             before = sum(b["loss_before"] for b in self.blocks) / len(self.blocks)
             after = sum(b["loss_after"] for b in self.blocks) / len(self.blocks)
             line += f"; {len(self.blocks)} blocks refitted, mean block error {before:.4f} -> {after:.4f}"
-        return line
+        # what --alpha auto chose per block, and its warnings
+        extra = alpha_summary([m.info for m in self.matrices if m.role == "gate"])
+        return "\n".join([line, *extra])
