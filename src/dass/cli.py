@@ -132,19 +132,21 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from dass.core.patterns import parse_pattern
-    from dass.io.checkpoint import CheckpointError, build_manifest, save_pruned
+    from dass.io.checkpoint import build_manifest, save_pruned
     from dass.io.data import sample_calibration
     from dass.methods import get_method
     from dass.run import distributed
+    from dass.run.claim import claim_output
     from dass.run.pipeline import prune, validate
+    from dass.run.preflight import check_prune
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
     options = _method_options(args, args.method)
     method = get_method(args.method, **options)
     pattern = parse_pattern(args.pattern)
+    check_prune(args)  # device, model folder, output, window, calibration text: before any work
     ctx, device = distributed.init_from_env(args.device)  # torchrun: one process per GPU
+    claim_output(args.output, overwrite=args.overwrite, sources=[args.model])  # one run per output
     device = device or _device(args)
     quiet = args.quiet or not ctx.is_main
     t0 = time.perf_counter()
@@ -270,6 +272,9 @@ def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tok
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from dass.run.preflight import check_eval
+
+    check_eval(args)  # device, model folder, window, evaluation text, --json: before loading
     model, tokenizer = _load(args)
     device = _device(args)
     if args.accelerate:
@@ -298,8 +303,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from dass.io.checkpoint import verify_checkpoint
+    from dass.run.preflight import check_verify
 
+    check_verify(args)  # a folder with a well-formed dass.json
     res = verify_checkpoint(args.dir)
+    for note in res.notes:
+        print(f"{args.dir}: note: {note}", file=sys.stderr)
     if res.ok:
         print(f"{args.dir}: OK, {res.checked} pruned matrices match the manifest")
         return 0
@@ -333,7 +342,9 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from dass.io.checkpoint import compress_checkpoint, read_manifest
+    from dass.run.preflight import check_compress
 
+    check_compress(args)  # a dass checkpoint, an output it may write
     out = compress_checkpoint(Path(args.dir), Path(args.output) if args.output else None, overwrite=args.overwrite)
     info = read_manifest(out).get("compressed", {})
     sizes = ", ".join(f"{k} {v}" for k, v in info.items() if "bytes" in k or "ratio" in k)
@@ -427,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dass: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        from dass.io.outputs import release_all
+
+        release_all()  # the output locks this command took
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,7 +51,10 @@ from dass.run.pipeline import (
     tqdm,
     validate,
 )
-from dass.run.resume import RunState, atomic_save_tensors, atomic_write_bytes, tensor_digest
+from dass.run.claim import guarded_run
+from dass.run.resume import (
+    RunState, atomic_save_tensors, atomic_write_bytes, read_and_digest, source_digest, tensor_digest, tensors_digest,
+)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -239,6 +242,7 @@ def _report_state(report: PruneReport) -> dict[str, Any]:
     }
 
 
+@guarded_run(source="src_dir", output="out_dir")  # source and output checked, output locked
 def prune_checkpoint(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -272,7 +276,8 @@ def prune_checkpoint(
     existing ``out_dir``.
     """
     t0 = time.perf_counter()
-    from dass.io.checkpoint import CheckpointError, build_manifest, move_into_place, write_json
+    from dass.io.checkpoint import CheckpointError, build_manifest, move_into_place
+    from dass.io.manifest import seal
 
     src, out = Path(src_dir), Path(out_dir).resolve()
     if out.exists() and not overwrite:
@@ -349,6 +354,7 @@ def prune_checkpoint(
         report.matrices = [MatrixReport.from_dict(m) for m in rep["matrices"]]
         report.layer_seconds, report.fallbacks = list(rep["layer_seconds"]), list(rep["fallbacks"])
         report.notes = list(rep["notes"]) + [f"resumed at layer {start} of {n_layers}"]
+        state.check_source(saved, lambda key: source_digest(ckpt.read, layer_keys, key))
 
     total_shards = n_layers + len(other_keys)
     weight_map: dict[str, str] = {}
@@ -359,6 +365,7 @@ def prune_checkpoint(
     # non-layer tensors: materialised on the device (the capture needs them) and written
     for j, k in enumerate(other_keys):
         t = ckpt.read([k])[k]
+        state.record(k, tensors_digest({k: t}))
         t = t.to(dtype) if t.is_floating_point() else t
         name = _shard_name(n_layers + j, total_shards)
         weight_map[k] = name
@@ -391,11 +398,12 @@ def prune_checkpoint(
     last_commit = time.perf_counter()
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending: Future | None = None
-        ahead: Future | None = reader.submit(ckpt.read, layer_keys[start]) if start < n_layers else None
+        ahead: Future | None = reader.submit(read_and_digest, ckpt.read, layer_keys[start]) if start < n_layers else None
         for i in tqdm(range(start, n_layers), desc=f"{meth.name} {pat} (streaming)", disable=not progress):
             ts = time.perf_counter()
-            tensors = ahead.result()  # type: ignore[union-attr]
-            ahead = reader.submit(ckpt.read, layer_keys[i + 1]) if i + 1 < n_layers else None
+            tensors, digest = ahead.result()  # type: ignore[union-attr]
+            state.record(f"layer.{i}", digest)
+            ahead = reader.submit(read_and_digest, ckpt.read, layer_keys[i + 1]) if i + 1 < n_layers else None
             for k, t in tensors.items():
                 set_tensor(model, k, _cast(t, dev, dtype))
             del tensors
@@ -438,15 +446,16 @@ def prune_checkpoint(
         report,
         calibration=calibration_spec if calibration_spec is not None else ({} if ids is None else {"tokens": list(ids.shape)}),
         extra={"source_model": str(src), "streaming": True, **(manifest_extra or {})},
+        model=model,
     )
-    write_json(partial / "dass.json", manifest)
     state.remove()
     ctx = distributed.current()
     if not ctx.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         ctx.barrier()
         return report
-    move_into_place(partial, out)
+    seal(partial, manifest)  # file hashes, then dass.json
+    move_into_place(partial, out, overwrite=overwrite)
     ctx.barrier()
     return report
 
