@@ -34,10 +34,15 @@ def claim_output(out: str | os.PathLike, *, overwrite: bool, sources: Iterable[A
     error: DassError | None = None
     if ctx.is_main:
         try:
-            outputs.check_output(out, overwrite=overwrite, sources=list(sources))
-            outputs.acquire(out)
+            outputs.acquire(out)  # first: the check below then sees what no other run can change
         except DassError as exc:
             error = exc
+        else:
+            try:
+                outputs.check_output(out, overwrite=overwrite, sources=list(sources))
+            except DassError as exc:
+                outputs.release(out)
+                error = exc
     if ctx.enabled:
         import torch.distributed as dist
 
