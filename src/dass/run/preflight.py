@@ -173,11 +173,14 @@ def max_positions(path: Path | None) -> tuple[int, str] | None:
     if path is None or not path.is_dir() or not (path / "config.json").is_file():
         return None
     cfg = load_config(path)
+    raw = json.loads((path / "config.json").read_text())
+    raw = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for key in POSITION_KEYS:
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value, key
+    for source in (raw.get, lambda k: getattr(text, k, None)):  # named as config.json names it (GPT-2: n_positions)
+        for key in POSITION_KEYS:
+            value = source(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, key
     return None
 
 
