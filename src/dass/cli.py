@@ -310,7 +310,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for note in res.notes:
         print(f"{args.dir}: note: {note}", file=sys.stderr)
     if res.ok:
-        print(f"{args.dir}: OK, {res.checked} pruned matrices match the manifest")
+        files = f" and {res.files} files' hashes" if res.files else ""
+        print(f"{args.dir}: OK, {res.checked} pruned matrices{files} match the manifest")
         return 0
     for p in res.problems[:50]:
         print(f"{args.dir}: {p}", file=sys.stderr)

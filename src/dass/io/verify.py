@@ -35,6 +35,7 @@ class VerifyResult:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    files: int = 0  # files whose recorded hashes were checked
 
     @property
     def ok(self) -> bool:
@@ -181,6 +182,7 @@ def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult
     entries = manifest.get("matrices", {})
     result = VerifyResult()
     result.problems, result.notes = content_problems(ckpt, manifest)
+    result.files = len(manifest.get("files") or {})
     try:
         weights = _Weights(ckpt, entries)
     except (DassError, OSError, ValueError) as exc:  # unreadable weights: named, not raised
