@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from dass.core.patterns import nm_violations, parse_pattern
 from dass.errors import DassError
@@ -185,13 +186,13 @@ def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult
     result.files = len(manifest.get("files") or {})
     try:
         weights = _Weights(ckpt, entries)
-    except (DassError, OSError, ValueError) as exc:  # unreadable weights: named, not raised
+    except (DassError, SafetensorError, OSError, ValueError) as exc:  # unreadable weights: named, not raised
         result.problems.append(f"weights cannot be read: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
         return result
     for key, entry in entries.items():
         try:
             w = weights.get(entry["name"])
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             result.problems.append(f"{key}: cannot be read ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
             continue
         if w is None:

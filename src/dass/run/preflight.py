@@ -273,16 +273,16 @@ def check_eval(args: Any) -> None:
         if not torch.cuda.is_available() or (device and not device.startswith("cuda")):
             raise DeviceError("--accelerate runs 2:4 kernels on a CUDA GPU; none is available here (or --device is not cuda)")
     path = check_model_dir(args.model, gguf_file=getattr(args, "gguf_file", None))
-    eval_seqlen = getattr(args, "eval_seqlen", 2048)
-    check_window(eval_seqlen, "--eval-seqlen", max_positions(path))
-    eval_tokens = getattr(args, "eval_tokens", None)
-    _positive(eval_tokens, "--eval-tokens", zero_ok=True)
     _positive(getattr(args, "limit", None), "--limit")
     _positive(getattr(args, "zeroshot_batch_size", None), "--zeroshot-batch-size")
-    if eval_tokens and eval_tokens < eval_seqlen:
-        raise PreflightError(f"--eval-tokens {eval_tokens} is less than one --eval-seqlen window ({eval_seqlen})")
     ppl = getattr(args, "ppl", None)
-    if ppl and ppl != "none":
+    if ppl and ppl != "none":  # the window matters only for perplexity
+        eval_seqlen = getattr(args, "eval_seqlen", 2048)
+        check_window(eval_seqlen, "--eval-seqlen", max_positions(path))
+        eval_tokens = getattr(args, "eval_tokens", None)
+        _positive(eval_tokens, "--eval-tokens", zero_ok=True)
+        if eval_tokens and eval_tokens < eval_seqlen:
+            raise PreflightError(f"--eval-tokens {eval_tokens} is less than one --eval-seqlen window ({eval_seqlen})")
         check_text(ppl, tokenizer_dir=path, min_tokens=eval_seqlen, what="evaluation text")
     js = getattr(args, "json", None)
     if js:
