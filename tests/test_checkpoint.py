@@ -89,17 +89,22 @@ def test_verify_without_manifest(tmp_path):
         verify_checkpoint(tmp_path)
 
 
-def test_refuses_existing_output_and_overwrites_on_request(tmp_path):
+def test_refuses_existing_output_and_overwrites_only_dass_outputs(tmp_path):
     model, report = pruned()
     out = tmp_path / "c"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="already exists"):
         save_pruned(model, None, out, build_manifest(report))
+    with pytest.raises(CheckpointError, match="not a dass output"):  # a user's folder, whatever the flag
+        save_pruned(model, None, out, build_manifest(report), overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
-    save_pruned(model, None, out, build_manifest(report), overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "dass.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary left
+    (out / "keep.txt").unlink()
+    save_pruned(model, None, out, build_manifest(report), overwrite=True)  # empty: replaced
+    first = read_manifest(out)
+    save_pruned(model, None, out, build_manifest(report), overwrite=True)  # dass's own: replaced
+    assert read_manifest(out)["created"] >= first["created"] and verify_checkpoint(out).ok
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary, no lock file left
 
 
 def test_interrupted_save_leaves_no_directory(tmp_path):

@@ -204,12 +204,18 @@ def test_prune_stream_equals_in_memory(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_processes(tiny_dir, tmp_path):
-    """The documented launcher: torchrun -m dass prune, gloo on CPU; rank 0 writes."""
+    """The documented launcher: torchrun -m dass prune, gloo on CPU; rank 0 writes. Equal
+    bits need equal thread counts: the workers and the reference run with one thread."""
     from safetensors.torch import load_file
 
     common = ["--method", "dass", "--pattern", "2:4", "--calibration", str(tiny_dir / "text.txt"),
               "--nsamples", "8", "--seqlen", "32", "--batch-size", "2", "--quiet", "--device", "cpu"]
-    assert run("prune", tiny_dir / "model", "--output", tmp_path / "one", *common) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run("prune", tiny_dir / "model", "--output", tmp_path / "one", *common) == 0
+    finally:
+        torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(_port()), "-m", "dass", "prune", str(tiny_dir / "model"), "--output", str(tmp_path / "two"),

@@ -1,5 +1,11 @@
-"""Two gloo processes on CPU prune exactly like one process."""
+"""Two gloo processes on CPU prune exactly like one process.
 
+Bit-equality holds for the same intra-op thread count only (a CPU matrix product may
+split its sums differently with more threads), so the workers and the reference in this
+process all run with one thread.
+"""
+
+import contextlib
 import os
 import socket
 
@@ -17,6 +23,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The reference computation with the workers' thread count, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _worker(rank: int, world: int, port: int, arch: str, method: str, pattern: str, out: str) -> None:
@@ -48,7 +65,8 @@ def test_two_ranks_equal_one_process(tmp_path, arch, method, pattern):
     mp.start_processes(_worker, args=(2, _free_port(), arch, method, pattern, out), nprocs=2, join=True, start_method="spawn")
     got = torch.load(out)["state"]
     model = tiny_model(arch)
-    dass.prune(model, method, pattern, calibration=calib(8, 24), batch_size=2, progress=False)
+    with one_thread():
+        dass.prune(model, method, pattern, calibration=calib(8, 24), batch_size=2, progress=False)
     want = model.state_dict()
     assert got.keys() == want.keys()
     for k in want:
@@ -84,7 +102,8 @@ def test_two_ranks_streaming_writes_the_single_process_checkpoint(tmp_path):
 
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src, max_shard_size="40KB")
-    prune_checkpoint(src, tmp_path / "one", "sparsegpt", "2:4", calibration_ids=calib(8, 24), device="cpu", batch_size=2, progress=False)
+    with one_thread():
+        prune_checkpoint(src, tmp_path / "one", "sparsegpt", "2:4", calibration_ids=calib(8, 24), device="cpu", batch_size=2, progress=False)
     mp.start_processes(_stream_worker, args=(2, _free_port(), str(src), str(tmp_path / "two")), nprocs=2, join=True, start_method="spawn")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "src", "two"]  # no rank's partial left
     one = {f.name: load_file(f) for f in (tmp_path / "one").glob("*.safetensors")}

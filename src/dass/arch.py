@@ -6,7 +6,9 @@ block(s) (``gate_proj``/``up_proj``/``down_proj``; Phi-3's fused ``gate_up_proj`
 Mixtral-style experts either as a ModuleList of ``w1``/``w3``/``w2`` modules or as fused 3D
 ``gate_up_proj``/``down_proj`` tensors) and the attention projections, and says which
 activations must be observed to score them. Routers stay dense. A new architecture whose
-names differ is supported by extending the name tables below.
+names differ is supported by extending the name tables below. GPT-2-style ``Conv1D``
+projections (weights stored ``[in, out]``) are plain linears to the rest of dass: their
+:class:`MatrixRef` returns the transposed view, ``[out, in]`` like ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class MatrixRef:
     attr: str = "weight"
     expert: int | None = None
     rows: tuple[int, int] | None = None
+    transposed: bool = False  # stored [in, out] (Conv1D): get() returns the [out, in] view
 
     def parameter(self) -> torch.Tensor:
         """The whole parameter this matrix is (part of)."""
@@ -72,7 +75,7 @@ class MatrixRef:
             w = w[self.expert]
         if self.rows is not None:
             w = w[self.rows[0] : self.rows[1]]
-        return w
+        return w.t() if self.transposed else w
 
     def get(self) -> torch.Tensor:
         return self.view_of(self.parameter())
@@ -227,6 +230,29 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] |
 
 def _is_linear(m: object) -> bool:
     return isinstance(m, nn.Linear)
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers without it
+        return None
+    return Conv1D
+
+
+def _is_conv1d(m: object) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
+    conv = _conv1d_type()
+    return conv is not None and isinstance(m, conv)
+
+
+def _in_features(m: nn.Module) -> int:
+    return m.weight.shape[0] if _is_conv1d(m) else m.in_features
+
+
+def transposed_weights(model: nn.Module) -> set[str]:
+    """Names of the weights stored ``[in, out]`` (Conv1D), whose manifest entries say so."""
+    return {f"{name}.weight" for name, m in model.named_modules() if _is_conv1d(m)}
 
 
 def _find_glu(mlp: nn.Module, prefix: str, plan: LayerPlan) -> bool:
@@ -391,19 +417,20 @@ def _add_linears(module: nn.Module, prefix: str, plan: LayerPlan, skip: tuple[st
     """Every nn.Linear under ``module`` as a plain target; q/k/v share one input."""
     shared_added = False
     for name, lin in module.named_modules():
-        if not _is_linear(lin) or not name or name.split(".")[-1] in skip:
+        if not (_is_linear(lin) or _is_conv1d(lin)) or not name or name.split(".")[-1] in skip:
             continue
         full = f"{prefix}.{name}"
         leaf = name.split(".")[-1]
         if leaf in SHARED_QKV and "." not in name:
             key = f"{prefix}.qkv.in"
             if not shared_added:
-                plan.inputs.append(InputCapture(key, lin, lin.in_features))
+                plan.inputs.append(InputCapture(key, lin, _in_features(lin)))
                 shared_added = True
         else:
             key = f"{full}.in"
-            plan.inputs.append(InputCapture(key, lin, lin.in_features))
-        plan.linears.append(LinearTarget(MatrixRef(f"{full}.weight", lin, "attn" if "attn" in prefix else "linear"), key))
+            plan.inputs.append(InputCapture(key, lin, _in_features(lin)))
+        role = "attn" if "attn" in prefix else "linear"
+        plan.linears.append(LinearTarget(MatrixRef(f"{full}.weight", lin, role, transposed=_is_conv1d(lin)), key))
 
 
 def plan_layer(layer: nn.Module, index: int, prefix: str, scope: str, require_glu: bool) -> LayerPlan:
@@ -418,9 +445,16 @@ def plan_layer(layer: nn.Module, index: int, prefix: str, scope: str, require_gl
     plan.blocks.append(Block("mlp", mlp, f"{prefix}.{mlp_name}", token_wise=True))
     if not _find_glu(mlp, f"{prefix}.{mlp_name}", plan):
         if require_glu:
+            probe = LayerPlan(index, prefix, layer)
+            _add_linears(mlp, f"{prefix}.{mlp_name}", probe, skip=ROUTER_NAMES)
+            advice = (
+                "Use --method wanda, sparsegpt or magnitude for this model."
+                if probe.linears
+                else "Its MLP has no nn.Linear or Conv1D weight that another method could prune either."
+            )
             raise ArchitectureError(
                 f"DaSS needs a gated (GLU) MLP, but {prefix}.{mlp_name} ({type(mlp).__name__}) has none; "
-                f"looked for {WHAT_DASS_LOOKS_FOR}. Use --method wanda, sparsegpt or magnitude for this model."
+                f"looked for {WHAT_DASS_LOOKS_FOR}. {advice}"
             )
         _add_linears(mlp, f"{prefix}.{mlp_name}", plan, skip=ROUTER_NAMES)
     if scope == "all":

@@ -156,16 +156,18 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from dass.core.patterns import parse_pattern
-    from dass.io.checkpoint import CheckpointError, build_manifest, save_pruned
+    from dass.io.checkpoint import build_manifest, save_pruned
     from dass.io.data import sample_calibration
     from dass.run import distributed
+    from dass.run.claim import claim_output
+    from dass.run.preflight import check_prune
     from dass.run.prune import prune
     from dass.run.spec import RunSpec
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
+    check_prune(args)  # device, model folder, output, window, calibration text: before any work
     ctx, device = distributed.init_from_env(args.device)  # torchrun: one process per GPU
+    claim_output(args.output, overwrite=args.overwrite, sources=[args.model])  # one run per output
     device = device or _device(args)
     spec = RunSpec(
         method=method_from_args(args),
@@ -275,7 +277,9 @@ def _add_eval_args(p: argparse.ArgumentParser, eval_seqlen: int = 2048, eval_tok
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dass.evaluation.evaluate import headline
+    from dass.run.preflight import check_eval
 
+    check_eval(args)  # device, model folder, window, evaluation text, --json: before loading
     device = _device(args)
     model, tokenizer = _load(args)
     if args.accelerate:
@@ -304,10 +308,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from dass.io.checkpoint import verify_checkpoint
+    from dass.run.preflight import check_verify
 
+    check_verify(args)  # a folder with a well-formed dass.json
     res = verify_checkpoint(args.dir)
+    for note in res.notes:
+        print(f"{args.dir}: note: {note}", file=sys.stderr)
     if res.ok:
-        print(f"{args.dir}: OK, {res.checked} pruned matrices match the manifest")
+        files = f" and {res.files} files' hashes" if res.files else ""
+        print(f"{args.dir}: OK, {res.checked} pruned matrices{files} match the manifest")
         return 0
     for p in res.problems[:50]:
         print(f"{args.dir}: {p}", file=sys.stderr)
@@ -345,7 +354,9 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from dass.io.checkpoint import compress_checkpoint, read_manifest
+    from dass.run.preflight import check_compress
 
+    check_compress(args)  # a dass checkpoint, an output it may write
     out = compress_checkpoint(Path(args.dir), Path(args.output) if args.output else None, overwrite=args.overwrite)
     info = read_manifest(out).get("compressed", {})
     sizes = ", ".join(f"{k} {v}" for k, v in info.items() if "bytes" in k or "ratio" in k)
@@ -455,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dass: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        from dass.io.outputs import release_all
+
+        release_all()  # the output locks this command took
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,38 +1,42 @@
-"""Saved checkpoints: the manifest, atomic writes, and verification.
+"""Saved checkpoints: the manifest, atomic writes, compression; verification in
+:mod:`dass.io.verify`.
 
 A pruned checkpoint is an ordinary transformers directory (safetensors, config,
 tokenizer) that loads without dass, plus ``dass.json``: how it was pruned and, for every
-pruned matrix, its pattern, N:M orientation and sparsity, so that ``dass verify`` can
-re-check the weights against it. Directories are written next to their destination under
-a temporary name and renamed into place only when complete.
+pruned matrix, its pattern, N:M orientation, sparsity and exact count of nonzeros, and the
+hash of every file written (:mod:`dass.io.manifest`), so that ``dass verify`` can re-check
+the content against it. Directories are written next to their destination under a
+temporary name and renamed into place only when complete, under the output's lock
+(:mod:`dass.io.outputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from dass import __version__
-from dass.core.patterns import nm_violations, parse_pattern, sparsity_of
-from dass.errors import UserValueError
+from dass.core.patterns import parse_pattern
+from dass.io import outputs
 from dass.io.hf_registry import QUANT_METHOD, quantizer_entry
+from dass.io.manifest import read_manifest, seal
+from dass.io.outputs import MANIFEST, CheckpointError
 
-MANIFEST = "dass.json"
+__all__ = [
+    "MANIFEST", "FORMAT", "CheckpointError", "build_manifest", "atomic_directory", "move_into_place",
+    "save_pruned", "read_manifest", "tensor_files", "verify_checkpoint", "is_compressed", "read_state_dict",
+    "compress_checkpoint", "load_pruned_model", "write_json", "has_quantizer_entry",
+]
+
 FORMAT = "dass/1"
-
-
-class CheckpointError(UserValueError):
-    """An output that exists, a missing manifest, or an unreadable checkpoint."""
 
 
 def versions() -> dict[str, str]:
@@ -46,12 +50,20 @@ def versions() -> dict[str, str]:
     }
 
 
-def build_manifest(report: Any, *, calibration: dict | None = None, extra: dict | None = None) -> dict:
-    """The ``dass.json`` content for a :class:`~dass.run.report.PruneReport`."""
+def build_manifest(
+    report: Any, *, calibration: dict | None = None, extra: dict | None = None, model: torch.nn.Module | None = None
+) -> dict:
+    """The ``dass.json`` content for a :class:`~dass.run.report.PruneReport`. ``model``
+    (or its skeleton) lets the manifest mark matrices stored transposed (GPT-2's Conv1D
+    keeps ``[in, out]``; the manifest's shapes and orientations are ``[out, in]``)."""
+    from dass.arch import transposed_weights
+
+    transposed = transposed_weights(model) if model is not None else set()
     rep = report.to_dict()
     matrices = {}
     for m in rep.pop("matrices"):
         pat = parse_pattern(m["pattern"])
+        numel = int(m["shape"][0]) * int(m["shape"][1])
         matrices[m["key"]] = {
             "name": m["name"],
             "role": m["role"],
@@ -61,10 +73,13 @@ def build_manifest(report: Any, *, calibration: dict | None = None, extra: dict 
             "m": pat.m,
             "orientation": m["orientation"],
             "sparsity": m["sparsity"],
+            # exact: the sparsity is zeros / numel in double precision
+            "nonzeros": numel - round(m["sparsity"] * numel),
             "method": m["method"],
             # only for part of a tensor: one expert of a 3D weight, rows of a fused weight
             **({"expert": m["expert"]} if m["expert"] is not None else {}),
             **({"rows": list(m["rows"])} if m["rows"] else {}),
+            **({"transposed": True} if m["name"] in transposed else {}),
             **({"info": m["info"]} if m["info"] else {}),
         }
     manifest = {
@@ -81,34 +96,32 @@ def build_manifest(report: Any, *, calibration: dict | None = None, extra: dict 
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    out_dir: str | Path, overwrite: bool = False, sources: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``out_dir``; on success rename it to
-    ``out_dir``. On any failure (exception, Ctrl-C) the temporary directory is removed and
-    ``out_dir`` is untouched; a killed process leaves only a hidden ``.NAME.tmp-*``."""
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    ``out_dir``. The output's lock is held throughout and the output is checked before
+    and again at the rename (:func:`dass.io.outputs.check_output`: only an empty folder
+    or a dass output is replaced, and only under ``overwrite``; never one that contains
+    a source or the current directory). On any failure (exception, Ctrl-C) the temporary
+    directory is removed and ``out_dir`` is untouched; a killed process leaves only a
+    hidden ``.NAME.tmp-*``, which the next run on that output removes."""
+    with outputs.claim(out_dir) as out:
+        outputs.check_output(out_dir, overwrite=overwrite, sources=sources)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            outputs.replace_dir(tmp, out, overwrite=overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
-def move_into_place(done: Path, out: Path) -> None:
-    """Rename the complete directory ``done`` to ``out``; an existing ``out`` (overwrite)
-    is moved aside first and deleted only once the new one is in place."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(done, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(done, out)
+def move_into_place(done: Path, out: Path, overwrite: bool = False) -> None:
+    """Rename the complete directory ``done`` to ``out`` (see :func:`dass.io.outputs.replace_dir`)."""
+    outputs.replace_dir(done, Path(out), overwrite=overwrite)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -123,30 +136,28 @@ def save_pruned(
     *,
     overwrite: bool = False,
     max_shard_size: str = "5GB",
+    sources: Iterable[str | Path | None] = (),
 ) -> Path:
-    """Write ``model`` (+ tokenizer and ``dass.json``) atomically to ``out_dir``."""
+    """Write ``model`` (+ tokenizer and the sealed ``dass.json``) atomically to ``out_dir``.
+    ``sources``: folders the output must not contain (the source model)."""
+    from dass.arch import transposed_weights
+
     out = Path(out_dir)
-    with atomic_directory(out, overwrite) as tmp:
+    flagged = transposed_weights(model)
+    for entry in manifest.get("matrices", {}).values():
+        if entry.get("name") in flagged:
+            entry["transposed"] = True
+    with atomic_directory(out, overwrite, sources) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / MANIFEST, manifest)
+        seal(tmp, manifest)
     return out.resolve()
 
 
 # --------------------------------------------------------------------------------------
-# Reading and verification
+# Reading
 # --------------------------------------------------------------------------------------
-
-
-def read_manifest(ckpt: str | Path) -> dict:
-    path = Path(ckpt) / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt} has no {MANIFEST}: not a checkpoint written by dass")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
 
 
 def tensor_files(ckpt: str | Path) -> dict[str, Path]:
@@ -154,112 +165,25 @@ def tensor_files(ckpt: str | Path) -> dict[str, Path]:
     ckpt = Path(ckpt)
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: ckpt / v for k, v in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {k: ckpt / v for k, v in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index") from None
     single = ckpt / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"{ckpt} has no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
+    from dass.io.hashing import read_header
 
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
-
-
-@dataclass
-class VerifyResult:
-    checked: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+    _, header = read_header(single)
+    return {k: single for k in header if k != "__metadata__"}
 
 
-def _lookup(files: dict[str, Path], name: str) -> str | None:
-    """The stored name of a parameter (transformers may drop or add a prefix)."""
-    if name in files:
-        return name
-    for cand in files:
-        if cand.endswith("." + name) or name.endswith("." + cand):
-            return cand
-    return None
+def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6):
+    """See :func:`dass.io.verify.verify_checkpoint` (kept here for existing imports)."""
+    from dass.io.verify import verify_checkpoint as verify
 
-
-def _model_parameters(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """In-memory parameter names and values, via transformers. Needed when the stored
-    names differ from the module names (transformers 5 stores fused MoE experts as
-    per-expert ``w1``/``w2``/``w3`` tensors and converts them back on load)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto")
-    return dict(model.named_parameters())
-
-
-def verify_checkpoint(ckpt: str | Path, tolerance: float = 1e-6) -> VerifyResult:
-    """Re-read every pruned matrix and check it against the manifest: shape, N:M validity
-    along the recorded orientation, and sparsity (at least the pattern's and the recorded
-    value, which catches a matrix made denser)."""
-    from safetensors import safe_open
-
-    manifest = read_manifest(ckpt)
-    entries = manifest.get("matrices", {})
-    result = VerifyResult()
-    handles: dict[Path, Any] = {}
-    params: dict[str, torch.Tensor] | None = None
-    if is_compressed(ckpt):  # decompressed (and validated) first
-        files: dict[str, Path] = {}
-        params = read_state_dict(ckpt)
-        if any(e["name"] not in params for e in entries.values()):
-            params = dict(load_pruned_model(ckpt).named_parameters())
-    else:
-        files = tensor_files(ckpt)
-        if any(_lookup(files, e["name"]) is None for e in entries.values()):
-            params = _model_parameters(ckpt)
-
-    def fetch(name: str) -> torch.Tensor | None:
-        if params is not None and name in params:
-            return params[name].detach()
-        stored = _lookup(files, name)
-        if stored is None:
-            return None
-        path = files[stored]
-        if path not in handles:
-            handles[path] = safe_open(path, "pt")
-        return handles[path].get_tensor(stored)
-
-    try:
-        for key, entry in entries.items():
-            w = fetch(entry["name"])
-            if w is None:
-                result.problems.append(f"{key}: tensor {entry['name']} is missing")
-                continue
-            if entry.get("expert") is not None:
-                w = w[entry["expert"]]
-            if entry.get("rows"):
-                w = w[entry["rows"][0] : entry["rows"][1]]
-            result.checked += 1
-            if list(w.shape) != list(entry["shape"]):
-                result.problems.append(f"{key}: shape {list(w.shape)} != manifest {entry['shape']}")
-                continue
-            pat = parse_pattern(entry["pattern"])
-            actual = sparsity_of(w)
-            if actual + tolerance < pat.sparsity:
-                result.problems.append(f"{key}: sparsity {actual:.6f} below the pattern's {pat.sparsity:g}")
-            if actual + tolerance < float(entry["sparsity"]):
-                result.problems.append(f"{key}: sparsity {actual:.6f} below the recorded {entry['sparsity']:.6f}")
-            if pat.is_nm:
-                orient = entry.get("orientation")
-                if orient not in ("input", "output"):
-                    result.problems.append(f"{key}: N:M matrix without a recorded orientation")
-                    continue
-                bad = nm_violations(w, pat.n, pat.m, orient)
-                if bad:
-                    result.problems.append(f"{key}: {bad} group(s) of {pat.m} along the {orient} dimension hold more than {pat.n} nonzeros")
-    finally:
-        handles.clear()
-    if result.checked == 0:
-        result.problems.append("the manifest lists no pruned matrix")
-    return result
+    return verify(ckpt, tolerance)
 
 
 # --------------------------------------------------------------------------------------
@@ -276,6 +200,8 @@ def is_compressed(ckpt: str | Path) -> bool:
 
 def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a (possibly sharded, possibly compressed) checkpoint, dense."""
+    from dass.io.hashing import read_header
+
     if is_compressed(ckpt):
         from dass.io.sparse_format import load_compressed
 
@@ -284,6 +210,7 @@ def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for path in sorted(set(tensor_files(ckpt).values())):
+        read_header(path)  # a truncated or corrupt file: one line, not the library's panic
         out.update(load_file(path))
     return out
 
@@ -310,32 +237,47 @@ def _route_from_pretrained(config_path: Path) -> None:
     write_json(config_path, config)
 
 
+def _is_weight_file(name: str) -> bool:
+    return name in WEIGHT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
 def compress_checkpoint(ckpt: str | Path, output: str | Path | None = None, *, overwrite: bool = False) -> Path:
     """Rewrite a pruned checkpoint with every N:M matrix stored as kept values plus a
-    bitmask (orientation in the manifest); other files are copied, and ``config.json``
-    gains the ``quantization_config`` that lets ``from_pretrained`` load it (with dass
-    imported). ``output`` defaults to ``ckpt`` itself (replaced atomically). Returns the
-    output directory."""
+    bitmask (orientation in the manifest); the other files dass wrote are copied, and
+    ``config.json`` gains the ``quantization_config`` that lets ``from_pretrained`` load it
+    (with dass imported).
+    ``output`` defaults to ``ckpt`` itself (replaced atomically). The source's recorded
+    hashes are checked first, so a changed checkpoint is not given a fresh seal.
+    Returns the output directory."""
     from dass.io.sparse_format import save_compressed
+    from dass.io.verify import changed_files
 
     src = Path(ckpt)
     manifest = read_manifest(src)
     if is_compressed(src):
         raise CheckpointError(f"{src} is already compressed")
+    changed = changed_files(src, manifest)
+    if changed:
+        raise CheckpointError(f"{src} changed since dass wrote it ({changed[0]}); see dass verify {src}")
     out = Path(output) if output is not None else src
-    state = read_state_dict(src)
     in_place = out.resolve() == src.resolve()
-    with atomic_directory(out, overwrite=overwrite or in_place) as tmp:
-        for f in src.iterdir():
-            if f.is_file() and f.name not in WEIGHT_FILES and not (f.name.startswith("model-") and f.suffix == ".safetensors") and f.name != MANIFEST:
-                shutil.copy2(f, tmp / f.name)
-        report = save_compressed(state, manifest, tmp / COMPRESSED_FILE)
-        _route_from_pretrained(tmp / "config.json")
-        manifest["compressed"] = {
-            "file": COMPRESSED_FILE,
-            **{k: v for k, v in report.items() if k != "path" and not isinstance(v, (dict, list))},
-        }
-        write_json(tmp / MANIFEST, manifest)
+    sources = () if in_place else (src,)
+    with outputs.claim(out):
+        outputs.check_output(out, overwrite=overwrite or in_place, sources=sources)  # before the work
+        listed = manifest.get("files")
+        state = read_state_dict(src)
+        with atomic_directory(out, overwrite=overwrite or in_place, sources=sources) as tmp:
+            for f in src.iterdir():
+                wanted = f.name in listed if isinstance(listed, dict) else not f.name.startswith(".")
+                if f.is_file() and wanted and not _is_weight_file(f.name) and f.name != MANIFEST:
+                    shutil.copy2(f, tmp / f.name)
+            report = save_compressed(state, manifest, tmp / COMPRESSED_FILE)
+            _route_from_pretrained(tmp / "config.json")
+            manifest["compressed"] = {
+                "file": COMPRESSED_FILE,
+                **{k: v for k, v in report.items() if k != "path" and not isinstance(v, (dict, list))},
+            }
+            seal(tmp, manifest)
     return out.resolve()
 
 

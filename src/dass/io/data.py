@@ -27,6 +27,7 @@ import torch
 
 from dass.errors import UserValueError
 from dass.io.models import cache_dir, hub_reachable
+from dass.io.outputs import folder_modes
 
 __all__ = [
     "DataError",
@@ -34,6 +35,7 @@ __all__ = [
     "embedded_text",
     "evaluation_tokens",
     "load_text_source",
+    "source_file",
     "sample_calibration",
     "split_articles",
     "tokenize_text",
@@ -182,6 +184,23 @@ def _as_path(source: str | os.PathLike) -> Path | None:
     return None
 
 
+def source_file(source: str | os.PathLike) -> Path | None:
+    """The file a text source names, or None for a named source (``default``, ``c4``,
+    ``wikitext2``) after checking that it can be obtained here (package installed, hub
+    reachable): what a pre-flight check needs without reading a corpus."""
+    name = os.fspath(source)
+    if name in _EMBEDDED_SOURCES:
+        _wiki_json_path()
+        return None
+    if name in _HUB_SOURCES:
+        _require_hub(name)
+        return None
+    path = _as_path(name)
+    if path is None:
+        raise DataError(f"unknown text source {name!r}: use default, wikitext2, c4 or a path to a .txt/.jsonl file")
+    return path
+
+
 def load_text_source(source: str | os.PathLike = "default") -> str:
     """Raw calibration text for a source name or file.
 
@@ -255,6 +274,7 @@ def tokenize_text(tokenizer, text: str, cache: bool | None = None) -> torch.Tens
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, store)
+        os.chmod(tmp, folder_modes(path.parent)[0])  # mkstemp's 0600 would hide it from the cache's other users
         os.replace(tmp, path)  # atomic: readers never see a half-written file
     finally:
         if os.path.exists(tmp):

