@@ -366,12 +366,12 @@ def bench_solver(device, rows=4096, cols=11008, old=True):
 
 
 def table(rows):
-    lines = ["| shape | mode | method | total s | x fwd2 | excl. fwd s | observe/prune/propagate s | peak dev GB | peak RSS GB | notes |",
+    lines = ["| shape | mode | method | total s | x fwd2 | excl. fwd s | observe/prune/reconstruct/propagate s | peak dev GB | peak RSS GB | notes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("mode") not in ("memory", "stream"):
             continue
-        ph = "/".join(f"{r[k]:.1f}" for k in ("observe_s", "prune_s", "propagate_s")) if "observe_s" in r else ""
+        ph = "/".join(f"{r.get(k, 0):.1f}" for k in ("observe_s", "prune_s", "reconstruct_s", "propagate_s")) if "observe_s" in r else ""
         lines.append(
             f"| {r['shape']} ({r.get('layers', '')} L) | {r['mode']} | {r['method']} | {r.get('total_s', float('nan')):.1f} | "
             f"{r.get('ratio_to_forward2', float('nan')):.2f} | {r.get('excl_forward_s', float('nan')):.1f} | {ph} | "

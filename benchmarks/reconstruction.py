@@ -177,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", default="0.001", help="{lr} until the grid chooses one")
     ap.add_argument("--budget", type=float, default=0, help="stop starting configurations after this many seconds")
     ap.add_argument("--save-best", default=None, help="save the best 2:4 model (by perplexity) to this directory")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier run in --out and skip the configurations it measured")
     ap.add_argument("--out", default="runs/reconstruction")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -196,6 +198,16 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     chosen = {"lr": args.lr}
     best: dict | None = None
+    done_before: set[str] = set()
+    if args.resume and (out / "reconstruction.json").is_file():
+        earlier = json.loads((out / "reconstruction.json").read_text())
+        rows = [r for r in earlier["rows"] if r.get("ppl") == r.get("ppl")]  # failed rows run again
+        chosen.update(earlier.get("chosen", {}))
+        done_before = {r["config"] for r in rows}
+        log(f"resumed: {len(rows)} rows from an earlier run, lr {chosen['lr']}")
+    if args.save_best and (Path(args.save_best) / "config-used.txt").is_file():
+        cfg, _, ppl = (Path(args.save_best) / "config-used.txt").read_text().strip().partition(" ppl ")
+        best = {"ppl": float(ppl), "config": cfg, "_model": None}
 
     def save() -> None:
         clean = [{k: v for k, v in r.items() if k != "_model"} for r in rows]
@@ -209,6 +221,8 @@ def main(argv=None) -> int:
         nonlocal best
         done = []
         for c in configs:
+            if c.format(**chosen) in done_before:
+                continue
             if args.budget and time.perf_counter() - t0 > args.budget:
                 log(f"budget reached: skipped {c}")
                 continue
@@ -221,8 +235,6 @@ def main(argv=None) -> int:
                 continue
             model = row.pop("_model", None)
             if model is not None and row["pattern"] == "2:4" and (best is None or row["ppl"] < best["ppl"]):
-                if best is not None:
-                    del best["_model"]
                 best = {"ppl": row["ppl"], "config": row["config"], "_model": model}
             rows.append(row)
             done.append(row)
@@ -233,8 +245,8 @@ def main(argv=None) -> int:
         return done
 
     if args.grid == "default":
-        lr_rows = run(DEFAULT_PLAN["lr"])
-        ok = [r for r in lr_rows if r["ppl"] == r["ppl"]]
+        run(DEFAULT_PLAN["lr"])
+        ok = [r for r in rows if r["config"] in DEFAULT_PLAN["lr"] and r["ppl"] == r["ppl"]]
         if ok:
             chosen["lr"] = min(ok, key=lambda r: r["ppl"])["reconstruct"].split("lr=")[1]
             log(f"chosen lr {chosen['lr']}")
@@ -242,10 +254,10 @@ def main(argv=None) -> int:
             run(DEFAULT_PLAN[phase])
     run(args.configs or [])
     save()
-    if args.save_best and best is not None:
+    if args.save_best and best is not None and best["_model"] is not None:
         best["_model"].save_pretrained(args.save_best)
         tok.save_pretrained(args.save_best)
-        (Path(args.save_best) / "config-used.txt").write_text(best["config"] + "\n")
+        (Path(args.save_best) / "config-used.txt").write_text(f"{best['config']} ppl {best['ppl']}\n")
         log(f"saved the best 2:4 model ({best['config']}, ppl {best['ppl']:.3f}) to {args.save_best}")
     print(table([{k: v for k, v in r.items() if k != "_model"} for r in rows]))
     return 0

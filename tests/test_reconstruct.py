@@ -17,7 +17,7 @@ from dass.run.distributed import Dist, set_current
 from dass.run.reconstruct import ReconstructOptions, reconstruct_options
 from tiny import calib, tiny_model
 
-FEW = "steps=40,batch_tokens=64,eval_tokens=96"
+FEW = "steps=40,lr=0.01,batch_tokens=64,eval_tokens=96"
 
 
 def _params(model):

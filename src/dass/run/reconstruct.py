@@ -16,7 +16,6 @@ order in which floating-point sums are taken.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,15 +46,16 @@ class ReconstructOptions(MethodOptions):
 
     method = "reconstruct"
     steps: int = option(500, "Adam steps per block (0: measure the block error only)", as_nonneg_int)
-    lr: float = option(0.05, "learning rate, times each matrix's RMS with lr_scale=rms", as_positive_float)
+    lr: float = option(0.001, "learning rate, times each matrix's RMS with lr_scale=rms", as_positive_float)
     batch_tokens: int = option(4096, "calibration tokens per step", as_positive_int)
     schedule: str = option("cosine", "learning-rate schedule after the warm-up: cosine (to zero) or constant",
                            one_of("cosine", "constant"))
     warmup: int = option(0, "linear warm-up steps", as_nonneg_int)
     lr_scale: str = option("rms", "rms (lr relative to each matrix's RMS) or absolute", one_of("rms", "absolute"))
     attention: bool = option(True, "under --scope all, refit the attention block too", as_bool)
-    precision: str = option("auto", "block forward on a GPU: auto (bf16 autocast, fp16 for fp16 models) or fp32; "
-                            "the fitted masters and the loss are fp32 either way", one_of("auto", "fp32"))
+    precision: str = option("auto", "block forward: auto (on a GPU bf16 autocast, fp16 for fp16 models; on a CPU "
+                            "the model's dtype) or model (the model's dtype everywhere); the fitted fp32 masters and "
+                            "the loss are fp32 either way", one_of("auto", "model"))
     eval_tokens: int = option(4096, "calibration tokens the block error before/after is measured on",
                               as_positive_int)
     seed: int = option(0, "seed of the row sampling", as_nonneg_int)
@@ -172,12 +172,12 @@ def _select(obj: Any, batch: int, idx: torch.Tensor) -> Any:
     return obj
 
 
-def _autocast(device: torch.device, dtype: torch.dtype, precision: str):
-    """Half-precision block forwards on a GPU (the model's half dtype; bf16 for an fp32
-    model), fp32 on the CPU or when asked."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16)
+def _autocast(device: torch.device, dtype: torch.dtype, precision: str) -> torch.dtype | None:
+    """The autocast dtype of block forwards: half precision on a GPU (the model's half
+    dtype; bf16 for an fp32 model), none on the CPU or with ``precision="model"``."""
+    if device.type != "cuda" or precision == "model":
+        return None
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
 class _BlockData:
@@ -186,7 +186,7 @@ class _BlockData:
     def __init__(self, block: Block, recorder: BlockRecorder, layout: BatchLayout, device: torch.device,
                  dtype: torch.dtype, precision: str) -> None:
         self.block, self.layout, self.device, self.dtype = block, layout, device, dtype
-        self.precision = precision
+        self.amp = _autocast(device, dtype, precision)
         calls, outs = recorder.calls[block.name], recorder.outputs[block.name]
         if block.token_wise:
             x = torch.cat([c[0][0] for c in calls])
@@ -207,6 +207,15 @@ class _BlockData:
         distributed.current().all_reduce_tensors([sums])
         self.norm = float(sums[0] / sums[1].clamp_min(1))
 
+    def _call(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+        """The block with ``weights``: under autocast, or with the weights cast to the
+        module's dtype (the cast is differentiable, so the fp32 masters still learn)."""
+        if self.amp is None:
+            weights = {k: w.to(self.dtype) for k, w in weights.items()}
+            return first_output(functional_call(self.block.module, weights, args, kwargs))
+        with torch.autocast(self.device.type, dtype=self.amp):
+            return first_output(functional_call(self.block.module, weights, args, kwargs))
+
     def loss(self, weights: dict[str, torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Sum of squared errors of the block's output on the global ``rows`` this process
         holds (token rows for an MLP, sequences for attention)."""
@@ -218,8 +227,7 @@ class _BlockData:
                 return torch.zeros((), device=self.device), 0
             x = self.x.index_select(0, idx.to(self.x.device)).to(self.device, non_blocking=True)
             y = self.y.index_select(0, idx.to(self.y.device)).to(self.device, non_blocking=True)
-            with _autocast(self.device, self.dtype, self.precision):
-                out = first_output(functional_call(self.block.module, weights, (x.unsqueeze(0),)))
+            out = self._call(weights, (x.unsqueeze(0),), {})
             return (out.float().reshape(y.shape) - y.float()).pow(2).sum(), int(idx.numel())
         mine, local_seq = self.layout.locate(rows)
         err = torch.zeros((), device=self.device)
@@ -233,8 +241,7 @@ class _BlockData:
             a = to_device(_select(args, batch, sel), self.device)
             kw = to_device(_select(kwargs, batch, sel), self.device)
             y = self.outs[j].index_select(0, sel.to(self.outs[j].device)).to(self.device)
-            with _autocast(self.device, self.dtype, self.precision):
-                out = first_output(functional_call(self.block.module, weights, a, kw))
+            out = self._call(weights, a, kw)
             err = err + (out.float() - y.float()).pow(2).sum()
             n += int(sel.numel())
         return err, n

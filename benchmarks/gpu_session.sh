@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The GPU measurements of this round, in three consecutive calls on one H200 (the machine
+# stays warm between them, so what a stage leaves under .gpu-out/ is there for the next).
+# The embedded model (a 98 MB GGUF) and the zero-shot packages do not fit the 64 MiB a call
+# carries, so they travel in pieces: stage A carries .gpu/a, B .gpu/b, C .gpu/c (made with
+# benchmarks/gpu_payload.sh on a machine with the project's .venv).
+#
+#   A: reconstruction and the compressed-checkpoint loader checked on CUDA; a 2-layer 7B
+#      reconstruction probe; dass.infer's GPU tests and benchmarks (benchmarks/gpu_infer.sh)
+#   B: the reconstruction grid on the embedded model at the protocol (benchmarks/reconstruction.py
+#      --grid default), the best 2:4 model kept; issue 15's alpha table (benchmarks/gpu_alpha.sh)
+#   C: the rest of the grid; zero-shot accuracy of the best 2:4 model (lm-eval, full validation
+#      sets); a 32-layer LLaMA-2-7B-shaped model pruned with the default reconstruction
+#
+#   STAGE=A OUT=/dir bash benchmarks/gpu_session.sh
+set -u
+cd "$(dirname "$0")/.."
+STAGE=${STAGE:?set STAGE=A, B or C}
+OUT=${OUT:-/tmp/gpu_session_out}
+mkdir -p "$OUT" .gpu-out /tmp/site
+export PYTHONPATH="/tmp/site:src:tests" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=python3
+START=$(date +%s)
+say() { echo "[$(($(date +%s) - START)) s] $*"; }
+install() { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" 2>&1 | tail -2; }
+GGUF=.gpu-out/SmolLM2-135M-Instruct.Q4_1.gguf
+
+case $STAGE in
+A)
+    cp .gpu/a/* .gpu-out/  # for stages B and C, which do not carry .gpu/a
+    install .gpu-out/*.whl
+    say "reconstruction on CUDA (tiny models, bf16 and fp32)"
+    timeout 60 $PY - >"$OUT/recon_cuda.log" 2>&1 <<'EOF'
+import torch, dass
+from dass.core.patterns import nm_violations
+from tiny import tiny_model, calib
+for dtype in (torch.bfloat16, torch.float32):
+    for arch, scope in (("llama", "mlp"), ("llama", "all"), ("mixtral", "mlp"), ("gemma3", "all")):
+        m = tiny_model(arch).to(dtype)
+        r = dass.prune(m, "wanda", "2:4", scope, calibration=calib(8, 64), batch_size=4, device="cuda",
+                       progress=False, reconstruct="steps=100,batch_tokens=256")
+        bad = sum(nm_violations(x, 2, 4, "input") for n, x in m.named_parameters()
+                  if n.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")))
+        print(dtype, arch, scope, r.summary().splitlines()[0], "violations", bad, flush=True)
+EOF
+    tail -3 "$OUT/recon_cuda.log"
+    say "compressed checkpoints through from_pretrained on CUDA"
+    timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_hf_quantizer.py tests/test_reconstruct.py -x \
+        >"$OUT/quantizer_recon_tests.log" 2>&1
+    tail -2 "$OUT/quantizer_recon_tests.log"
+    say "7B reconstruction probe: 2 layers, wanda 2:4, default reconstruction"
+    timeout 120 $PY benchmarks/bench_prune.py --shape 7b --layers 2 --mode memory --methods wanda --reconstruct "" \
+        --out "$OUT/recon7b_probe.json" >"$OUT/recon7b_probe.log" 2>&1
+    tail -3 "$OUT/recon7b_probe.log"
+    say "dass.infer"
+    BUDGET=${INFER_BUDGET:-300} OUT="$OUT/infer" bash benchmarks/gpu_infer.sh >"$OUT/infer_console.log" 2>&1
+    say "done"
+    ;;
+B)
+    install .gpu-out/*.whl
+    [ -f "$GGUF" ] || cat .gpu-out/smollm2.gguf.part00 .gpu/b/smollm2.gguf.part01 .gpu/b/smollm2.gguf.part02 > "$GGUF"
+    sha256sum "$GGUF" | cut -c1-16
+    say "reconstruction grid"
+    timeout 430 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens .gpu-out/tokens-smollm2.pt --grid default \
+        --device cuda --budget "${RECON_BUDGET:-360}" --resume --save-best .gpu-out/best24 --out .gpu-out/recon \
+        >"$OUT/recon_grid.log" 2>&1
+    cp .gpu-out/recon/reconstruction.* "$OUT/" 2>/dev/null
+    tail -30 "$OUT/recon_grid.log"
+    say "alpha table"
+    mkdir -p .alpha-gpu && ln -sf "../$GGUF" .alpha-gpu/SmolLM2-135M-Instruct.Q4_1.gguf \
+        && ln -sf ../.gpu-out/tokens-smollm2.pt .alpha-gpu/tokens-smollm2.pt
+    MODELS=${ALPHA_MODELS:-"smollm2 built:qwen2 built:gemma"} LIMIT_S=${ALPHA_LIMIT:-50} OUT=.gpu-out/alpha \
+        timeout 170 bash benchmarks/gpu_alpha.sh >"$OUT/alpha_console.log" 2>&1
+    (cd .gpu-out && tar czf "$OUT/alpha.tgz" alpha)
+    say "done"
+    ;;
+C)
+    install .gpu-out/*.whl .gpu/c/whl/*.whl
+    export PYTHONPATH="/tmp/site:.gpu/c/site:src:tests"
+    say "the rest of the reconstruction grid"
+    timeout "${GRID_LIMIT:-150}" $PY benchmarks/reconstruction.py --model "$GGUF" --tokens .gpu-out/tokens-smollm2.pt \
+        --grid default --device cuda --budget "${RECON_BUDGET:-100}" --resume --save-best .gpu-out/best24 \
+        --out .gpu-out/recon >"$OUT/recon_grid_c.log" 2>&1
+    cp .gpu-out/recon/reconstruction.* "$OUT/" 2>/dev/null
+    say "zero-shot of the best 2:4 model: $(cat .gpu-out/best24/config-used.txt 2>/dev/null)"
+    timeout 200 $PY -m dass eval .gpu-out/best24 --ppl none --device cuda \
+        --zeroshot piqa,hellaswag,winogrande,arc_easy,arc_challenge --json "$OUT/zeroshot_best24.json" \
+        >"$OUT/zeroshot.log" 2>&1
+    cp .gpu-out/best24/config-used.txt "$OUT/zeroshot_best24_config.txt" 2>/dev/null
+    tail -3 "$OUT/zeroshot.log"
+    say "7B shape, 32 layers, default reconstruction"
+    LR=$($PY -c "import json; print(json.load(open('.gpu-out/recon/reconstruction.json'))['chosen']['lr'])" 2>/dev/null || echo 0.001)
+    timeout "${B7_LIMIT:-280}" $PY benchmarks/bench_prune.py --shape 7b --mode memory --methods "${B7_METHODS:-dass}" \
+        --reconstruct "lr=$LR" --out "$OUT/recon7b.json" >"$OUT/recon7b.log" 2>&1
+    tail -5 "$OUT/recon7b.log"
+    say "done"
+    ;;
+esac
