@@ -96,3 +96,7 @@ C)
     say "done"
     ;;
 esac
+# at most 8 files come back from a call: the logs travel as one archive
+(cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
+ls -la "$OUT" "$OUT"/* 2>/dev/null | head -30
+
