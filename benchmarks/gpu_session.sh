@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of this round, in three consecutive calls on one H200 (the machine
-# stays warm between them, so what a stage leaves under .gpu-out/ is there for the next).
+# stays warm between them, so what a stage leaves under out/gpu/, ignored by .gitignore, is there for
+# the next).
 # The embedded model (a 98 MB GGUF) and the zero-shot packages do not fit the 64 MiB a call
 # carries, so they travel in pieces: stage A carries .gpu/a, B .gpu/b, C .gpu/c (made with
 # benchmarks/gpu_payload.sh on a machine with the project's .venv).
@@ -17,18 +18,19 @@ set -u
 cd "$(dirname "$0")/.."
 STAGE=${STAGE:?set STAGE=A, B or C}
 OUT=${OUT:-/tmp/gpu_session_out}
-mkdir -p "$OUT" .gpu-out /tmp/site
+mkdir -p "$OUT" out/gpu /tmp/site
 export PYTHONPATH="/tmp/site:src:tests" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=python3
 START=$(date +%s)
 say() { echo "[$(($(date +%s) - START)) s] $*"; }
 install() { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" 2>&1 | tail -2; }
-GGUF=.gpu-out/SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF=out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf
 
 case $STAGE in
 A)
-    cp .gpu/a/* .gpu-out/  # for stages B and C, which do not carry .gpu/a
-    install .gpu-out/*.whl
+    cp .gpu/a/* out/gpu/  # for stages B and C, which do not carry .gpu/a (out/ is ignored by .gitignore:
+    install out/gpu/*.whl  # kept on the warm machine between calls)
+    [ "${STASH_ONLY:-0}" = 1 ] && { ls -la out/gpu; exit 0; }
     say "reconstruction on CUDA (tiny models, bf16 and fp32)"
     timeout 60 $PY - >"$OUT/recon_cuda.log" 2>&1 <<'EOF'
 import torch, dass
@@ -57,39 +59,39 @@ EOF
     say "done"
     ;;
 B)
-    install .gpu-out/*.whl
-    [ -f "$GGUF" ] || cat .gpu-out/smollm2.gguf.part00 .gpu/b/smollm2.gguf.part01 .gpu/b/smollm2.gguf.part02 > "$GGUF"
+    install out/gpu/*.whl
+    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/b/smollm2.gguf.part01 .gpu/b/smollm2.gguf.part02 > "$GGUF"
     sha256sum "$GGUF" | cut -c1-16
     say "reconstruction grid"
-    timeout 430 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens .gpu-out/tokens-smollm2.pt --grid default \
-        --device cuda --budget "${RECON_BUDGET:-360}" --resume --save-best .gpu-out/best24 --out .gpu-out/recon \
+    timeout 430 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --grid default \
+        --device cuda --budget "${RECON_BUDGET:-360}" --resume --save-best out/gpu/best24 --out out/gpu/recon \
         >"$OUT/recon_grid.log" 2>&1
-    cp .gpu-out/recon/reconstruction.* "$OUT/" 2>/dev/null
+    cp out/gpu/recon/reconstruction.* "$OUT/" 2>/dev/null
     tail -30 "$OUT/recon_grid.log"
     say "alpha table"
     mkdir -p .alpha-gpu && ln -sf "../$GGUF" .alpha-gpu/SmolLM2-135M-Instruct.Q4_1.gguf \
-        && ln -sf ../.gpu-out/tokens-smollm2.pt .alpha-gpu/tokens-smollm2.pt
-    MODELS=${ALPHA_MODELS:-"smollm2 built:qwen2 built:gemma"} LIMIT_S=${ALPHA_LIMIT:-50} OUT=.gpu-out/alpha \
+        && ln -sf ../out/gpu/tokens-smollm2.pt .alpha-gpu/tokens-smollm2.pt
+    MODELS=${ALPHA_MODELS:-"smollm2 built:qwen2 built:gemma"} LIMIT_S=${ALPHA_LIMIT:-50} OUT=out/gpu/alpha \
         timeout 170 bash benchmarks/gpu_alpha.sh >"$OUT/alpha_console.log" 2>&1
-    (cd .gpu-out && tar czf "$OUT/alpha.tgz" alpha)
+    (cd out/gpu && tar czf "$OUT/alpha.tgz" alpha)
     say "done"
     ;;
 C)
-    install .gpu-out/*.whl .gpu/c/whl/*.whl
+    install out/gpu/*.whl .gpu/c/whl/*.whl
     export PYTHONPATH="/tmp/site:.gpu/c/site:src:tests"
     say "the rest of the reconstruction grid"
-    timeout "${GRID_LIMIT:-150}" $PY benchmarks/reconstruction.py --model "$GGUF" --tokens .gpu-out/tokens-smollm2.pt \
-        --grid default --device cuda --budget "${RECON_BUDGET:-100}" --resume --save-best .gpu-out/best24 \
-        --out .gpu-out/recon >"$OUT/recon_grid_c.log" 2>&1
-    cp .gpu-out/recon/reconstruction.* "$OUT/" 2>/dev/null
-    say "zero-shot of the best 2:4 model: $(cat .gpu-out/best24/config-used.txt 2>/dev/null)"
-    timeout 200 $PY -m dass eval .gpu-out/best24 --ppl none --device cuda \
+    timeout "${GRID_LIMIT:-150}" $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt \
+        --grid default --device cuda --budget "${RECON_BUDGET:-100}" --resume --save-best out/gpu/best24 \
+        --out out/gpu/recon >"$OUT/recon_grid_c.log" 2>&1
+    cp out/gpu/recon/reconstruction.* "$OUT/" 2>/dev/null
+    say "zero-shot of the best 2:4 model: $(cat out/gpu/best24/config-used.txt 2>/dev/null)"
+    timeout 200 $PY -m dass eval out/gpu/best24 --ppl none --device cuda \
         --zeroshot piqa,hellaswag,winogrande,arc_easy,arc_challenge --json "$OUT/zeroshot_best24.json" \
         >"$OUT/zeroshot.log" 2>&1
-    cp .gpu-out/best24/config-used.txt "$OUT/zeroshot_best24_config.txt" 2>/dev/null
+    cp out/gpu/best24/config-used.txt "$OUT/zeroshot_best24_config.txt" 2>/dev/null
     tail -3 "$OUT/zeroshot.log"
     say "7B shape, 32 layers, default reconstruction"
-    LR=$($PY -c "import json; print(json.load(open('.gpu-out/recon/reconstruction.json'))['chosen']['lr'])" 2>/dev/null || echo 0.001)
+    LR=$($PY -c "import json; print(json.load(open('out/gpu/recon/reconstruction.json'))['chosen']['lr'])" 2>/dev/null || echo 0.001)
     timeout "${B7_LIMIT:-280}" $PY benchmarks/bench_prune.py --shape 7b --mode memory --methods "${B7_METHODS:-dass}" \
         --reconstruct "lr=$LR" --out "$OUT/recon7b.json" >"$OUT/recon7b.log" 2>&1
     tail -5 "$OUT/recon7b.log"
