@@ -76,25 +76,32 @@ B)
     (cd out/gpu && tar czf "$OUT/alpha.tgz" alpha)
     say "done"
     ;;
-C)
-    install out/gpu/*.whl .gpu/c/whl/*.whl
-    export PYTHONPATH="/tmp/site:.gpu/c/site:src:tests"
-    say "the rest of the reconstruction grid"
-    timeout "${GRID_LIMIT:-150}" $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt \
-        --grid default --device cuda --budget "${RECON_BUDGET:-100}" --resume --save-best out/gpu/best24 \
-        --out out/gpu/recon >"$OUT/recon_grid_c.log" 2>&1
-    cp out/gpu/recon/reconstruction.* "$OUT/" 2>/dev/null
-    say "zero-shot of the best 2:4 model: $(cat out/gpu/best24/config-used.txt 2>/dev/null)"
-    timeout 200 $PY -m dass eval out/gpu/best24 --ppl none --device cuda \
-        --zeroshot piqa,hellaswag,winogrande,arc_easy,arc_challenge --json "$OUT/zeroshot_best24.json" \
-        >"$OUT/zeroshot.log" 2>&1
-    cp out/gpu/best24/config-used.txt "$OUT/zeroshot_best24_config.txt" 2>/dev/null
-    tail -3 "$OUT/zeroshot.log"
+C)  # superseded by X and Y (the best model could not be saved: a GGUF-loaded model is not serialisable)
+    echo "use STAGE=X then STAGE=Y"
+    ;;
+X)  # carries .gpu/x: the first piece of the GGUF, the token ids, the wheels (lm-eval's and gguf)
+    mkdir -p out/gpu && cp -r .gpu/x/* out/gpu/
     say "7B shape, 32 layers, default reconstruction"
-    LR=$($PY -c "import json; print(json.load(open('out/gpu/recon/reconstruction.json'))['chosen']['lr'])" 2>/dev/null || echo 0.001)
-    timeout "${B7_LIMIT:-280}" $PY benchmarks/bench_prune.py --shape 7b --mode memory --methods "${B7_METHODS:-dass}" \
-        --reconstruct "lr=$LR" --out "$OUT/recon7b.json" >"$OUT/recon7b.log" 2>&1
-    tail -5 "$OUT/recon7b.log"
+    timeout "${B7_LIMIT:-300}" $PY benchmarks/bench_prune.py --shape 7b --mode memory --methods "${B7_METHODS:-dass}" \
+        --reconstruct "" --out "$OUT/recon7b.json" >"$OUT/recon7b.log" 2>&1
+    tail -6 "$OUT/recon7b.log"
+    say "done"
+    ;;
+Y)  # carries .gpu/y: the other pieces of the GGUF and the zero-shot data
+    install out/gpu/whl/*.whl
+    export PYTHONPATH="/tmp/site:.gpu/y/site:src:tests"
+    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
+    sha256sum "$GGUF" | cut -c1-16
+    say "the best 2:4 model of stage B, with zero-shot accuracy"
+    timeout 260 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
+        --configs "${ZS_CONFIG:-sparsegpt@2:4+steps=500,lr=0.003}" --zeroshot piqa,hellaswag,winogrande,arc_easy,arc_challenge \
+        --out "$OUT/zeroshot" >"$OUT/zeroshot.log" 2>&1
+    tail -4 "$OUT/zeroshot.log"
+    say "4:8 and a higher learning rate"
+    timeout "${Y_LIMIT:-230}" $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
+        --configs ${Y_CONFIGS:-sparsegpt@4:8 "sparsegpt@4:8+steps=500,lr=0.003" "wanda@2:4+steps=500,lr=0.01"} \
+        --out "$OUT/recon_y" >"$OUT/recon_y.log" 2>&1
+    tail -6 "$OUT/recon_y.log"
     say "done"
     ;;
 esac

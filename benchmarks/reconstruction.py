@@ -108,6 +108,15 @@ def run_one(base, text, args, calib, ev, chosen) -> dict:
     with torch.no_grad():
         row["ppl"] = perplexity(model, ev, seqlen=args.eval_seqlen, batch_size=args.eval_batch, device=args.device,
                                 progress=False)["ppl"]
+    if args.zeroshot:
+        from dass.evaluation.evaluate import headline, zeroshot
+
+        tasks = [t.strip() for t in args.zeroshot.split(",") if t.strip()]
+        res = zeroshot(model, args.tokenizer, tasks=tasks, batch_size=64 if args.device.startswith("cuda") else 8,
+                       device=args.device)
+        row["zeroshot"] = {t: headline(r) for t, r in res.items() if t in tasks}
+        row["zeroshot_full"] = res
+        row["mean_acc"] = sum(row["zeroshot"].values()) / max(len(row["zeroshot"]), 1)
     if args.device.startswith("cuda"):
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if args.save_best and method != "dense":
@@ -177,12 +186,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", default="0.001", help="{lr} until the grid chooses one")
     ap.add_argument("--budget", type=float, default=0, help="stop starting configurations after this many seconds")
     ap.add_argument("--save-best", default=None, help="save the best 2:4 model (by perplexity) to this directory")
+    ap.add_argument("--zeroshot", default=None, help="also zero-shot accuracy on these tasks (comma-separated)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of an earlier run in --out and skip the configurations it measured")
     ap.add_argument("--out", default="runs/reconstruction")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     base, tok, calib, ev = load(args)
+    args.tokenizer = tok
     if args.save_tokens:
         torch.save({"calibration": calib, "evaluation": ev}, args.save_tokens)
         log(f"saved {tuple(calib.shape)} calibration and {ev.numel()} evaluation ids to {args.save_tokens}")
@@ -239,6 +250,7 @@ def main(argv=None) -> int:
             rows.append(row)
             done.append(row)
             log(f"{row['config']}: ppl {row['ppl']:.3f}, {row.get('prune_seconds', 0):.1f} s"
+                + (f", mean acc {row['mean_acc']:.4f} {row['zeroshot']}" if "mean_acc" in row else "")
                 + (f", block error {row['block_loss_before']:.4f} -> {row['block_loss_after']:.4f}"
                    if "block_loss_after" in row else ""))
             save()
