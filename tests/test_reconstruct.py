@@ -192,7 +192,7 @@ def _worker(rank, world, port, out):
     try:
         set_current(Dist(rank, world))
         model = tiny_model("llama")
-        rep = dass.prune(model, "wanda", "2:4", calibration=calib(8, 24), batch_size=2, progress=False,
+        rep = dass.prune(model, "wanda", "2:4", calibration=calib(8, 24), batch_size=2, device="cpu", progress=False,
                          reconstruct=FEW)
         if rank == 0:
             torch.save({"state": model.state_dict(), "blocks": rep.blocks}, out)
@@ -211,7 +211,8 @@ def test_two_ranks_fit_what_one_process_fits(tmp_path):
     torch.set_num_threads(1)
     try:
         model = tiny_model("llama")
-        rep = dass.prune(model, "wanda", "2:4", calibration=calib(8, 24), batch_size=2, progress=False, reconstruct=FEW)
+        rep = dass.prune(model, "wanda", "2:4", calibration=calib(8, 24), batch_size=2, device="cpu", progress=False,
+                         reconstruct=FEW)
     finally:
         torch.set_num_threads(threads)
     for k, v in model.state_dict().items():

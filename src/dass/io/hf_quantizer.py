@@ -81,8 +81,13 @@ class _Compressed:
     n: int
     m: int
     orientation: str
-    shape: tuple[int, int]
+    shape: tuple[int, int]  # of the compressed [out, in] matrix
     parts: tuple[str, ...]  # "values", "mask" and, when stored, "negzero"
+    transposed: bool = False  # the parameter is stored [in, out] (GPT-2's Conv1D)
+
+    @property
+    def param_shape(self) -> tuple[int, int]:
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
 
 
 def _read_header(path: str) -> list[_Compressed]:
@@ -104,7 +109,8 @@ def _read_header(path: str) -> list[_Compressed]:
         if not {"values", "mask"} <= set(parts):
             raise FormatError(f"{path}: compressed matrix {name} lacks {name + VALUES_SUFFIX} or {name + MASK_SUFFIX}")
         module, _, param = name.rpartition(".")
-        out.append(_Compressed(module, param, int(e["n"]), int(e["m"]), e["orientation"], tuple(e["shape"]), parts))
+        out.append(_Compressed(module, param, int(e["n"]), int(e["m"]), e["orientation"], tuple(e["shape"]), parts,
+                               bool(e.get("transposed", False))))
     return out
 
 
@@ -166,8 +172,9 @@ class DassNMQuantizer(HfQuantizer):
                 current = getattr(owner, c.param)
             except AttributeError:
                 raise FormatError(f"compressed matrix {c.module}.{c.param} is not a parameter of {type(model).__name__}") from None
-            if not isinstance(current, torch.Tensor) or tuple(current.shape) != c.shape:
-                raise FormatError(f"compressed matrix {c.module}.{c.param}: the model has {getattr(current, 'shape', None)}, the file {list(c.shape)}")
+            if not isinstance(current, torch.Tensor) or tuple(current.shape) != c.param_shape:
+                raise FormatError(f"compressed matrix {c.module}.{c.param}: the model has {getattr(current, 'shape', None)}, "
+                                  f"the file {list(c.param_shape)}")
             values_dtype = current.dtype if self._dtype is None else self._dtype
             delattr(owner, c.param)
             owner.add_module(c.param, _placeholder(c, values_dtype, current.device))
@@ -189,6 +196,8 @@ class DassNMQuantizer(HfQuantizer):
                 raise FormatError(f"{name}: compressed weights cannot be offloaded to disk; load without a disk device_map")
             try:
                 dense = decompress_nm(parts, c.shape, c.n, c.m, c.orientation)
+                if c.transposed:
+                    dense = dense.t().contiguous()
             except ValueError as err:
                 raise FormatError(f"{self.quantization_config.file}: cannot restore {name}: {err}") from err
             delattr(owner, c.param)

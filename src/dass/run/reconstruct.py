@@ -46,7 +46,7 @@ class ReconstructOptions(MethodOptions):
 
     method = "reconstruct"
     steps: int = option(500, "Adam steps per block (0: measure the block error only)", as_nonneg_int)
-    lr: float = option(0.003, "learning rate, times each matrix's RMS with lr_scale=rms", as_positive_float)
+    lr: float = option(0.01, "learning rate, times each matrix's RMS with lr_scale=rms", as_positive_float)
     batch_tokens: int = option(4096, "calibration tokens per step", as_positive_int)
     schedule: str = option("cosine", "learning-rate schedule after the warm-up: cosine (to zero) or constant",
                            one_of("cosine", "constant"))
