@@ -136,7 +136,20 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def _short(rec: str | None) -> str:
+    """A point's label: 'no reconstruction' or its settings (``steps=500,lr=0.003`` -> ``500 steps, lr 3e-3``)."""
+    if rec is None:
+        return "none"
+    kv = dict(p.split("=", 1) for p in rec.split(",") if "=" in p)
+    parts = [f"{kv['steps']} steps" if "steps" in kv else "default steps"]
+    if "lr" in kv:
+        parts.append(f"lr {float(kv['lr']):.0e}".replace("e-0", "e-"))
+    return ", ".join(parts)
+
+
 def plot(rows, meta, path: Path) -> None:
+    """Perplexity against pruning time: one colour per method and pattern, each point
+    labelled with its reconstruction settings."""
     try:
         import matplotlib
 
@@ -144,24 +157,28 @@ def plot(rows, meta, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list] = {}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours: dict[str, str] = {}
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     for r in rows:
         if r["method"] == "dense":
             ax.axhline(r["ppl"], color="#888", ls="--", lw=1, label=f"dense {r['ppl']:.2f}")
             continue
         key = f"{r['method']} {r['pattern']}"
-        series.setdefault(key, []).append((r.get("prune_seconds", 0), r["ppl"], r["reconstruct"]))
-    for key, pts in series.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        new = key not in colours
+        colours.setdefault(key, palette[len(colours) % len(palette)])
+        x = max(r.get("prune_seconds", 0), 1e-2)
+        ax.scatter([x], [r["ppl"]], color=colours[key], marker="o" if r["reconstruct"] is not None else "s",
+                   label=key if new else None, zorder=3)
+        ax.annotate(_short(r["reconstruct"]), (x, r["ppl"]), textcoords="offset points", xytext=(5, 3), fontsize=6)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("pruning time, s (log)")
+    ax.set_xlabel("pruning time, s (log; squares: no reconstruction)")
     ax.set_ylabel("perplexity (log)")
-    ax.set_title(f"{meta['model_label']}, MLP scope, {meta['calibration']} calibration, "
-                 f"{meta['eval_tokens']} eval tokens / {meta['eval_seqlen']}\n{meta['device_name']}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"{meta['model_label']}, MLP scope\n{meta['calibration']} calibration tokens, "
+                 f"{meta['eval_tokens']} eval tokens in {meta['eval_seqlen']}-token windows, {meta['device_name']}",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -190,8 +207,25 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of an earlier run in --out and skip the configurations it measured")
     ap.add_argument("--out", default="runs/reconstruction")
+    ap.add_argument("--merge", nargs="*", default=None,
+                    help="only render: merge the rows of these JSON files (same model and protocol) into --out")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows, seen = [], set()
+        for r in (r for p in parts for r in p["rows"] if r.get("ppl") == r.get("ppl")):
+            if r["config"] not in seen:  # a configuration measured twice: the first (the seed makes them equal)
+                seen.add(r["config"])
+                rows.append(r)
+        meta = {**parts[0]["meta"], "merged_from": [str(f) for f in args.merge]}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "reconstruction.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
+        (out / "reconstruction.md").write_text(table(rows) + "\n")
+        plot(rows, meta, out / "reconstruction.png")
+        print(table(rows))
+        return 0
     base, tok, calib, ev = load(args)
     args.tokenizer = tok
     if args.save_tokens:

@@ -138,6 +138,13 @@ def hash_files(root: str | Path, names: Iterable[str], workers: int | None = Non
         return dict(zip(names, pool.map(lambda n: hash_file(root / n), names)))
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name):
     what identifies the content of a group of weights, e.g. one decoder layer's."""

@@ -86,13 +86,6 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     _fsync_dir(path.parent)
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes."""
-    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
-    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def read_and_digest(read: Callable[[list[str]], dict[str, torch.Tensor]], keys: list[str]) -> tuple[dict[str, torch.Tensor], str]:
     """``read(keys)`` and the content hash of what was read (run in the reader thread:
     hashlib releases the GIL, so hashing overlaps the computation)."""

@@ -17,167 +17,42 @@ from the last saved layer and gives byte-identical tensor files.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from dass.arch import decoder_layers
 from dass.core.graphs import clear_graphs
-from dass.errors import UserValueError
+from dass.io.hashing import tensor_digest, tensors_digest
+from dass.io.sharded import (  # noqa: F401  (StreamingError, parameters_on_meta: part of this module's API)
+    INDEX,
+    ShardedCheckpoint,
+    StreamingError,
+    build_skeleton,
+    get_tensor,
+    model_tensor_names,
+    parameters_on_meta,
+    set_tensor,
+)
 from dass.run import distributed
 from dass.run.calibration import as_calibration_tensor, calibration_batches
 from dass.run.capture import capture_inputs, move_module
+from dass.run.claim import guarded_run
 from dass.run.layer import prune_layer
 from dass.run.memory import release_host_memory
 from dass.run.report import MatrixReport, PruneReport
-from dass.run.claim import guarded_run
-from dass.run.resume import (
-    RunState, atomic_save_tensors, atomic_write_bytes, read_and_digest, source_digest, tensor_digest, tensors_digest,
-)
+from dass.run.resume import RunState, atomic_save_tensors, atomic_write_bytes, read_and_digest, source_digest
 from dass.run.spec import RunSpec
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
 NOT_COPIED = (INDEX, "pytorch_model.bin.index.json", "dass.json")
 SHARD_METADATA = {"format": "pt"}
-
-
-class StreamingError(UserValueError):
-    """A checkpoint that cannot be streamed (no safetensors, keys that do not match)."""
-
-
-# --------------------------------------------------------------------------------------
-# Reading a sharded checkpoint
-# --------------------------------------------------------------------------------------
-
-
-class ShardedCheckpoint:
-    """The tensors of a safetensors checkpoint directory, read one group at a time."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        index = self.path / INDEX
-        if index.is_file():
-            self.index_bytes = index.read_bytes()
-            weight_map = json.loads(self.index_bytes)["weight_map"]
-        elif (self.path / SINGLE).is_file():
-            from safetensors import safe_open
-
-            self.index_bytes = b""
-            with safe_open(str(self.path / SINGLE), "pt") as f:
-                weight_map = {k: SINGLE for k in f.keys()}
-        else:
-            raise StreamingError(f"{self.path} has no {INDEX} or {SINGLE}: streaming needs safetensors weights")
-        self.weight_map: dict[str, str] = dict(weight_map)
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, on the CPU (each file is opened once and closed after)."""
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.weight_map[k], []).append(k)
-        out: dict[str, torch.Tensor] = {}
-        for fname, names in by_file.items():
-            with safe_open(str(self.path / fname), "pt", device="cpu") as f:
-                for k in names:
-                    out[k] = f.get_tensor(k)
-        return {k: out[k] for k in keys}
-
-    def dtype(self) -> torch.dtype:
-        """The dtype of the first floating-point tensor."""
-        from safetensors import safe_open
-
-        names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-        for k, fname in self.weight_map.items():
-            with safe_open(str(self.path / fname), "pt") as f:
-                dt = f.get_slice(k).get_dtype()
-            if dt in names:
-                return names[dt]
-        return torch.float32
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies the source for resuming: its path, index, config and file sizes."""
-        files = sorted(set(self.weight_map.values()))
-        config = self.path / "config.json"
-        return {
-            "path": str(self.path.resolve()),
-            "index": tensor_digest(torch.frombuffer(bytearray(self.index_bytes or b"-"), dtype=torch.uint8)),
-            "config": config.read_text() if config.is_file() else None,
-            "files": {f: (self.path / f).stat().st_size for f in files},
-        }
-
-
-# --------------------------------------------------------------------------------------
-# The model skeleton
-# --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside is moved to the ``meta`` device at once (before
-    the module initialises it), while buffers (rotary ``inv_freq``, embedding scales) are
-    computed for real: the model costs no memory and no initialisation time."""
-    original = nn.Module.register_parameter
-
-    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def build_skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """The model of ``path``'s config with all parameters on ``meta``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, leaf = name.rpartition(".")
-    return (root.get_submodule(path) if path else root), leaf
-
-
-def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace parameter or buffer ``name`` of ``root`` by ``value``."""
-    mod, leaf = _owner(root, name)
-    if leaf in mod._parameters:
-        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    elif leaf in mod._buffers:
-        mod._buffers[leaf] = value
-    else:  # pragma: no cover - checked before
-        raise KeyError(name)
-
-
-def get_tensor(root: nn.Module, name: str) -> torch.Tensor:
-    mod, leaf = _owner(root, name)
-    t = mod._parameters.get(leaf)
-    return t if t is not None else mod._buffers[leaf]
-
-
-def model_tensor_names(root: nn.Module) -> set[str]:
-    names = {n for n, _ in root.named_parameters(remove_duplicate=False)}
-    return names | {n for n, _ in root.named_buffers(remove_duplicate=False)}
 
 
 # --------------------------------------------------------------------------------------
@@ -304,8 +179,7 @@ def prune_checkpoint(
     before the resumable state records it.
     """
     t0 = time.perf_counter()
-    from dass.io.checkpoint import CheckpointError, build_manifest, move_into_place
-    from dass.io.manifest import seal
+    from dass.io.checkpoint import CheckpointError
 
     src, out = Path(src_dir), Path(out_dir).resolve()
     if out.exists() and not overwrite:
@@ -315,111 +189,144 @@ def prune_checkpoint(
     else:
         spec = RunSpec.create(method, pattern, scope, calibration_ids, batch_size=batch_size, device=device,
                               activations=activations, reconstruct=reconstruct, **method_options)
-    ckpt = ShardedCheckpoint(src)
-    src_dtype = ckpt.dtype()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or src_dtype
-    dev = spec.compute_device()
     ids = None
     if spec.method.needs_calibration or calibration_ids is not None:
         ids = as_calibration_tensor(calibration_ids)
-
-    model = build_skeleton(src, dtype)
-    plans = spec.plan(model)  # shapes only: works on meta tensors
-    layer_keys, other_keys = _layer_keys(ckpt, model, src)
-    n_layers = len(layer_keys)
-    report = spec.new_report(ids)
-    report.notes.append(f"streamed from {src} layer by layer ({dtype}, {dev})")
-    settings = {
-        "source": ckpt.fingerprint(),
-        **spec.record(),
-        "calibration": None if ids is None else tensor_digest(ids),
-        "dtype": str(dtype),
-        "device": dev.type,
-        "versions": _versions(),
-    }
-    if settings["reconstruct"] is None:  # the same settings hash as before reconstruction existed
-        del settings["reconstruct"]
-    partial = _partial_dir(out)
-    state = RunState(partial, settings)
-    saved = None
-    if partial.exists():
-        if resume:
-            saved = state.load()
-        if saved is None:
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    state.start()
-    start = 0
-    if saved is not None:
-        start = saved["next_layer"]
-        _restore_report(report, saved, start, n_layers)
-        state.check_source(saved, lambda key: source_digest(ckpt.read, layer_keys, key))
-
-    total_shards = n_layers + len(other_keys)
-    weight_map = {k: _shard_name(i, total_shards) for i, keys in enumerate(layer_keys) for k in keys}
-    # non-layer tensors: materialised on the device (the capture needs them) and written
-    for j, k in enumerate(other_keys):
-        t = ckpt.read([k])[k]
-        t = t.to(dtype) if t.is_floating_point() else t
-        name = _shard_name(n_layers + j, total_shards)
-        weight_map[k] = name
-        if saved is None or not (partial / name).is_file():
-            atomic_save_tensors(partial / name, {k: t.contiguous()}, SHARD_METADATA)
-        state.record(k, tensors_digest({k: t}))
-        set_tensor(model, k, t.to(dev))
-        del t
-    total_size = sum(_nbytes(ckpt, k, dtype) for k in ckpt.keys())
-
-    store = dev
-    inputs = None
-    step = None
-    if ids is not None and start < n_layers:
-        t_cap = time.perf_counter()
-        hidden_size = getattr(model.config, "hidden_size", None) or 0
-        layer_bytes = sum(_nbytes(ckpt, k, dtype) for k in layer_keys[0])
-        store = spec.store(dev, ids, hidden_size, dtype, reserve=4 * layer_bytes)
-        if store != dev:
-            report.notes.append(f"calibration activations offloaded to {store}")
-        step = spec.layer_step(report, dev, store, ids, plans, progress=progress, start=start,
-                               label=f"{spec.method.name} {spec.pattern} (streaming)")
-        inputs = capture_inputs(model, calibration_batches(ids, spec.batch_size), dev, store, False, restore=False)
-        if saved is not None and start > 0:
-            loaded = state.activations(saved)
-            if loaded is None or len(loaded) != len(inputs.hidden):
-                raise CheckpointError(f"{state.dir}: saved activations do not match the calibration batches")
-            inputs.hidden = [_place(h, store) for h in loaded]
-        report.capture_seconds = time.perf_counter() - t_cap
+    run = _StreamRun(spec, src, out, ids, dtype)
+    run.open(resume)
+    run.write_non_layer_tensors()
+    step, inputs = run.capture(progress)
     try:
-        _stream_layers(ckpt, model, plans, layer_keys, partial, total_shards, spec, report, state, inputs, step,
-                       start, dev, dtype, checkpoint_seconds, after_layer)
+        _stream_layers(run.ckpt, run.model, run.plans, run.layer_keys, run.partial, run.total_shards, spec,
+                       run.report, run.state, inputs, step, run.start, run.dev, run.dtype, checkpoint_seconds,
+                       after_layer)
     finally:
         if step is not None and step.progress is not None:
             step.progress.close()
-
     del inputs
     clear_graphs()
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    atomic_write_bytes(partial / INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-    _copy_side_files(src, partial, dtype, src_dtype)
-    report.total_seconds = time.perf_counter() - t0
-    manifest = build_manifest(
-        report,
-        calibration=calibration_spec if calibration_spec is not None else ({} if ids is None else {"tokens": list(ids.shape)}),
-        extra={"source_model": str(src), "streaming": True, **(manifest_extra or {})},
-        model=model,
-    )
-    seal(partial, manifest)  # file hashes, then dass.json
-    state.remove()
-    ctx = distributed.current()
-    if not ctx.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
+    return run.finish(t0, overwrite, calibration_spec, manifest_extra)
+
+
+class _StreamRun:
+    """The state of one streaming run between its phases: open (skeleton, plans, resumable
+    state), the non-layer tensors, the capture, the layers (:func:`_stream_layers`), finish
+    (index, side files, sealed manifest, rename into place)."""
+
+    def __init__(self, spec: RunSpec, src: Path, out: Path, ids: torch.Tensor | None,
+                 dtype: torch.dtype | str | None) -> None:
+        self.spec, self.src, self.out, self.ids = spec, src, out, ids
+        self.ckpt = ShardedCheckpoint(src)
+        self.src_dtype = self.ckpt.dtype()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        self.dtype: torch.dtype = dtype or self.src_dtype
+        self.dev = spec.compute_device()
+        self.model = build_skeleton(src, self.dtype)
+        self.plans = spec.plan(self.model)  # shapes only: works on meta tensors
+        self.layer_keys, self.other_keys = _layer_keys(self.ckpt, self.model, src)
+        self.n_layers = len(self.layer_keys)
+        self.total_shards = self.n_layers + len(self.other_keys)
+        self.weight_map = {k: _shard_name(i, self.total_shards) for i, keys in enumerate(self.layer_keys) for k in keys}
+        self.report = spec.new_report(ids)
+        self.report.notes.append(f"streamed from {src} layer by layer ({self.dtype}, {self.dev})")
+        self.partial = _partial_dir(out)
+        self.saved: dict[str, Any] | None = None
+        self.start = 0
+
+    def open(self, resume: bool) -> None:
+        """The partial output and its resumable state: resumed when it holds a run of the
+        same settings and source content, else started over."""
+        settings = {
+            "source": self.ckpt.fingerprint(),
+            **self.spec.record(),
+            "calibration": None if self.ids is None else tensor_digest(self.ids),
+            "dtype": str(self.dtype),
+            "device": self.dev.type,
+            "versions": _versions(),
+        }
+        if settings["reconstruct"] is None:  # the same settings hash as before reconstruction existed
+            del settings["reconstruct"]
+        self.state = RunState(self.partial, settings)
+        if self.partial.exists():
+            if resume:
+                self.saved = self.state.load()
+            if self.saved is None:
+                shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.state.start()
+        if self.saved is not None:
+            self.start = self.saved["next_layer"]
+            _restore_report(self.report, self.saved, self.start, self.n_layers)
+            self.state.check_source(self.saved, lambda key: source_digest(self.ckpt.read, self.layer_keys, key))
+
+    def write_non_layer_tensors(self) -> None:
+        """Embeddings, norms, the head: materialised on the device (the capture needs them)
+        and written, one shard each."""
+        for j, k in enumerate(self.other_keys):
+            t = self.ckpt.read([k])[k]
+            t = t.to(self.dtype) if t.is_floating_point() else t
+            name = _shard_name(self.n_layers + j, self.total_shards)
+            self.weight_map[k] = name
+            if self.saved is None or not (self.partial / name).is_file():
+                atomic_save_tensors(self.partial / name, {k: t.contiguous()}, SHARD_METADATA)
+            self.state.record(k, tensors_digest({k: t}))
+            set_tensor(self.model, k, t.to(self.dev))
+            del t
+
+    def capture(self, progress: bool):
+        """The per-layer step and the activations entering the first layer to process
+        (restored from the saved state when resuming); ``(None, None)`` without calibration."""
+        from dass.io.checkpoint import CheckpointError
+
+        if self.ids is None or self.start >= self.n_layers:
+            return None, None
+        t_cap = time.perf_counter()
+        hidden_size = getattr(self.model.config, "hidden_size", None) or 0
+        layer_bytes = sum(self.ckpt.nbytes(k, self.dtype) for k in self.layer_keys[0])
+        store = self.spec.store(self.dev, self.ids, hidden_size, self.dtype, reserve=4 * layer_bytes)
+        if store != self.dev:
+            self.report.notes.append(f"calibration activations offloaded to {store}")
+        step = self.spec.layer_step(self.report, self.dev, store, self.ids, self.plans, progress=progress,
+                                    start=self.start, label=f"{self.spec.method.name} {self.spec.pattern} (streaming)")
+        inputs = capture_inputs(self.model, calibration_batches(self.ids, self.spec.batch_size), self.dev, store,
+                                False, restore=False)
+        if self.saved is not None and self.start > 0:
+            loaded = self.state.activations(self.saved)
+            if loaded is None or len(loaded) != len(inputs.hidden):
+                raise CheckpointError(f"{self.state.dir}: saved activations do not match the calibration batches")
+            inputs.hidden = [_place(h, store) for h in loaded]
+        self.report.capture_seconds = time.perf_counter() - t_cap
+        return step, inputs
+
+    def finish(self, t0: float, overwrite: bool, calibration_spec: dict | None,
+               manifest_extra: dict | None) -> PruneReport:
+        """Index, side files, the sealed manifest; rank 0 renames the output into place."""
+        from dass.io.checkpoint import build_manifest, move_into_place
+        from dass.io.manifest import seal
+
+        total_size = sum(self.ckpt.nbytes(k, self.dtype) for k in self.ckpt.keys())
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        atomic_write_bytes(self.partial / INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+        _copy_side_files(self.src, self.partial, self.dtype, self.src_dtype)
+        self.report.total_seconds = time.perf_counter() - t0
+        ids = self.ids
+        manifest = build_manifest(
+            self.report,
+            calibration=calibration_spec if calibration_spec is not None else ({} if ids is None else {"tokens": list(ids.shape)}),
+            extra={"source_model": str(self.src), "streaming": True, **(manifest_extra or {})},
+            model=self.model,
+        )
+        seal(self.partial, manifest)  # file hashes, then dass.json
+        self.state.remove()
+        ctx = distributed.current()
+        if not ctx.is_main:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            ctx.barrier()
+            return self.report
+        move_into_place(self.partial, self.out, overwrite=overwrite)
         ctx.barrier()
-        return report
-    move_into_place(partial, out, overwrite=overwrite)
-    ctx.barrier()
-    return report
+        return self.report
 
 
 def _stream_layers(ckpt, model, plans, layer_keys, partial, total_shards, spec, report, state, inputs, step,
@@ -472,19 +379,6 @@ def _place(h: torch.Tensor, store: torch.device) -> torch.Tensor:
     if store.type == "cpu" and torch.cuda.is_available():
         return h.pin_memory()
     return h.to(store)
-
-
-def _nbytes(ckpt: ShardedCheckpoint, key: str, dtype: torch.dtype) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt.path / ckpt.weight_map[key]), "pt") as f:
-        sl = f.get_slice(key)
-        shape, dt = sl.get_shape(), sl.get_dtype()
-    numel = 1
-    for s in shape:
-        numel *= s
-    size = dtype.itemsize if dt in ("F64", "F32", "F16", "BF16") else {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(dt, 4)
-    return numel * size
 
 
 def _versions() -> dict[str, str]:
