@@ -88,6 +88,9 @@ def parse_config(spec: str) -> tuple[str, dict]:
 
 
 def label(spec: str) -> str:
+    base, plus, rec = spec.partition("+")
+    if plus:  # METHOD+RECONSTRUCT: the method, then its blocks refitted (issue 11)
+        return f"{label(base)} + reconstruction ({rec or 'defaults'})"
     method, opts = parse_config(spec)
     if spec in LABELS:
         return LABELS[spec]
@@ -191,7 +194,10 @@ def run(args) -> dict:
     jobs = [(s, None) for s in args.configs if s == "dense"]
     jobs += [(s, p) for p in args.patterns for s in args.configs if s != "dense"]
     for spec, pat in jobs:
-        method, opts = parse_config(spec)
+        base, plus, rec_spec = spec.partition("+")
+        method, opts = parse_config(base)
+        if plus:  # METHOD+RECONSTRUCT (issue 11): blocks refitted after the masks
+            opts = {**opts, "reconstruct": rec_spec or True}
         model.load_state_dict(dense_state)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -232,3 +232,23 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_compare_reconstructed_row_and_prune_reconstruct(tiny_dir, tmp_path):
+    out = tmp_path / "cmp"
+    code = run("compare", tiny_dir / "model", "--methods", "dense,wanda,wanda+reconstruct", "--patterns", "2:4",
+               "--reconstruct", "steps=30,lr=0.01,batch_tokens=64", "--calibration", tiny_dir / "text.txt",
+               "--nsamples", 4, "--seqlen", 32, "--ppl", tiny_dir / "text.txt", "--eval-seqlen", 64, "--out", out, "--quiet")
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "wanda", "wanda+reconstruct"]
+    assert rows[1]["reconstruct"] is None and rows[2]["reconstruct"]["steps"] == 30
+    blocks = rows[2]["report"]["blocks"]
+    assert blocks and all(b["loss_after"] < b["loss_before"] for b in blocks)
+    # dass prune --reconstruct records the settings and the blocks in the manifest
+    p = tmp_path / "p"
+    assert run("prune", tiny_dir / "model", "--method", "wanda", "--output", p, "--reconstruct", "steps=10",
+               "--calibration", tiny_dir / "text.txt", "--nsamples", 4, "--seqlen", 32, "--quiet") == 0
+    manifest = json.loads((p / "dass.json").read_text())
+    assert manifest["reconstruct"]["steps"] == 10 and len(manifest["blocks"]) == 2
+    assert run("verify", p) == 0

@@ -18,7 +18,11 @@ from typing import Any, Sequence
 
 from dass.errors import DassError, UserValueError
 
-DEFAULT_METHODS = "dense,dass,wanda,sparsegpt,magnitude"
+DEFAULT_METHODS = "dense,dass,wanda,sparsegpt,magnitude,dass+reconstruct"
+#: ``dass compare``'s reconstruction for rows named METHOD+reconstruct, sized like its other
+#: defaults for a 2-core CPU (docs/ablation.md, "Reconstruction"); ``dass prune
+#: --reconstruct`` defaults to the full setting (500 steps of 4096 tokens).
+COMPARE_RECONSTRUCT = "steps=25,batch_tokens=1024"
 ZEROSHOT_TASKS = "piqa,hellaswag,winogrande,arc_easy,arc_challenge"
 
 
@@ -413,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="methods separated by ';' or ',' (a method's own options with ':', e.g. "
-                        "'dense;dass:alpha=auto;wanda'); 'dense' adds the unpruned row")
+                        "'dense;dass:alpha=auto;wanda'); 'dense' adds the unpruned row; NAME+reconstruct a row "
+                        "whose blocks are refitted with --reconstruct's settings")
     p.add_argument("--patterns", default="2:4", help="comma-separated patterns")
     _add_prune_args(p)
+    p.set_defaults(reconstruct=COMPARE_RECONSTRUCT)  # for the +reconstruct rows: CPU-sized, see README
     _add_calibration_args(p, nsamples=16, seqlen=512)  # CPU-sized defaults: see README
     _add_eval_args(p, eval_seqlen=512, eval_tokens=16384)
     p.add_argument("--out", default="runs/compare", help="directory for results.json, results.md, the plot")

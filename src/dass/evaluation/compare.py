@@ -142,13 +142,13 @@ def run_compare(args: argparse.Namespace) -> int:
     methods = split_methods(args.methods)
     patterns = [parse_pattern(p.strip()) for p in args.patterns.split(",") if p.strip()]
     extra = {"alpha": args.alpha, "rescale": args.rescale}
-    rec_all = getattr(args, "reconstruct", None)
+    rec_spec = getattr(args, "reconstruct", None)  # the settings of the rows named METHOD+reconstruct
     runs = []  # (label, spec)
     for m in methods:
         if m == "dense":
             continue
         base, suffix = (m[: -len(RECONSTRUCT_SUFFIX)], True) if m.endswith(RECONSTRUCT_SUFFIX) else (m, False)
-        rec = reconstruct_options(rec_all or True) if suffix or rec_all is not None else None
+        rec = reconstruct_options(rec_spec or True) if suffix else None
         meth = get_method_with(base, extra, strict=False, label=lambda k: f"--{k}")
         for pat in patterns:
             runs.append((m, RunSpec(meth, pat, args.scope, None, batch_size=args.batch_size, reconstruct=rec)))
