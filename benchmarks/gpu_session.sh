@@ -13,6 +13,9 @@
 #   C: the rest of the grid; zero-shot accuracy of the best 2:4 model (lm-eval, full validation
 #      sets); a 32-layer LLaMA-2-7B-shaped model pruned with the default reconstruction
 #
+#   P, Q, R (the second session): keep_dense dispatch and generate(); zero-shot of the 2:4 model
+#      at the default reconstruction with 1000 steps; DaSS, the steps curve and a higher rate
+#
 #   STAGE=A OUT=/dir bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -102,6 +105,46 @@ Y)  # carries .gpu/y: the other pieces of the GGUF and the zero-shot data
         --configs ${Y_CONFIGS:-sparsegpt@4:8 "sparsegpt@4:8+steps=500,lr=0.003" "wanda@2:4+steps=500,lr=0.01"} \
         --out "$OUT/recon_y" >"$OUT/recon_y.log" 2>&1
     tail -6 "$OUT/recon_y.log"
+    say "done"
+    ;;
+P)  # second session, call 1 of 3 (carries .gpu/x): "never slower than dense" with a dense copy
+    mkdir -p out/gpu && cp -r .gpu/x/* out/gpu/
+    export DASS_TUNING_CACHE=/tmp/dass_infer_tuning.json
+    say "dispatch with keep_dense, LLaMA-2-7B MLP shapes, every token bucket"
+    timeout 260 $PY -m dass bench --what dispatch --keep-dense --shapes 7b \
+        --tokens 1,2,4,8,16,32,64,128,256,512,1024,4096,16384 --reps 5 --target-ms 4 \
+        --out "$OUT/dispatch_keep_dense.json" >"$OUT/dispatch_keep_dense.log" 2>&1
+    tail -16 "$OUT/dispatch_keep_dense.log"
+    say "generate() with keep_dense, 32 layers"
+    timeout 200 $PY -m dass generate --synthetic 7b --layers 32 --batches 1,4,16,64 --prompt-len 64 --keep-dense \
+        --new-tokens 32 --reps 3 --modes graphs,eager --max-seconds 185 --out "$OUT/generate_keep_dense.json" \
+        >"$OUT/generate_keep_dense.log" 2>&1
+    tail -12 "$OUT/generate_keep_dense.log"
+    say "done"
+    ;;
+Q)  # call 2 of 3 (carries .gpu/y): zero-shot of the best 2:4 setting; DaSS and the steps curve at the defaults
+    install out/gpu/whl/*.whl
+    export PYTHONPATH="/tmp/site:.gpu/y/site:src:tests"
+    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
+    sha256sum "$GGUF" | cut -c1-16
+    say "zero-shot"
+    timeout 300 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
+        --configs "${ZS_CONFIG:-sparsegpt@2:4+steps=1000}" --zeroshot piqa,hellaswag,winogrande,arc_easy,arc_challenge \
+        --out "$OUT/zeroshot2" >"$OUT/zeroshot2.log" 2>&1
+    tail -4 "$OUT/zeroshot2.log"
+    say "defaults"
+    timeout 250 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
+        --configs ${Q_CONFIGS:-"dass@2:4+" "wanda@2:4+steps=100" "wanda@2:4+steps=250"} --budget 200 \
+        --out "$OUT/recon_q" >"$OUT/recon_q.log" 2>&1
+    tail -6 "$OUT/recon_q.log"
+    say "done"
+    ;;
+R)  # call 3 of 3 (carries nothing; the model is in out/gpu from Q)
+    say "more of the grid at the defaults"
+    timeout 520 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
+        --configs ${R_CONFIGS:-"dass:alpha=1@2:4+" "wanda@2:4+lr=0.03" "wanda@2:4+steps=1000" "dass:alpha=auto@2:4+"} \
+        --budget 400 --out "$OUT/recon_r" >"$OUT/recon_r.log" 2>&1
+    tail -8 "$OUT/recon_r.log"
     say "done"
     ;;
 esac

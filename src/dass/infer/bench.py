@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-ms", type=float, default=25.0, help="time per measured loop")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default=None, help="write all numbers as JSON here")
+    p.add_argument("--keep-dense", action="store_true",
+                   help="dispatch: accelerate with AccelerateConfig(keep_dense=True) (cuBLAS on a dense copy is a path)")
     p.add_argument("--dry-run", action="store_true", help="run on CPU with tiny shapes (checks the code paths only)")
     return p
 
@@ -188,7 +190,7 @@ def _run_parts(args, what, shapes, tokens, sweep_tokens, timer, dtype, device, e
                 res.setdefault("dispatch", []).append(dict(r, shape=name))
                 dump()
             bm.bench_dispatch(timer, d, D, sweep_tokens, dtype, device, errors, log=lambda s: print(s, flush=True),
-                              on_row=keep)
+                              on_row=keep, keep_dense=args.keep_dense)
         if "matrix" in what:
             print(MATRIX_HEADER, flush=True)
             for kind, N, K, ors in (("gate", D, d, ["input", "output"]), ("down", d, D, ["input"])):

@@ -91,14 +91,18 @@ def _mlp_modules(mlp) -> dict[str, Any]:
 
 
 def bench_dispatch(timer: Timer, d: int, D: int, tokens: list[int], dtype, device, errors: list,
-                   log=print, on_row=None) -> list[dict[str, Any]]:
+                   log=print, on_row=None, keep_dense: bool = False) -> list[dict[str, Any]]:
     """For each token count: what the dispatcher chose for every accelerated matrix of the MLP
     (all paths' GPU times against dense cuBLAS), and the whole block's GPU time (CUDA-graph
-    replay) dense against accelerated in both orientations."""
+    replay) dense against accelerated in both orientations. ``keep_dense``: accelerate with
+    ``AccelerateConfig(keep_dense=True)``, so cuBLAS on a dense copy is one of the paths."""
     from dass.infer.accelerate import accelerate
+    from dass.infer.config import AccelerateConfig
 
     mlps = make_mlps(d, D, dtype, device)
-    acc = {name: safe(lambda: (accelerate(mlps[name]), mlps[name])[1], errors, f"accelerate {name}") for name, _ in VARIANTS}
+    cfg = AccelerateConfig(keep_dense=keep_dense)
+    acc = {name: safe(lambda: (accelerate(mlps[name], config=cfg), mlps[name])[1], errors, f"accelerate {name}")
+           for name, _ in VARIANTS}
     rows = []
     log(f"{'T':>6} | {'dense MLP us':>12} | " + " | ".join(f"{n} MLP us (x)".rjust(20) for n, _ in VARIANTS)
         + " | per matrix: path, its time / dense time (us)")
