@@ -8,12 +8,15 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dass.arch import all_decoder_linears
 from dass.core.patterns import parse_pattern
+
+if TYPE_CHECKING:
+    from dass.run.spec import RunSpec
 
 
 def decoder_sparsity(model: torch.nn.Module) -> float:
@@ -129,21 +132,16 @@ def split_methods(text: str) -> list[str]:
 RECONSTRUCT_SUFFIX = "+reconstruct"
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    from dass.evaluation.evaluate import evaluate_model, headline
-    from dass.io.data import sample_calibration
-    from dass.io.models import load_model
+def _runs(args: argparse.Namespace, methods: list[str]) -> list[tuple[str, RunSpec]]:
+    """``(label, RunSpec)`` for every pruned row: each method (not ``dense``) x pattern."""
     from dass.methods.base import get_method_with
-    from dass.run.devices import resolve_device
-    from dass.run.prune import prune
     from dass.run.reconstruct import reconstruct_options
     from dass.run.spec import RunSpec
 
-    methods = split_methods(args.methods)
     patterns = [parse_pattern(p.strip()) for p in args.patterns.split(",") if p.strip()]
     extra = {"alpha": args.alpha, "rescale": args.rescale}
     rec_spec = getattr(args, "reconstruct", None)  # the settings of the rows named METHOD+reconstruct
-    runs = []  # (label, spec)
+    runs: list[tuple[str, RunSpec]] = []
     for m in methods:
         if m == "dense":
             continue
@@ -152,6 +150,79 @@ def run_compare(args: argparse.Namespace) -> int:
         meth = get_method_with(base, extra, strict=False, label=lambda k: f"--{k}")
         for pat in patterns:
             runs.append((m, RunSpec(meth, pat, args.scope, None, batch_size=args.batch_size, reconstruct=rec)))
+    return runs
+
+
+def _meta(args: argparse.Namespace, model: torch.nn.Module, device: str, tasks: list[str]) -> dict[str, Any]:
+    """What was compared, as results.json records it."""
+    return {
+        "model": args.model,
+        "scope": args.scope,
+        "calibration": {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
+        "evaluation": {"ppl": args.ppl, "seqlen": args.eval_seqlen, "tokens": args.eval_tokens, "zeroshot": tasks, "limit": args.limit},
+        "device": device,
+        "dtype": str(next(model.parameters()).dtype),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+class _Rows:
+    """The rows evaluated so far: each is evaluated on the model as it is now, appended,
+    saved to results.partial.json and printed."""
+
+    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, device: str,
+                 tasks: list[str], meta: dict[str, Any], out: Path) -> None:
+        self.args, self.model, self.tokenizer, self.device = args, model, tokenizer, device
+        self.tasks, self.meta, self.out = tasks, meta, out
+        self.rows: list[dict[str, Any]] = []
+
+    def evaluate(self, row: dict[str, Any]) -> None:
+        from dass.evaluation.evaluate import evaluate_model, headline
+
+        args = self.args
+        res = evaluate_model(self.model, self.tokenizer, self.device, ppl=args.ppl, eval_seqlen=args.eval_seqlen,
+                             eval_tokens=args.eval_tokens, zeroshot_tasks=self.tasks, limit=args.limit,
+                             zeroshot_batch_size=args.zeroshot_batch_size, progress=not args.quiet)
+        row["ppl"] = res.get("perplexity", {}).get("ppl")
+        if "zeroshot" in res:
+            row["zeroshot"] = {t: headline(r) for t, r in res["zeroshot"].items()}
+            row["zeroshot_full"] = res["zeroshot"]
+            row["mean_acc"] = sum(row["zeroshot"].values()) / max(len(row["zeroshot"]), 1)
+        self.rows.append(row)
+        partial = json.dumps({"meta": self.meta, "rows": self.rows}, indent=2, default=str)
+        (self.out / "results.partial.json").write_text(partial)
+        print(
+            f"  {row['method']:>10} {row['pattern'] or '':>16}: ppl {_fmt(row.get('ppl'), '.2f')}"
+            + (f", mean acc {row['mean_acc']:.4f}" if "mean_acc" in row else "")
+            + (f", pruned in {row['prune_seconds']:.1f} s" if row.get("prune_seconds") else ""),
+            flush=True,
+        )
+
+
+def _write_results(rows: list[dict[str, Any]], tasks: list[str], meta: dict[str, Any], out: Path) -> None:
+    """results.json, results.md and the plot; the table and where they went, printed."""
+    table = markdown_table(rows, tasks)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.partial.json").unlink(missing_ok=True)
+    plotted = plot(rows, out / "perplexity.png", meta)
+    print()
+    print(table)
+    print()
+    print(
+        f"compare: {len(rows)} rows in {meta['total_seconds']:.0f} s; wrote {out / 'results.json'}, "
+        f"{out / 'results.md'}" + (f", {out / 'perplexity.png'}" if plotted else "")
+    )
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from dass.io.data import sample_calibration
+    from dass.io.models import load_model
+    from dass.run.devices import resolve_device
+    from dass.run.prune import prune
+
+    methods = split_methods(args.methods)
+    runs = _runs(args, methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
@@ -162,41 +233,14 @@ def run_compare(args: argparse.Namespace) -> int:
     ids = sample_calibration(tokenizer, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tasks = [t.strip() for t in args.zeroshot.split(",")] if args.zeroshot else []
-    rows: list[dict[str, Any]] = []
-    meta = {
-        "model": args.model,
-        "scope": args.scope,
-        "calibration": {"source": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
-        "evaluation": {"ppl": args.ppl, "seqlen": args.eval_seqlen, "tokens": args.eval_tokens, "zeroshot": tasks, "limit": args.limit},
-        "device": device,
-        "dtype": str(next(model.parameters()).dtype),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-    def evaluate_row(row: dict[str, Any]) -> None:
-        res = evaluate_model(model, tokenizer, device, ppl=args.ppl, eval_seqlen=args.eval_seqlen,
-                             eval_tokens=args.eval_tokens, zeroshot_tasks=tasks, limit=args.limit,
-                             zeroshot_batch_size=args.zeroshot_batch_size, progress=not args.quiet)
-        row["ppl"] = res.get("perplexity", {}).get("ppl")
-        if "zeroshot" in res:
-            row["zeroshot"] = {t: headline(r) for t, r in res["zeroshot"].items()}
-            row["zeroshot_full"] = res["zeroshot"]
-            row["mean_acc"] = sum(row["zeroshot"].values()) / max(len(row["zeroshot"]), 1)
-        rows.append(row)
-        (out / "results.partial.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
-        print(
-            f"  {row['method']:>10} {row['pattern'] or '':>16}: ppl {_fmt(row.get('ppl'), '.2f')}"
-            + (f", mean acc {row['mean_acc']:.4f}" if "mean_acc" in row else "")
-            + (f", pruned in {row['prune_seconds']:.1f} s" if row.get("prune_seconds") else ""),
-            flush=True,
-        )
-
+    meta = _meta(args, model, device, tasks)
+    rows = _Rows(args, model, tokenizer, device, tasks, meta, out)
     if "dense" in methods:
-        evaluate_row({"method": "dense", "pattern": None, "sparsity_pruned": 0.0, "sparsity_decoder": decoder_sparsity(model)})
+        rows.evaluate({"method": "dense", "pattern": None, "sparsity_pruned": 0.0, "sparsity_decoder": decoder_sparsity(model)})
     for name, spec in runs:
         model.load_state_dict(original)
         report = prune(model, dataclasses.replace(spec, calibration=ids, device=device), progress=not args.quiet)
-        evaluate_row(
+        rows.evaluate(
             {
                 "method": name,
                 "pattern": str(spec.pattern),
@@ -210,16 +254,5 @@ def run_compare(args: argparse.Namespace) -> int:
             }
         )
     meta["total_seconds"] = time.perf_counter() - t_all
-    table = markdown_table(rows, tasks)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.partial.json").unlink(missing_ok=True)
-    plotted = plot(rows, out / "perplexity.png", meta)
-    print()
-    print(table)
-    print()
-    print(
-        f"compare: {len(rows)} rows in {meta['total_seconds']:.0f} s; wrote {out / 'results.json'}, "
-        f"{out / 'results.md'}" + (f", {out / 'perplexity.png'}" if plotted else "")
-    )
+    _write_results(rows.rows, tasks, meta, out)
     return 0

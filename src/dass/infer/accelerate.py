@@ -35,7 +35,8 @@ from dass.infer.dispatch import clear_decisions, decide, tuning_log
 from dass.infer.graphs import clear_graphs
 from dass.infer.mlp_fusion import fuse_gate_up, graph_mlp
 from dass.infer.nm24_linear import NM24Linear
-from dass.io.sparse_format import detect_orientation, is_nm, parse_entry
+from dass.io.nm_codec import detect_orientation, is_nm
+from dass.io.sparse_format import parse_entry
 
 __all__ = [
     "AccelerationError",

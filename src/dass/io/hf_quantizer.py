@@ -40,14 +40,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from dass.errors import UserRuntimeError
 from dass.io.hf_registry import QUANT_METHOD, REQUIRES
-from dass.io.sparse_format import (
-    FORMAT_NAME,
-    MASK_SUFFIX,
-    NEGZERO_SUFFIX,
-    VALUES_SUFFIX,
-    FormatError,
-    decompress_nm,
-)
+from dass.io.nm_codec import FormatError, decompress_nm
+from dass.io.sparse_format import FORMAT_NAME, MASK_SUFFIX, NEGZERO_SUFFIX, VALUES_SUFFIX
 
 _PART_SUFFIXES = {"values": VALUES_SUFFIX, "mask": MASK_SUFFIX, "negzero": NEGZERO_SUFFIX}
 
@@ -119,7 +113,7 @@ class _Placeholder(torch.nn.Module):
 
 
 def _placeholder(c: _Compressed, dtype: torch.dtype, device: torch.device) -> _Placeholder:
-    from dass.io.sparse_format import compressed_shapes
+    from dass.io.nm_codec import compressed_shapes
 
     shapes = compressed_shapes(c.shape, c.n, c.m, c.orientation)
     pruned = c.shape[0] * c.shape[1] // c.m * (c.m - c.n)

@@ -1,6 +1,6 @@
 """Kernel layouts of 2:4 matrices (pure torch; no triton needed).
 
-Both layouts store the kept values exactly as :func:`dass.io.sparse_format.compress_nm` does,
+Both layouts store the kept values exactly as :func:`dass.io.nm_codec.compress_nm` does,
 plus a metadata tensor of 4-bit "nibbles", one per group of 4. With ``i0 < i1`` the
 positions of the two kept weights inside the group (so ``i0`` is 0, 1 or 2 and ``i1`` is
 1, 2 or 3) the nibble's bits are one-hot flags::
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from dass.io.sparse_format import compress_nm, nm_mask
+from dass.io.nm_codec import compress_nm, nm_mask
 
 __all__ = ["to_kernel_layout", "from_kernel_layout", "nibbles_from_mask", "encode_positions", "decode_positions"]
 
