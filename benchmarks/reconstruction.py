@@ -131,9 +131,14 @@ def table(rows) -> str:
     lines = [head]
     for r in rows:
         be = (f"{r['block_loss_before']:.4f} -> {r['block_loss_after']:.4f}" if "block_loss_after" in r else "-")
-        lines.append(f"| {r['method']} | {r['pattern'] or '-'} | {r['reconstruct'] if r['reconstruct'] is not None else 'no'} "
+        lines.append(f"| {r['method']} | {r['pattern'] or '-'} | {_cell(r['reconstruct'])} "
                      f"| {r['ppl']:.2f} | {r.get('prune_seconds', 0):.1f} | {be} |")
     return "\n".join(lines)
+
+
+def _cell(rec: str | None) -> str:
+    """The table's reconstruction cell: ``no``, ``default`` (``+`` alone) or the settings given."""
+    return "no" if rec is None else (rec or "default")
 
 
 def _short(rec: str | None) -> str:
