@@ -83,15 +83,3 @@ __all__ = [
     "plan_model",
     "transposed_weights",
 ]
-
-# The private helpers, for code that imported them from the single-module adapter.
-from dass.arch.modules import (  # noqa: E402,F401
-    _activation,
-    _child,
-    _conv1d_type,
-    _get_path,
-    _in_features,
-    _is_conv1d,
-    _is_linear,
-)
-from dass.arch.plan import _add_linears, _find_glu, _find_glu_blocks  # noqa: E402,F401
