@@ -29,7 +29,6 @@ loads its registry.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +40,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from dass.errors import UserRuntimeError
 from dass.io.hf_registry import QUANT_METHOD, REQUIRES
 from dass.io.nm_codec import FormatError, decompress_nm
-from dass.io.sparse_format import FORMAT_NAME, MASK_SUFFIX, NEGZERO_SUFFIX, VALUES_SUFFIX
+from dass.io.sparse_format import FORMAT_NAME, MASK_SUFFIX, NEGZERO_SUFFIX, VALUES_SUFFIX, nm_matrices_info
 
 _PART_SUFFIXES = {"values": VALUES_SUFFIX, "mask": MASK_SUFFIX, "negzero": NEGZERO_SUFFIX}
 
@@ -91,12 +90,7 @@ def _read_header(path: str) -> list[_Compressed]:
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         keys = set(f.keys())
-    if meta.get("format") != FORMAT_NAME:
-        raise FormatError(f"{path}: not a {FORMAT_NAME} file (format={meta.get('format')!r})")
-    try:
-        info = json.loads(meta.get("nm_matrices", "{}"))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: unreadable nm_matrices metadata: {e}") from e
+    info = nm_matrices_info(path, meta)
     out = []
     for name, e in info.items():
         parts = tuple(p for p, s in _PART_SUFFIXES.items() if name + s in keys)

@@ -100,6 +100,15 @@ def _grouped_shape(shape: tuple[int, int], m: int, orientation: str) -> tuple[in
     return (out // m, m, inp)
 
 
+def _matrix_groups(W: torch.Tensor, n: int, m: int, orientation: str) -> tuple[tuple[int, int, int], int]:
+    """Check ``W`` (2-D) and the pattern; the grouped shape of ``W`` and its group dimension."""
+    _check_nm(n, m)
+    _check_orientation(orientation)
+    if W.dim() != 2:
+        raise FormatError(f"expected a 2-D weight, got shape {list(W.shape)}")
+    return _grouped_shape(tuple(W.shape), m, orientation), _group_dim(orientation)
+
+
 def compressed_shapes(shape, n: int, m: int, orientation: str) -> dict[str, tuple[int, ...]]:
     """Shapes of the ``values`` and ``mask`` tensors for a matrix of ``shape``."""
     _check_nm(n, m)
@@ -162,12 +171,7 @@ def nm_mask(W: torch.Tensor, n: int, m: int, orientation: str) -> torch.Tensor:
 
     Raises ``ValueError`` if some group holds more than ``n`` nonzeros.
     """
-    _check_nm(n, m)
-    _check_orientation(orientation)
-    if W.dim() != 2:
-        raise FormatError(f"expected a 2-D weight, got shape {list(W.shape)}")
-    gshape = _grouped_shape(tuple(W.shape), m, orientation)
-    gdim = _group_dim(orientation)
+    gshape, gdim = _matrix_groups(W, n, m, orientation)
     Wg = W.reshape(gshape)
     nz, negzero = _float_view_nonzero(Wg)
     count = nz.sum(dim=gdim)
@@ -215,12 +219,7 @@ def compress_nm(
     ``n`` per group and ``W`` must be zero outside it. Without it the positions are chosen
     from ``W`` deterministically. Raises ``ValueError`` when ``W`` is not N:M.
     """
-    _check_nm(n, m)
-    _check_orientation(orientation)
-    if W.dim() != 2:
-        raise FormatError(f"expected a 2-D weight, got shape {list(W.shape)}")
-    gshape = _grouped_shape(tuple(W.shape), m, orientation)
-    gdim = _group_dim(orientation)
+    gshape, gdim = _matrix_groups(W, n, m, orientation)
     if mask is None:
         keep = nm_mask(W, n, m, orientation)
     else:

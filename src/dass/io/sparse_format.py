@@ -276,19 +276,26 @@ def _safetensor_error() -> type[Exception]:
     return SafetensorError
 
 
+def nm_matrices_info(path: str, meta: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The per-matrix entries of a compressed file's header metadata (``meta``), checked:
+    a file of another format or with unreadable entries is a :class:`FormatError`."""
+    if meta.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: not a {FORMAT_NAME} file (format={meta.get('format')!r})")
+    try:
+        info = json.loads(meta.get("nm_matrices", "{}"))
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: unreadable nm_matrices metadata: {e}") from e
+    if not isinstance(info, dict) or not all(isinstance(e, dict) for e in info.values()):
+        raise FormatError(f"{path}: unreadable nm_matrices metadata")
+    return info
+
+
 def _load_compressed(path: str, device: str | torch.device, return_info: bool):
     from safetensors import safe_open
 
     with safe_open(path, framework="pt", device=str(device)) as f:
         meta = f.metadata() or {}
-        if meta.get("format") != FORMAT_NAME:
-            raise FormatError(f"{path}: not a {FORMAT_NAME} file (format={meta.get('format')!r})")
-        try:
-            info = json.loads(meta.get("nm_matrices", "{}"))
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}: unreadable nm_matrices metadata: {e}") from e
-        if not isinstance(info, dict) or not all(isinstance(e, dict) for e in info.values()):
-            raise FormatError(f"{path}: unreadable nm_matrices metadata")
+        info = nm_matrices_info(path, meta)
         keys = set(f.keys())
         out: dict[str, torch.Tensor] = {}
         comp_keys = set()

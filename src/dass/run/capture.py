@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,17 +31,23 @@ def move_module(module: nn.Module, device: torch.device | str) -> None:
     module._apply(lambda t: t if t.is_meta else t.to(device))
 
 
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside (nested tuples, lists, dicts);
+    other values as they are. A layer's call arguments are such nests."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(fn, o) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(fn, o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
 def to_device(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
     """``obj`` with every tensor inside (nested tuples, lists, dicts) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device, non_blocking) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device, non_blocking) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
-    return obj
+    return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), obj)
 
 
 _DROP_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past")

@@ -36,7 +36,7 @@ from dass.methods.options import (
     option,
 )
 from dass.run import distributed
-from dass.run.capture import first_output, to_device
+from dass.run.capture import first_output, map_tensors, to_device
 from dass.run.memory import to_store
 
 
@@ -161,15 +161,10 @@ def _trainable(block: Block, jobs: list[tuple[MatrixRef, MatrixResult]]) -> tupl
 def _select(obj: Any, batch: int, idx: torch.Tensor) -> Any:
     """Sequences ``idx`` of every tensor in a call's arguments whose first dimension is the
     batch (``batch`` sequences); other values (broadcast masks, None) as they are."""
-    if isinstance(obj, torch.Tensor):
-        return obj.index_select(0, idx.to(obj.device)) if obj.dim() and obj.shape[0] == batch and batch > 1 else obj
-    if isinstance(obj, tuple):
-        return tuple(_select(o, batch, idx) for o in obj)
-    if isinstance(obj, list):
-        return [_select(o, batch, idx) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _select(v, batch, idx) for k, v in obj.items()}
-    return obj
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, idx.to(t.device)) if t.dim() and t.shape[0] == batch and batch > 1 else t
+
+    return map_tensors(pick, obj)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype, precision: str) -> torch.dtype | None:
