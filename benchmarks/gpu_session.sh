@@ -3,8 +3,8 @@
 # stays warm between them, so what a stage leaves under out/gpu/, ignored by .gitignore, is there for
 # the next).
 # The embedded model (a 98 MB GGUF) and the zero-shot packages do not fit the 64 MiB a call
-# carries, so they travel in pieces: stage A carries .gpu/a, B .gpu/b, C .gpu/c (made with
-# benchmarks/gpu_payload.sh on a machine with the project's .venv).
+# carries, so they travel in pieces: the first call of a session carries .gpu/x, the second
+# .gpu/y (made with benchmarks/gpu_payload.sh on a machine with the project's .venv).
 #
 #   A: reconstruction and the compressed-checkpoint loader checked on CUDA; a 2-layer 7B
 #      reconstruction probe; dass.infer's GPU tests and benchmarks (benchmarks/gpu_infer.sh)
@@ -15,6 +15,9 @@
 #
 #   P, Q, R (the second session): keep_dense dispatch and generate(); zero-shot of the 2:4 model
 #      at the default reconstruction with 1000 steps; DaSS, the steps curve and a higher rate
+#   S, T, U (the third session): the 7B shape with reconstruction to the dense model
+#      (target=model); zero-shot and perplexity with target=model; issue 15's table on the
+#      embedded model; auto alpha under reconstruction
 #
 #   STAGE=A OUT=/dir bash benchmarks/gpu_session.sh
 set -u
@@ -27,12 +30,14 @@ PY=python3
 START=$(date +%s)
 say() { echo "[$(($(date +%s) - START)) s] $*"; }
 install() { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" 2>&1 | tail -2; }
+# the second call's payload: lm-eval's last wheel and the zero-shot data (put on PYTHONPATH)
+unpack_y() { install .gpu/y/whl/*.whl; mkdir -p /tmp/zs && tar xJf .gpu/y/site.tar.xz -C /tmp/zs; }
 GGUF=out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf
 
 case $STAGE in
 A)
-    cp .gpu/a/* out/gpu/  # for stages B and C, which do not carry .gpu/a (out/ is ignored by .gitignore:
-    install out/gpu/*.whl  # kept on the warm machine between calls)
+    mkdir -p out/gpu && cp -r .gpu/x/* out/gpu/  # for stage B, which does not carry .gpu/x (out/ is
+    install out/gpu/whl/*.whl                    # ignored by .gitignore: kept on the warm machine)
     [ "${STASH_ONLY:-0}" = 1 ] && { ls -la out/gpu; exit 0; }
     say "reconstruction on CUDA (tiny models, bf16 and fp32)"
     timeout 60 $PY - >"$OUT/recon_cuda.log" 2>&1 <<'EOF'
@@ -62,8 +67,8 @@ EOF
     say "done"
     ;;
 B)
-    install out/gpu/*.whl
-    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/b/smollm2.gguf.part01 .gpu/b/smollm2.gguf.part02 > "$GGUF"
+    install out/gpu/whl/*.whl
+    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
     sha256sum "$GGUF" | cut -c1-16
     say "reconstruction grid"
     timeout 430 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --grid default \
@@ -92,7 +97,8 @@ X)  # carries .gpu/x: the first piece of the GGUF, the token ids, the wheels (lm
     ;;
 Y)  # carries .gpu/y: the other pieces of the GGUF and the zero-shot data
     install out/gpu/whl/*.whl
-    export PYTHONPATH="/tmp/site:.gpu/y/site:src:tests"
+    unpack_y
+    export PYTHONPATH="/tmp/site:/tmp/zs/site:src:tests"
     [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
     sha256sum "$GGUF" | cut -c1-16
     say "the best 2:4 model of stage B, with zero-shot accuracy"
@@ -124,7 +130,8 @@ P)  # second session, call 1 of 3 (carries .gpu/x): "never slower than dense" wi
     ;;
 Q)  # call 2 of 3 (carries .gpu/y): zero-shot of the best 2:4 setting; DaSS and the steps curve at the defaults
     install out/gpu/whl/*.whl
-    export PYTHONPATH="/tmp/site:.gpu/y/site:src:tests"
+    unpack_y
+    export PYTHONPATH="/tmp/site:/tmp/zs/site:src:tests"
     [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
     sha256sum "$GGUF" | cut -c1-16
     say "zero-shot"
@@ -145,6 +152,48 @@ R)  # call 3 of 3 (carries nothing; the model is in out/gpu from Q)
         --configs ${R_CONFIGS:-"dass:alpha=1@2:4+" "wanda@2:4+lr=0.03" "wanda@2:4+steps=1000" "dass:alpha=auto@2:4+"} \
         --budget 400 --out "$OUT/recon_r" >"$OUT/recon_r.log" 2>&1
     tail -8 "$OUT/recon_r.log"
+    say "done"
+    ;;
+S)  # third session, call 1 of 3 (carries .gpu/x): what target=model costs on the 7B shape
+    mkdir -p out/gpu && cp -r .gpu/x/* out/gpu/
+    install out/gpu/whl/*.whl
+    say "7B shape, 32 layers, reconstruction to the dense model"
+    timeout "${S_LIMIT:-330}" $PY benchmarks/bench_prune.py --shape 7b --mode memory --methods dass \
+        --reconstruct "target=model" --out "$OUT/recon7b_model.json" >"$OUT/recon7b_model.log" 2>&1
+    tail -6 "$OUT/recon7b_model.log"
+    say "done"
+    ;;
+T)  # call 2 of 3 (carries .gpu/y): target=model on the embedded model, zero-shot of the 2:4 model
+    install out/gpu/whl/*.whl
+    unpack_y
+    export PYTHONPATH="/tmp/site:/tmp/zs/site:src:tests"
+    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
+    sha256sum "$GGUF" | cut -c1-16
+    say "zero-shot with target=model"
+    timeout 280 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
+        --configs "${ZS_CONFIG:-sparsegpt@2:4+steps=500,lr=0.003,target=model}" \
+        --zeroshot piqa,hellaswag,winogrande,arc_easy,arc_challenge --out "$OUT/zeroshot3" >"$OUT/zeroshot3.log" 2>&1
+    tail -4 "$OUT/zeroshot3.log"
+    say "target=model against target=block"
+    timeout "${T_LIMIT:-290}" $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt \
+        --device cuda --configs ${T_CONFIGS:-"wanda@2:4+target=model" "dass@2:4+target=model" "sparsegpt@4:8+steps=500,lr=0.003,target=model"} \
+        --budget 200 --out "$OUT/recon_t" >"$OUT/recon_t.log" 2>&1
+    tail -6 "$OUT/recon_t.log"
+    say "done"
+    ;;
+U)  # call 3 of 3 (carries nothing): issue 15's table on the embedded model; auto under reconstruction
+    export PYTHONPATH="/tmp/site:/tmp/zs/site:src:tests"
+    say "alpha table, the embedded model"
+    mkdir -p .alpha-gpu && ln -sf "../$GGUF" .alpha-gpu/SmolLM2-135M-Instruct.Q4_1.gguf \
+        && ln -sf ../out/gpu/tokens-smollm2.pt .alpha-gpu/tokens-smollm2.pt
+    CONFIGS="dense wanda dass:alpha=0.5 dass:alpha=1 dass:alpha=auto dass:alpha=auto,rescale=none" \
+        MODELS=smollm2 LIMIT_S=${ALPHA_LIMIT:-300} OUT=out/gpu/alpha3 \
+        timeout 320 bash benchmarks/gpu_alpha.sh >"$OUT/alpha_console.log" 2>&1
+    (cd out/gpu && tar czf "$OUT/alpha3.tgz" alpha3)
+    say "auto alpha under reconstruction"
+    timeout "${U_LIMIT:-200}" $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt \
+        --device cuda --configs ${U_CONFIGS:-"dass:alpha=auto@2:4+"} --out "$OUT/recon_u" >"$OUT/recon_u.log" 2>&1
+    tail -6 "$OUT/recon_u.log"
     say "done"
     ;;
 esac

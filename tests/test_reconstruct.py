@@ -136,6 +136,65 @@ def test_streaming_equals_in_memory(tmp_path):
     assert rep.blocks == rep_ref.blocks
 
 
+def _final_state_error(model, dense, ids):
+    with torch.no_grad():
+        h = model(ids, output_hidden_states=True).hidden_states[-1]
+        ref = dense(ids, output_hidden_states=True).hidden_states[-1]
+    return float((h - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+def test_model_target_fits_the_dense_model():
+    """target=model fits each block to the dense model's own block output: the first layer
+    sees the same inputs and targets as target=block (identical weights there); later layers
+    differ, stay exactly N:M, and the pruned model's last hidden state on the calibration
+    tokens ends closer to the dense model's."""
+    ids = calib(6, 24)
+    layers = dict(num_hidden_layers=3)
+    block, model = tiny_model("llama", **layers), tiny_model("llama", **layers)
+    dass.prune(block, "wanda", "2:4", calibration=ids, batch_size=3, progress=False, reconstruct=FEW)
+    rep = dass.prune(model, "wanda", "2:4", calibration=ids, batch_size=3, progress=False,
+                     reconstruct=FEW + ",target=model")
+    a, b = _params(block), _params(model)
+    assert all(torch.equal(a[k], b[k]) for k in a if ".layers.0." in k)
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".layers.2.mlp." in k)
+    for m in rep.matrices:
+        assert nm_violations(b[m.name], 2, 4, m.orientation) == 0, m.key
+    assert all(blk["loss_after"] <= blk["loss_before"] for blk in rep.blocks)
+    assert rep.reconstruct["target"] == "model"
+    dense = tiny_model("llama", **layers)
+    assert _final_state_error(model, dense, ids) < 0.95 * _final_state_error(block, dense, ids)
+
+
+def test_model_target_streams_and_resumes(tmp_path):
+    """Under --stream the dense model's activations travel with the run's saved state: a run
+    stopped after a layer and resumed gives the in-memory result."""
+    from transformers import AutoModelForCausalLM
+
+    from dass.run.streaming import prune_checkpoint
+
+    src = tmp_path / "src"
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(src, max_shard_size="40KB")
+    ids, spec = calib(6, 24), FEW + ",target=model"
+
+    class Stop(Exception):
+        pass
+
+    def crash(layer):
+        if layer == 2:
+            raise Stop
+
+    kw = dict(batch_size=4, progress=False, reconstruct=spec, checkpoint_seconds=0)
+    with pytest.raises(Stop):
+        prune_checkpoint(src, tmp_path / "out", "wanda", "2:4", "mlp", ids, after_layer=crash, **kw)
+    rep = prune_checkpoint(src, tmp_path / "out", "wanda", "2:4", "mlp", ids, **kw)
+    assert any("resumed at layer 2" in n for n in rep.notes)
+    ref = AutoModelForCausalLM.from_pretrained(src)
+    dass.prune(ref, "wanda", "2:4", calibration=ids, batch_size=4, progress=False, reconstruct=spec)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(got[k], v), k
+
+
 # ------------------------------------------------------------------------ the maths
 
 

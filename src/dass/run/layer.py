@@ -9,6 +9,11 @@ run. Two things keep it cheap on a GPU:
   are reconstructed, which needs the dense MLP's output as the target);
 - under scope ``mlp`` the next layer's input is computed from the MLP branch alone
   (:mod:`dass.run.propagate`).
+
+With reconstruction to the dense *model* (``--reconstruct target=model``) the step also
+carries the dense model's own activations from layer to layer (:attr:`LayerStep.dense`):
+before pruning, the still-dense layer runs on them once, which gives each block's target
+and the dense activations entering the next layer.
 """
 
 from __future__ import annotations
@@ -176,12 +181,35 @@ class LayerStep:
         self.progress = progress
         self.fast = FastPath(report, fast_mlp)
         self.profile = profile
+        #: the dense model's activations entering the next layer, one per batch (target=model)
+        self.dense: list[torch.Tensor] | None = None
+
+    @property
+    def keeps_dense(self) -> bool:
+        """Whether the step carries the dense model's activations (``target=model``)."""
+        return self.reconstruct is not None and self.reconstruct.target == "model"
+
+    def activations(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What a resumable run saves between layers: ``hidden``, then the dense model's
+        activations when the step carries them."""
+        return hidden + (self.dense or []) if self.keeps_dense else hidden
+
+    def restore(self, saved: list[torch.Tensor], batches: int) -> list[torch.Tensor] | None:
+        """The inverse of :meth:`activations`: the pruned model's activations (None when
+        ``saved`` does not hold what this step saves for ``batches`` batches)."""
+        if len(saved) != batches * (2 if self.keeps_dense else 1):
+            return None
+        if self.keeps_dense:
+            self.dense = saved[batches:]
+        return saved[:batches]
 
     @staticmethod
     def units(batches: int, reconstruct: ReconstructOptions | None, blocks: int) -> int:
-        """Progress units of one layer: each batch twice (statistics, propagation), plus
-        the reconstruction steps of its blocks."""
-        return 2 * batches + (reconstruct.steps * blocks if reconstruct is not None else 0)
+        """Progress units of one layer: each batch twice (statistics, propagation), once
+        more for the dense model's pass (``target=model``), plus the reconstruction steps."""
+        if reconstruct is None:
+            return 2 * batches
+        return (3 if reconstruct.target == "model" else 2) * batches + reconstruct.steps * blocks
 
     def _tick(self, units: int = 1) -> None:
         if self.progress is not None:
@@ -190,6 +218,26 @@ class LayerStep:
     def _phase(self, plan: LayerPlan, phase: str) -> None:
         if self.progress is not None:
             self.progress.phase(plan.index, phase)
+
+    def _dense_pass(self, plan: LayerPlan, hidden: list[torch.Tensor], calls: dict, blocks: list) -> dict:
+        """Run the still-dense layer on the dense model's activations (first layer: the
+        calibration activations themselves): returns each block's outputs, the targets of
+        ``target=model``, and moves :attr:`dense` on to the next layer."""
+        if self.dense is None:
+            self.dense = [h.clone() for h in hidden]
+        recorder = BlockRecorder(blocks, self.store, inputs=False)
+        handles = recorder.register()
+        self._phase(plan, "dense model")
+        try:
+            for j, h in enumerate(self.dense):
+                args, kwargs = calls[h.shape[0]]
+                out = first_output(plan.layer(h.to(self.device, non_blocking=True), *args, **kwargs))
+                self.dense[j] = to_store(out, self.store, h)
+                self._tick()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return recorder.outputs
 
     @torch.no_grad()
     def __call__(self, plan: LayerPlan, hidden: list[torch.Tensor], calls: dict[int, tuple[tuple, dict[str, Any]]]) -> None:
@@ -208,11 +256,15 @@ class LayerStep:
             key: FeatureStats(n, dev, with_hessian=method.needs_hessian, max_samples=method.sample_tokens)
             for key, n in plan.feature_sizes().items()
         }
+        blocks = [] if self.reconstruct is None else [
+            b for b in plan.blocks if b.name != "attention" or self.reconstruct.attention]
+        targets = self._dense_pass(plan, hidden, calls, blocks) if self.keeps_dense else None
         handles = register_stat_hooks(plan, stats)
         recorder = None
         if self.reconstruct is not None:
-            blocks = [b for b in plan.blocks if b.name != "attention" or self.reconstruct.attention]
-            recorder = BlockRecorder(blocks, store)
+            recorder = BlockRecorder(blocks, store, outputs=targets is None)
+            if targets is not None:
+                recorder.outputs = targets
             handles += recorder.register()
         mid: dict[str, torch.Tensor] = {}
         if branch is not None:

@@ -59,6 +59,10 @@ class ReconstructOptions(MethodOptions):
     eval_tokens: int = option(4096, "calibration tokens the block error before/after is measured on",
                               as_positive_int)
     seed: int = option(0, "seed of the row sampling", as_nonneg_int)
+    target: str = option("block", "what each block is fitted to: block (the dense block's output on the pruned "
+                         "model's inputs) or model (the dense model's own block output, so the fit also corrects "
+                         "the error of the layers before; one more forward pass and one more set of activations)",
+                         one_of("block", "model"))
 
 
 def reconstruct_options(value: Any) -> ReconstructOptions | None:
@@ -111,11 +115,16 @@ class BatchLayout:
 
 
 class BlockRecorder:
-    """Hooks for the statistics pass: each block's call (inputs) and dense output, per batch."""
+    """Hooks for the statistics pass: each block's call (inputs) and dense output, per batch.
 
-    def __init__(self, blocks: list[Block], store: torch.device) -> None:
+    ``inputs``/``outputs``: what to record. With ``target=model`` the calls come from the
+    pruned model's statistics pass and the outputs from a pass of the dense layer over the
+    dense model's own activations."""
+
+    def __init__(self, blocks: list[Block], store: torch.device, inputs: bool = True, outputs: bool = True) -> None:
         self.blocks = blocks
         self.store = store
+        self.inputs, self.record_outputs = inputs, outputs
         self.calls: dict[str, list[tuple[tuple, dict]]] = {b.name: [] for b in blocks}
         self.outputs: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
 
@@ -132,8 +141,10 @@ class BlockRecorder:
             def post(module: nn.Module, args: tuple, output: Any, name: str = b.name):
                 self.outputs[name].append(to_store(first_output(output).detach(), self.store))
 
-            handles.append(b.module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(b.module.register_forward_hook(post))
+            if self.inputs:
+                handles.append(b.module.register_forward_pre_hook(pre, with_kwargs=True))
+            if self.record_outputs:
+                handles.append(b.module.register_forward_hook(post))
         return handles
 
 

@@ -152,8 +152,9 @@ class RunSpec:
     def store(self, device: torch.device, ids: torch.Tensor, hidden_size: int, dtype: torch.dtype,
               reserve: int = 0) -> torch.device:
         """Where the calibration activations live: reconstruction keeps two more sets (each
-        block's inputs and dense outputs), so it counts three."""
-        sets = 3 if self.reconstruct is not None else 1
+        block's inputs and dense outputs), so it counts three; four when the dense model's
+        own activations travel beside the pruned model's (``target=model``)."""
+        sets = 1 if self.reconstruct is None else 4 if self.reconstruct.target == "model" else 3
         return choose_store(device, self.activations, sets * activation_bytes(ids, hidden_size, dtype), reserve)
 
     def layout(self, ids: torch.Tensor) -> BatchLayout:

@@ -293,9 +293,10 @@ class _StreamRun:
                                 False, restore=False)
         if self.saved is not None and self.start > 0:
             loaded = self.state.activations(self.saved)
-            if loaded is None or len(loaded) != len(inputs.hidden):
+            hidden = None if loaded is None else step.restore([_place(h, store) for h in loaded], len(inputs.hidden))
+            if hidden is None:
                 raise CheckpointError(f"{self.state.dir}: saved activations do not match the calibration batches")
-            inputs.hidden = [_place(h, store) for h in loaded]
+            inputs.hidden = hidden
         self.report.capture_seconds = time.perf_counter() - t_cap
         return step, inputs
 
@@ -369,7 +370,8 @@ def _stream_layers(ckpt, model, plans, layer_keys, partial, total_shards, spec, 
                 pending.result()
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                state.commit(done, inputs.hidden if inputs is not None else None, _report_state(report))
+                state.commit(done, step.activations(inputs.hidden) if inputs is not None else None,
+                             _report_state(report))
                 last_commit = time.perf_counter()
         if pending is not None:
             pending.result()
