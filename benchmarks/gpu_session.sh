@@ -30,9 +30,16 @@ PY=python3
 START=$(date +%s)
 say() { echo "[$(($(date +%s) - START)) s] $*"; }
 install() { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" 2>&1 | tail -2; }
-# the second call's payload: lm-eval's last wheel and the zero-shot data (put on PYTHONPATH)
-unpack_y() { install .gpu/y/whl/*.whl; mkdir -p /tmp/zs && tar xJf .gpu/y/site.tar.xz -C /tmp/zs; }
 GGUF=out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf
+# the second call's payload (.gpu/y): the wheels of both payloads installed, the zero-shot data on
+# PYTHONPATH, the model's pieces joined to the first one (kept in out/gpu by the first call)
+take_y() {
+    install out/gpu/whl/*.whl .gpu/y/whl/*.whl
+    mkdir -p /tmp/zs && tar xJf .gpu/y/site.tar.xz -C /tmp/zs
+    export PYTHONPATH="/tmp/site:/tmp/zs/site:src:tests"
+    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
+    sha256sum "$GGUF" | cut -c1-16
+}
 
 case $STAGE in
 A)
@@ -67,9 +74,7 @@ EOF
     say "done"
     ;;
 B)
-    install out/gpu/whl/*.whl
-    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
-    sha256sum "$GGUF" | cut -c1-16
+    take_y
     say "reconstruction grid"
     timeout 430 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --grid default \
         --device cuda --budget "${RECON_BUDGET:-360}" --resume --save-best out/gpu/best24 --out out/gpu/recon \
@@ -96,11 +101,7 @@ X)  # carries .gpu/x: the first piece of the GGUF, the token ids, the wheels (lm
     say "done"
     ;;
 Y)  # carries .gpu/y: the other pieces of the GGUF and the zero-shot data
-    install out/gpu/whl/*.whl
-    unpack_y
-    export PYTHONPATH="/tmp/site:/tmp/zs/site:src:tests"
-    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
-    sha256sum "$GGUF" | cut -c1-16
+    take_y
     say "the best 2:4 model of stage B, with zero-shot accuracy"
     timeout 260 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
         --configs "${ZS_CONFIG:-sparsegpt@2:4+steps=500,lr=0.003}" --zeroshot piqa,hellaswag,winogrande,arc_easy,arc_challenge \
@@ -129,11 +130,7 @@ P)  # second session, call 1 of 3 (carries .gpu/x): "never slower than dense" wi
     say "done"
     ;;
 Q)  # call 2 of 3 (carries .gpu/y): zero-shot of the best 2:4 setting; DaSS and the steps curve at the defaults
-    install out/gpu/whl/*.whl
-    unpack_y
-    export PYTHONPATH="/tmp/site:/tmp/zs/site:src:tests"
-    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
-    sha256sum "$GGUF" | cut -c1-16
+    take_y
     say "zero-shot"
     timeout 300 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
         --configs "${ZS_CONFIG:-sparsegpt@2:4+steps=1000}" --zeroshot piqa,hellaswag,winogrande,arc_easy,arc_challenge \
@@ -164,11 +161,7 @@ S)  # third session, call 1 of 3 (carries .gpu/x): what target=model costs on th
     say "done"
     ;;
 T)  # call 2 of 3 (carries .gpu/y): target=model on the embedded model, zero-shot of the 2:4 model
-    install out/gpu/whl/*.whl
-    unpack_y
-    export PYTHONPATH="/tmp/site:/tmp/zs/site:src:tests"
-    [ -f "$GGUF" ] || cat out/gpu/smollm2.gguf.part00 .gpu/y/smollm2.gguf.part01 .gpu/y/smollm2.gguf.part02 > "$GGUF"
-    sha256sum "$GGUF" | cut -c1-16
+    take_y
     say "zero-shot with target=model"
     timeout 280 $PY benchmarks/reconstruction.py --model "$GGUF" --tokens out/gpu/tokens-smollm2.pt --device cuda \
         --configs "${ZS_CONFIG:-sparsegpt@2:4+steps=500,lr=0.003,target=model}" \
