@@ -28,20 +28,23 @@ def _masks(model):
     return {n: p != 0 for n, p in model.named_parameters() if p.dim() == 2}
 
 
-@pytest.mark.parametrize("arch,method,pattern,scope", [
-    ("llama", "wanda", "2:4", "mlp"),
-    ("llama", "dass", "4:8", "all"),
-    ("mixtral", "dass", "2:4", "mlp"),
-    ("phi3", "sparsegpt", "2:4", "mlp"),
-    ("gemma3", "wanda", "0.5", "all"),
+@pytest.mark.parametrize("arch,method,pattern,scope,target", [
+    ("llama", "wanda", "2:4", "mlp", "block"),
+    ("llama", "dass", "4:8", "all", "block"),
+    ("mixtral", "dass", "2:4", "mlp", "block"),
+    ("phi3", "sparsegpt", "2:4", "mlp", "block"),
+    ("gemma3", "wanda", "0.5", "all", "block"),
+    ("gemma3", "wanda", "2:4", "all", "model"),
+    ("mixtral", "wanda", "2:4", "mlp", "model"),
 ])
-def test_masks_unchanged_and_block_error_drops(arch, method, pattern, scope):
+def test_masks_unchanged_and_block_error_drops(arch, method, pattern, scope, target):
     torch.manual_seed(0)
     ids = calib(6, 24)
     plain = tiny_model(arch)
     dass.prune(plain, method, pattern, scope, calibration=ids, batch_size=3, progress=False)
     model = tiny_model(arch)
-    rep = dass.prune(model, method, pattern, scope, calibration=ids, batch_size=3, progress=False, reconstruct=FEW)
+    rep = dass.prune(model, method, pattern, scope, calibration=ids, batch_size=3, progress=False,
+                     reconstruct=f"{FEW},target={target}")
     p = parse_pattern(pattern)
     pruned = {m.name for m in rep.matrices}
     # the first layer sees the same inputs with and without reconstruction: same masks there
