@@ -154,6 +154,10 @@ def test_compare_writes_table_json_plot(tiny_dir, tmp_path, capsys):
         ("dense", None), ("dass", "2:4"), ("dass", "unstructured:0.5"), ("wanda", "2:4"),
         ("wanda", "unstructured:0.5"), ("magnitude", "2:4"), ("magnitude", "unstructured:0.5")]
     assert rows[0]["sparsity_pruned"] == 0
+    # what the last bits of a result depend on is recorded beside it
+    meta = data["meta"]
+    assert meta["cpu"] and set(meta["versions"]) == {"dass", "torch", "transformers"}
+    assert meta["versions"]["torch"] == torch.__version__ and meta["torch_threads"] == torch.get_num_threads()
     for r in rows[1:]:
         assert r["sparsity_pruned"] == pytest.approx(0.5)
         assert 0.3 < r["sparsity_decoder"] < 0.5  # attention stays dense under scope mlp

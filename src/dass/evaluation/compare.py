@@ -14,6 +14,7 @@ import torch
 
 from dass.arch import all_decoder_linears
 from dass.core.patterns import parse_pattern
+from dass.run.report import cpu_name, versions
 
 if TYPE_CHECKING:
     from dass.run.spec import RunSpec
@@ -163,6 +164,8 @@ def _meta(args: argparse.Namespace, model: torch.nn.Module, device: str, tasks: 
         "device": device,
         "dtype": str(next(model.parameters()).dtype),
         "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "versions": versions(),
     }
 
 

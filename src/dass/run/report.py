@@ -12,6 +12,31 @@ from typing import Any
 from dass.core.alpha_report import alpha_summary
 
 
+def versions() -> dict[str, str]:
+    """The versions a result was made with (a resumed run must match them)."""
+    import torch
+    import transformers
+
+    from dass import __version__
+
+    return {"dass": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def cpu_name() -> str:
+    """The CPU's model name: float results differ in their last bits between CPUs (and
+    thread counts), which can move a near-tie mask choice, so results record it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @dataclass
 class MatrixReport:
     key: str

@@ -46,7 +46,7 @@ from dass.run.capture import capture_inputs, move_module
 from dass.run.claim import guarded_run
 from dass.run.layer import prune_layer
 from dass.run.memory import release_host_memory
-from dass.run.report import MatrixReport, PruneReport
+from dass.run.report import MatrixReport, PruneReport, versions
 from dass.run.resume import RunState, atomic_save_tensors, atomic_write_bytes, read_and_digest, source_digest
 from dass.run.spec import RunSpec
 
@@ -243,7 +243,7 @@ class _StreamRun:
             "calibration": None if self.ids is None else tensor_digest(self.ids),
             "dtype": str(self.dtype),
             "device": self.dev.type,
-            "versions": _versions(),
+            "versions": versions(),
         }
         if settings["reconstruct"] is None:  # the same settings hash as before reconstruction existed
             del settings["reconstruct"]
@@ -381,11 +381,3 @@ def _place(h: torch.Tensor, store: torch.device) -> torch.Tensor:
     if store.type == "cpu" and torch.cuda.is_available():
         return h.pin_memory()
     return h.to(store)
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from dass import __version__
-
-    return {"dass": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
