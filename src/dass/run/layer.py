@@ -187,7 +187,7 @@ class LayerStep:
     @property
     def keeps_dense(self) -> bool:
         """Whether the step carries the dense model's activations (``target=model``)."""
-        return self.reconstruct is not None and self.reconstruct.target == "model"
+        return self.reconstruct is not None and self.reconstruct.dense_stream
 
     def activations(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """What a resumable run saves between layers: ``hidden``, then the dense model's
@@ -209,7 +209,7 @@ class LayerStep:
         more for the dense model's pass (``target=model``), plus the reconstruction steps."""
         if reconstruct is None:
             return 2 * batches
-        return (3 if reconstruct.target == "model" else 2) * batches + reconstruct.steps * blocks
+        return (3 if reconstruct.dense_stream else 2) * batches + reconstruct.steps * blocks
 
     def _tick(self, units: int = 1) -> None:
         if self.progress is not None:

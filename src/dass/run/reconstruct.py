@@ -64,6 +64,11 @@ class ReconstructOptions(MethodOptions):
                          "the error of the layers before; one more forward pass and one more set of activations)",
                          one_of("block", "model"))
 
+    @property
+    def dense_stream(self) -> bool:
+        """Whether the run carries the dense model's activations beside the pruned ones."""
+        return self.target == "model"
+
 
 def reconstruct_options(value: Any) -> ReconstructOptions | None:
     """``None``/``False`` (off), ``True`` or ``""`` (defaults), a spec ``"steps=200,lr=0.02"``,

@@ -154,7 +154,7 @@ class RunSpec:
         """Where the calibration activations live: reconstruction keeps two more sets (each
         block's inputs and dense outputs), so it counts three; four when the dense model's
         own activations travel beside the pruned model's (``target=model``)."""
-        sets = 1 if self.reconstruct is None else 4 if self.reconstruct.target == "model" else 3
+        sets = 1 if self.reconstruct is None else 4 if self.reconstruct.dense_stream else 3
         return choose_store(device, self.activations, sets * activation_bytes(ids, hidden_size, dtype), reserve)
 
     def layout(self, ids: torch.Tensor) -> BatchLayout:
