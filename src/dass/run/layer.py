@@ -262,9 +262,7 @@ class LayerStep:
         handles = register_stat_hooks(plan, stats)
         recorder = None
         if self.reconstruct is not None:
-            recorder = BlockRecorder(blocks, store, outputs=targets is None)
-            if targets is not None:
-                recorder.outputs = targets
+            recorder = BlockRecorder(blocks, store, targets=targets)
             handles += recorder.register()
         mid: dict[str, torch.Tensor] = {}
         if branch is not None:

@@ -122,16 +122,18 @@ class BatchLayout:
 class BlockRecorder:
     """Hooks for the statistics pass: each block's call (inputs) and dense output, per batch.
 
-    ``inputs``/``outputs``: what to record. With ``target=model`` the calls come from the
-    pruned model's statistics pass and the outputs from a pass of the dense layer over the
-    dense model's own activations."""
+    ``inputs``: record the calls. ``targets``: outputs recorded elsewhere, used instead of
+    recording this pass's (with ``target=model`` the calls come from the pruned model's
+    statistics pass and the outputs from a pass of the dense layer over the dense model's
+    own activations)."""
 
-    def __init__(self, blocks: list[Block], store: torch.device, inputs: bool = True, outputs: bool = True) -> None:
+    def __init__(self, blocks: list[Block], store: torch.device, inputs: bool = True,
+                 targets: dict[str, list[torch.Tensor]] | None = None) -> None:
         self.blocks = blocks
         self.store = store
-        self.inputs, self.record_outputs = inputs, outputs
+        self.inputs, self.record_outputs = inputs, targets is None
         self.calls: dict[str, list[tuple[tuple, dict]]] = {b.name: [] for b in blocks}
-        self.outputs: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
+        self.outputs: dict[str, list[torch.Tensor]] = targets if targets is not None else {b.name: [] for b in blocks}
 
     def register(self) -> list:
         handles = []
