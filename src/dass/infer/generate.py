@@ -9,10 +9,21 @@ Two ways to call it:
   ``LlamaConfig`` with random weights, pruned 2:4 by magnitude (gate/up along the outputs as
   DaSS prunes them, or along the inputs as Wanda does; ``--scope all`` prunes attention too).
 
-Each batch size runs in two modes: ``graphs`` (static KV cache, every decoding step replayed
-from a CUDA graph, :mod:`dass.infer.decode_graphs`) and ``eager`` (plain ``generate()``,
-dynamic cache). The dense model runs first; then the same model is accelerated in place and
-runs again; greedy tokens of the two are compared.
+Each batch size runs in up to three loops ("modes"), dense and 2:4 in the same one:
+
+- ``compiled``: static KV cache and the forward compiled by ``generate()`` itself
+  (``compile_config``: ``torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)``,
+  so each decoding step is one CUDA graph of Inductor's kernels; the accelerated modules are
+  custom operators there, :mod:`dass.infer.ops`). What a user who wants speed runs dense;
+- ``graphs``: static KV cache, every decoding step replayed from a CUDA graph
+  (:mod:`dass.infer.decode_graphs`), no compiler;
+- ``eager``: plain ``generate()``, dynamic cache.
+
+The dense model runs first; then the same model is accelerated in place (``--scope``'s
+matrices) and runs again; greedy tokens of the two are compared. Every row also gives the
+fraction of the memory roofline a decoding step reaches (:mod:`dass.infer.roofline`: the
+bytes it must read, weights as stored plus the KV cache, over its time, against a
+device-to-device copy measured in the same run).
 """
 
 from __future__ import annotations
@@ -29,7 +40,9 @@ import torch
 
 from dass.errors import DassError
 
-__all__ = ["main", "synthetic_model", "prune_24", "measure", "compare"]
+__all__ = ["main", "synthetic_model", "prune_24", "measure", "compare", "scope_manifest", "MODES"]
+
+MODES = ("compiled", "graphs", "eager")
 
 SIZES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
@@ -103,9 +116,11 @@ def _cache_kw(model) -> str:
 def _run(model, ids, new_tokens: int, mode: str, state: dict) -> torch.Tensor:
     kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               attention_mask=torch.ones_like(ids), pad_token_id=0)
-    if mode == "graphs":
+    if mode in ("graphs", "compiled"):
         from transformers import StaticCache
 
+        # what cache_implementation="static" builds, kept across calls: a new cache per call
+        # would move the tensors the compiled step's CUDA graph reads (a re-recording per call)
         key = ids.shape[0]
         cache = state.setdefault("caches", {}).get(key)
         if cache is None:
@@ -113,8 +128,59 @@ def _run(model, ids, new_tokens: int, mode: str, state: dict) -> torch.Tensor:
         else:
             cache.reset()
         kw[_cache_kw(model)] = cache
-        kw["disable_compile"] = True
+        if mode == "graphs":
+            kw["disable_compile"] = True
+        else:
+            kw["compile_config"] = state["compile_config"]
     return model.generate(ids, **kw)
+
+
+def compile_config(device: torch.device, backend: str | None = None):
+    """The ``CompileConfig`` of the ``compiled`` loop: reduce-overhead (CUDA graphs), one
+    graph per step (``fullgraph``), static shapes (one compile per batch size: decoding
+    shapes do not change within a batch). Off the GPU (dry runs) ``aot_eager``, asked for
+    explicitly since ``generate()`` compiles only on accelerators by default."""
+    from transformers import CompileConfig
+
+    if backend is None:
+        backend = "inductor" if device.type == "cuda" else "aot_eager"
+    cfg = CompileConfig(fullgraph=True, dynamic=False, backend=backend,
+                        mode="reduce-overhead" if backend == "inductor" else None)
+    if device.type != "cuda":
+        cfg._compile_all_devices = True
+    return cfg
+
+
+def _prepare_compiled(model, state: dict, device: torch.device, batch: int) -> None:
+    """Before the compiled loop's first call at ``batch``: the compile settings, room for one
+    graph per batch size and model, and the accelerated modules' decisions at ``batch``
+    tokens made now, outside the compiled region (:func:`dass.infer.ops.prepare_compile`)."""
+    import torch._dynamo
+
+    from dass.infer.ops import prepare_compile
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    if "compile_config" not in state:
+        state["compile_config"] = compile_config(device, state.get("backend"))
+    state.setdefault("prepared", {})[batch] = prepare_compile(model, [batch])
+
+
+def reset_compiled(model) -> None:
+    """Forget ``generate()``'s compiled forward and Dynamo's caches (between the dense and
+    the accelerated phase: the model's modules change in place)."""
+    import gc
+
+    import torch._dynamo
+
+    for attr in ("_compiled_call", "_last_compile_config"):
+        if attr in vars(model):
+            delattr(model, attr)
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3, state: dict | None = None) -> dict[str, Any]:
@@ -125,6 +191,8 @@ def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3,
     state = state if state is not None else {}
     state.setdefault("max_len", ids.shape[1] + new_tokens + 8)
     dg = None
+    if mode == "compiled":
+        _prepare_compiled(model, state, dev, ids.shape[0])
     if mode == "graphs":
         dg = state.get("graphs")
         if dg is None:
@@ -149,21 +217,52 @@ def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3,
             state["log"] = list(dg.log)
     B = ids.shape[0]
     ttft, total = statistics.median(firsts), statistics.median(totals)
-    return {
-        "batch": B, "mode": mode, "new_tokens": new_tokens, "prompt_len": ids.shape[1],
+    step_s = (total - ttft) / max(new_tokens - 1, 1)  # <= 0 only in noisy dry runs: no roofline then
+    from dass.infer.roofline import roofline_fraction, step_bytes
+
+    nbytes = step_bytes(model, B, ids.shape[1], new_tokens)
+    bw = state.get("bandwidth")
+    res = {
+        "batch": B, "mode": mode, "loop": _loop_name(model, mode), "new_tokens": new_tokens, "prompt_len": ids.shape[1],
         "ttft_ms": ttft * 1e3, "total_ms": total * 1e3, "tokens_per_s": B * new_tokens / total,
-        "decode_tokens_per_s": B * (new_tokens - 1) / max(total - ttft, 1e-9),
+        "decode_tokens_per_s": B * (new_tokens - 1) / max(total - ttft, 1e-9), "decode_step_ms": step_s * 1e3,
+        "step_bytes": nbytes, "copy_bandwidth_gbs": bw / 1e9 if bw else None,
+        "roofline": roofline_fraction(nbytes["total"], step_s, bw) if bw and step_s > 0 else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         "all_total_ms": [x * 1e3 for x in totals], "tokens": out[:, ids.shape[1]:].tolist(),
     }
+    if mode == "compiled":
+        from torch._dynamo.utils import counters
+
+        res["graph_breaks"] = sum(counters["graph_break"].values())
+        res["compiled"] = "_compiled_call" in vars(model)
+    return res
+
+
+def _loop_name(model, mode: str) -> str:
+    """What ran, in words: the loop and, for ``compiled``, whether generate() did compile."""
+    if mode == "compiled":
+        cfg = getattr(model, "_last_compile_config", None)
+        if "_compiled_call" not in vars(model) or cfg is None:
+            return "compiled requested, generate() did not compile (eager)"
+        return f"generate() static cache, torch.compile({cfg.backend}, mode={cfg.mode}, fullgraph={cfg.fullgraph})"
+    return {"graphs": "generate() static cache, decode-step CUDA graphs (dass.infer.decode_graphs)",
+            "eager": "generate() dynamic cache, eager"}.get(mode, mode)
 
 
 def compare(model, make_ids, batches: list[int], new_tokens: int, modes: list[str], reps: int = 3,
-            accelerate_kw: dict | None = None, deadline: float | None = None, log=print) -> dict[str, Any]:
-    """Dense then accelerated (in place) ``generate()`` at each batch size and mode."""
+            accelerate_kw: dict | None = None, deadline: float | None = None, log=print,
+            backend: str | None = None) -> dict[str, Any]:
+    """Dense then accelerated (in place) ``generate()`` at each batch size and mode (loop);
+    ``backend``: the compiled loop's torch.compile backend (default: inductor on CUDA)."""
     from dass.infer.accelerate import accelerate, tuning_log
 
+    from dass.infer.roofline import copy_bandwidth
+
     res: dict[str, Any] = {"dense": [], "sparse": [], "skipped": []}
+    dev = next(model.parameters()).device
+    res["copy_bandwidth_gbs"] = (bw := copy_bandwidth(dev)) / 1e9
+    log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     start = time.perf_counter()
     for phase in ("dense", "sparse"):
         # the dense phase may use at most 45% of the time box, so the accelerated one always runs
@@ -176,7 +275,7 @@ def compare(model, make_ids, batches: list[int], new_tokens: int, modes: list[st
             log(f"accelerated {len(rep['replaced'])} matrices ({len(rep['fused_gate_up'])} gate/up stacks) "
                 f"in {res['accelerate']['seconds']:.1f} s")
         for mode in modes:
-            state: dict = {}
+            state: dict = {"bandwidth": bw, "backend": backend}
             for B in batches:
                 if stop is not None and time.perf_counter() > stop:
                     res["skipped"].append(f"{phase} {mode} B={B}: time box")
@@ -190,12 +289,14 @@ def compare(model, make_ids, batches: list[int], new_tokens: int, modes: list[st
                     log(f"  !! {phase} {mode} B={B}: {type(e).__name__}: {str(e)[:300]}")
                     continue
                 res[phase].append(r)
-                log(f"  {phase:6} {mode:6} B={B:<3} {r['tokens_per_s']:9.1f} tok/s  ttft {r['ttft_ms']:8.2f} ms  "
-                    f"peak {r['peak_mem_gb'] or 0:6.2f} GB")
+                log(f"  {phase:6} {mode:8} B={B:<3} {r['tokens_per_s']:9.1f} tok/s  ttft {r['ttft_ms']:8.2f} ms  "
+                    f"peak {r['peak_mem_gb'] or 0:6.2f} GB  roofline {100 * (r['roofline'] or 0):5.1f}%  [{r['loop']}]")
             if state.get("log"):
                 res.setdefault("graph_log", {})[f"{phase} {mode}"] = state["log"]
             if state.get("graphs") is not None:
                 state["graphs"].remove()
+            if mode == "compiled":
+                reset_compiled(model)
     res["tuning"] = tuning_log()
     res["table"] = table(res)
     return res
@@ -213,18 +314,25 @@ def table(res: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"mode": s["mode"], "batch": s["batch"], "dense_tok_s": d["tokens_per_s"], "sparse_tok_s": s["tokens_per_s"],
                      "speedup": s["tokens_per_s"] / d["tokens_per_s"], "dense_ttft_ms": d["ttft_ms"], "sparse_ttft_ms": s["ttft_ms"],
                      "dense_peak_gb": d["peak_mem_gb"], "sparse_peak_gb": s["peak_mem_gb"],
+                     "dense_roofline": d.get("roofline"), "sparse_roofline": s.get("roofline"),
+                     "dense_loop": d.get("loop"), "sparse_loop": s.get("loop"),
                      "same_tokens": sum(same) / max(len(same), 1)})
     return rows
 
 
 def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
-    print("mode    batch | dense tok/s | 2:4 tok/s | speed-up | TTFT dense / 2:4 (ms) | peak GB dense / 2:4 | same greedy tokens",
-          file=out)
+    print("mode     batch | dense tok/s | 2:4 tok/s | speed-up | TTFT dense / 2:4 (ms) | peak GB dense / 2:4 "
+          "| roofline dense / 2:4 | same greedy tokens", file=out)
     for r in rows:
         pk = (f"{r['dense_peak_gb']:.2f} / {r['sparse_peak_gb']:.2f}" if r["dense_peak_gb"] is not None else "-")
-        print(f"{r['mode']:7} {r['batch']:5} | {r['dense_tok_s']:11.1f} | {r['sparse_tok_s']:9.1f} | {r['speedup']:7.2f}x | "
-              f"{r['dense_ttft_ms']:9.2f} / {r['sparse_ttft_ms']:9.2f} | {pk:>19} | {100 * r['same_tokens']:.0f}%",
+        rf = (f"{100 * r['dense_roofline']:.0f}% / {100 * r['sparse_roofline']:.0f}%"
+              if r.get("dense_roofline") is not None and r.get("sparse_roofline") is not None else "-")
+        print(f"{r['mode']:8} {r['batch']:5} | {r['dense_tok_s']:11.1f} | {r['sparse_tok_s']:9.1f} | {r['speedup']:7.2f}x | "
+              f"{r['dense_ttft_ms']:9.2f} / {r['sparse_ttft_ms']:9.2f} | {pk:>19} | {rf:>20} | {100 * r['same_tokens']:.0f}%",
               file=out, flush=True)
+    loops = sorted({(r["mode"], r.get("dense_loop"), r.get("sparse_loop")) for r in rows}, key=str)
+    for mode, dl, sl in loops:
+        print(f"  {mode}: dense ran {dl}; 2:4 ran {sl}", file=out, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,4,16,64", help="comma list of batch sizes")
     p.add_argument("--prompt-len", type=int, default=64, help="synthetic: prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--modes", default="graphs,eager", help="comma list of graphs,eager")
+    p.add_argument("--modes", default="compiled,graphs,eager", help="comma list of compiled,graphs,eager (loops)")
+    p.add_argument("--compile-backend", default=None,
+                   help="compiled loop: torch.compile backend (default inductor with mode=reduce-overhead on CUDA, aot_eager on CPU)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per case (median)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--device", default="cuda")
@@ -311,8 +421,12 @@ def _main(args) -> int:
     info["build_seconds"] = time.perf_counter() - t0
     print(f"model ready in {info['build_seconds']:.1f} s; batches {batches}, modes {modes}, {args.new_tokens} new tokens",
           flush=True)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        print(f"dass generate: unknown mode(s) {bad}; choose from {','.join(MODES)}", file=sys.stderr)
+        return 2
     res = compare(model, make_ids, batches, args.new_tokens, modes, args.reps, acc_kw, deadline,
-                  log=lambda s: print(s, flush=True))
+                  log=lambda s: print(s, flush=True), backend=args.compile_backend)
     res.update(info)
     print_table(res["table"])
     if tok is not None and res["sparse"]:

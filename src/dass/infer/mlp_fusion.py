@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from dass.arch import GLUChildren
+from dass.infer import ops as _ops  # noqa: F401 -- registers dass::nm24_linear, dass::glu_act_mul for torch.compile
 from dass.infer.config import AccelerateConfig
 from dass.infer.device import triton_ok
 from dass.infer.graphs import GraphCache, capturing
@@ -78,7 +79,10 @@ def fuse_gate_up(mlp: nn.Module, kids: GLUChildren, config: AccelerateConfig) ->
     def forward(x: torch.Tensor) -> torch.Tensor:
         gu = fused(x)
         if kind is not None:
-            h = glu_act_mul(gu.reshape(-1, 2 * D), D, kind).view(*x.shape[:-1], D)
+            if torch.compiler.is_compiling():  # Dynamo sees the kernel as one operator (dass.infer.ops)
+                h = torch.ops.dass.glu_act_mul(gu.reshape(-1, 2 * D), D, kind).view(*x.shape[:-1], D)
+            else:
+                h = glu_act_mul(gu.reshape(-1, 2 * D), D, kind).view(*x.shape[:-1], D)
         else:
             h = act(gu[..., :D]) * gu[..., D:]
         return down(h)
@@ -114,6 +118,8 @@ def graph_mlp(mlp: nn.Module, d_in: int, d_out: int, config: AccelerateConfig) -
     max_tokens = config.graph_max_tokens
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the compiler's own graphs hold the block (dass.infer.ops)
+            return orig(x)
         x2 = x.reshape(-1, d_in)
         T = x2.shape[0]
         if T == 0 or T > max_tokens or not x.is_cuda or capturing():

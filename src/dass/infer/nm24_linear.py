@@ -211,6 +211,8 @@ class NM24Linear(nn.Module):
         return run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque operator for Dynamo (dass.infer.ops); ~0.1 us eagerly
+            return self._compiled_forward(x)
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != self._dtype:
             raise TypeError(f"NM24Linear holds {self._dtype} weights, got {x2.dtype} input")
@@ -220,4 +222,24 @@ class NM24Linear(nn.Module):
         run = self._runners.get(T)
         if run is None:
             run = self._make_runner(T)
+            self._register_op()
         return run(x2).view(*x.shape[:-1], self.out_features)
+
+    # ------------------------------------------------------------------ torch.compile
+    def _register_op(self) -> None:
+        """Give this module its handle for the ``dass::nm24_linear`` operator (dass.infer.ops),
+        so a model called eagerly once can be compiled; done on a runner miss, not per call."""
+        from dass.infer import ops
+
+        ops.register(self)  # checks that a handle copied along with the module (deepcopy) is its own
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What Dynamo traces: the ``dass::nm24_linear`` operator (its real implementation is
+        :meth:`forward` run eagerly without graphs of its own; its fake one gives the shape)."""
+        h = self.__dict__.get("_dass_handle")
+        if h is None:
+            raise RuntimeError("NM24Linear under torch.compile needs a handle: call "
+                               "dass.infer.ops.prepare_compile(model, tokens) (or run the model once) before compiling")
+        if x.dtype != self._dtype:
+            raise TypeError(f"NM24Linear holds {self._dtype} weights, got {x.dtype} input")
+        return torch.ops.dass.nm24_linear(x, h, self.out_features)
