@@ -110,7 +110,7 @@ def _measure(mod, b: int, cands: tuple[str, ...]) -> Decision:
     N, K = mod.out_features, mod.in_features
     x = torch.randn(b, K, device=dev, dtype=dtype)
     times: dict[str, float] = {}
-    config = None
+    config = config_cu = None
     notes = []
     with torch.inference_mode(False), torch.no_grad():
         if "triton" in cands:
@@ -124,8 +124,17 @@ def _measure(mod, b: int, cands: tuple[str, ...]) -> Decision:
                     times["triton"] = _time_path(mod, x, "triton")
             except Exception as e:  # noqa: BLE001
                 notes.append(f"triton failed: {type(e).__name__}: {str(e)[:120]}")
+        if "cuda" in cands:
+            try:
+                config_cu, t_cu, cu_notes = _tune_cuda(mod, x)
+                notes += cu_notes
+                if config_cu is not None:
+                    times["cuda"] = t_cu
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"cuda failed: {type(e).__name__}: {str(e)[:120]}")
+                config_cu = None
         for p in cands:
-            if p == "triton":
+            if p in ("triton", "cuda"):
                 continue
             try:
                 times[p] = _time_path(mod, x, p)
@@ -148,7 +157,36 @@ def _measure(mod, b: int, cands: tuple[str, ...]) -> Decision:
     reason = _reason(path, times, dense_ms, mod.config.keep_dense, dense_mb)
     if notes:
         reason += " (" + "; ".join(notes) + ")"
-    return Decision(path, config if path == "triton" else None, times, dense_ms, reason)
+    chosen = config if path == "triton" else (config_cu if path == "cuda" else None)
+    return Decision(path, chosen, times, dense_ms, reason)
+
+
+def _tune_cuda(mod, x: torch.Tensor) -> tuple[dict | None, float, list[str]]:
+    """The fastest CUDA-kernel configuration at ``x``'s token count (dass.infer.cuda.candidates),
+    its time, and notes. Every configuration is first checked against cuBLAS on the dense
+    matrix (relative error < 2e-2): a configuration that computes something else is never
+    chosen, whatever its speed."""
+    from dass.infer import cuda as cu
+
+    N, K, T = mod.out_features, mod.in_features, x.shape[0]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    cands = cu.candidates(mod.orientation, T, N, K, sms)
+    ref = torch.nn.functional.linear(x, mod.dense_weight(), mod.bias).float()
+    nbytes = mod.cu_values.numel() * 4 + mod.cu_meta.numel() * 4
+    nc = copies_for(nbytes)
+    ops = [(mod.cu_values, mod.cu_meta)] + [(mod.cu_values.clone(), mod.cu_meta.clone()) for _ in range(nc - 1)]
+    best, best_t, notes = None, float("inf"), []
+    for c in cands:
+        y = cu.mm(x, mod.cu_values, mod.cu_meta, mod.bias, N, mod.orientation, c).float()
+        err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not err < 2e-2:
+            notes.append(f"cuda {c} wrong (rel. error {err:.2e}): not used")
+            continue
+        t = gpu_time(lambda i, c=c: cu.mm(x, ops[i][0], ops[i][1], mod.bias, N, mod.orientation, c), nc)
+        if t < best_t:
+            best, best_t = c, t
+    del ops
+    return best, best_t, notes
 
 
 def _time_path(mod, x: torch.Tensor, path: str) -> float:

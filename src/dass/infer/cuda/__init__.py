@@ -1,0 +1,193 @@
+"""CUDA C++ kernels for 2:4 products at 1-128 tokens (built on first use, cached).
+
+``import dass.infer.cuda`` needs no compiler and no GPU: the extension is compiled the first
+time :func:`load` is called on a machine with a CUDA GPU (compute capability >= 8.0), torch's
+CUDA build and ``nvcc`` (``torch.utils.cpp_extension``, ninja, one unit per orientation and
+dtype in parallel), into ``$DASS_CACHE/cuda-ext/`` (default ``~/.cache/dass/cuda-ext``)
+under a name keyed by the sources, the GPU architecture and the torch version, so later
+processes load it in a second. Anywhere it cannot be built, :func:`load` returns None and
+:func:`unavailable_reason` says why (no GPU, CPU-only torch, no nvcc, a compile error); the
+dispatcher then uses the other paths and writes that reason into its tuning log.
+``DASS_CUDA_KERNELS=0`` turns the kernels off.
+
+The weights are packed by :mod:`dass.infer.cuda.layout`; :func:`mm` runs one product with a
+launch configuration ``{"mt", "ks", "splits"}`` (warp tiles per warp, K-steps of 32 per
+pipeline stage, K-slices of the grid); :func:`candidates` lists the configurations worth
+timing for a (shape, token bucket) and the dispatcher keeps the fastest.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CONFIGS",
+    "SOURCES",
+    "load",
+    "available",
+    "unavailable_reason",
+    "mm",
+    "nt_for",
+    "candidates",
+    "default_config",
+    "MAX_TOKENS",
+]
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.cu", "nm24_out_f16.cu")
+HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_params.h")
+MAX_TOKENS = 128
+WARPS = 4  # warps per block (nm24_kernels.cuh kWarps)
+# (mt, nt, ks) compiled per orientation: must equal nm24_dispatch.cuh's DASS24_CASE lists
+# (tests/test_cuda_layout.py compares them). nt = token tiles of 8 (a power of two).
+CONFIGS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "input": tuple((mt, nt, ks) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
+                   if not (nt == 16 and mt == 2 and ks == 4)),
+    "output": tuple((mt, nt, ks) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
+                    if not (mt == 2 and (nt > 4 or (nt == 4 and ks == 4))) and not (nt == 16 and ks == 4)),
+}
+
+_REASON: str | None = None
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((HERE / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DASS_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "dass"
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here (None if they can or :func:`load` was not called)."""
+    return _REASON
+
+
+def _precheck() -> str | None:
+    if os.environ.get("DASS_CUDA_KERNELS", "1") == "0":
+        return "DASS_CUDA_KERNELS=0"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if torch.version.cuda is None:
+        return "torch is not a CUDA build"
+    cc = torch.cuda.get_device_capability()
+    if cc < (8, 0):
+        return f"compute capability {cc} < 8.0 (no sparse tensor cores)"
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as e:  # noqa: BLE001
+        return f"torch.utils.cpp_extension unavailable: {e}"
+    if CUDA_HOME is None:
+        return "no CUDA toolkit (nvcc) found: set CUDA_HOME"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Any:
+    """The compiled extension, or None (then :func:`unavailable_reason` says why)."""
+    global _REASON
+    why = _precheck()
+    if why:
+        _REASON = why
+        log.info("dass CUDA 2:4 kernels off: %s", why)
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    tv = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+    name = f"dass_nm24_{_source_hash()}_sm{arch}_t{tv}"
+    build = _cache_dir() / "cuda-ext" / name
+    build.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "--use_fast_math",
+             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    try:
+        from torch.utils.cpp_extension import load as _load
+
+        os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
+        mod = _load(name=name, sources=[str(HERE / s) for s in SOURCES], extra_cuda_cflags=flags,
+                    extra_cflags=["-O3", "-std=c++17"], extra_include_paths=[str(HERE)],
+                    build_directory=str(build), verbose=os.environ.get("DASS_CUDA_VERBOSE") == "1")
+    except Exception as e:  # noqa: BLE001 -- a missing toolchain is a logged fallback
+        _REASON = f"build failed: {type(e).__name__}: {str(e)[-400:]}"
+        log.warning("dass CUDA 2:4 kernels off: %s", _REASON)
+        return None
+    _REASON = None
+    return mod
+
+
+def available() -> bool:
+    """True when the extension is built (or builds now) and can run."""
+    return load() is not None
+
+
+def nt_for(T: int) -> int:
+    """Token tiles of 8 a call with T tokens runs (a power of two, 1..16)."""
+    n = max(1, math.ceil(T / 8))
+    return 1 << (n - 1).bit_length()
+
+
+def _ksteps_ok(K: int, ks: int) -> bool:
+    return (K // 32) % ks == 0
+
+
+def _auto_splits(orientation: str, N: int, K: int, mt: int, ks: int, sms: int) -> int:
+    rows = 16 if orientation == "input" else 32
+    blocks = math.ceil(N // rows / (WARPS * mt))
+    ksteps = K // 32
+    s = 1
+    while blocks * s < 4 * sms and ksteps // (2 * s) >= 2 * ks:
+        s *= 2
+    return s
+
+
+def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132) -> list[dict[str, int]]:
+    """Launch configurations worth timing for a [N, K] matrix at T tokens."""
+    nt = nt_for(T)
+    out: list[dict[str, int]] = []
+    for mt, cnt, ks in CONFIGS[orientation]:
+        if cnt != nt or not _ksteps_ok(K, ks):
+            continue
+        base = _auto_splits(orientation, N, K, mt, ks, sms)
+        for s in sorted({1, max(1, base // 2), base, base * 2}):
+            if (K // 32) // s >= ks:
+                out.append({"mt": mt, "ks": ks, "splits": s})
+    return out
+
+
+def default_config(orientation: str, T: int, N: int, K: int, sms: int = 132) -> dict[str, int] | None:
+    """A reasonable configuration without timing (None when the shape cannot run)."""
+    c = candidates(orientation, T, N, K, sms)
+    if not c:
+        return None
+    nt = nt_for(T)
+    mt = 2 if nt <= 2 else 1
+    ks = 4 if nt <= 8 else 2
+    for cfg in c:
+        if cfg["mt"] == mt and cfg["ks"] == ks and cfg["splits"] == _auto_splits(orientation, N, K, mt, ks, sms):
+            return cfg
+    return c[0]
+
+
+def mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, N: int,
+       orientation: str, config: dict[str, int]) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for x ``[T, K]`` (T <= 128) and W packed by :func:`layout.pack`."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
+    return ext.mm(x, values, meta, bias, int(N), 0 if orientation == "input" else 1,
+                  int(config["mt"]), int(config["ks"]), int(config["splits"]))

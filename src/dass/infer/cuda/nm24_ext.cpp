@@ -1,0 +1,94 @@
+// Python binding of the 2:4 CUDA kernels: checks the arguments (every refusal names what is
+// wrong), allocates the output (and the split-K workspace) and launches on torch's stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "nm24_params.h"
+
+namespace {
+
+int pow2_at_least(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
+                 int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits) {
+  TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
+              "dass nm24 cuda: x must be bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(vals.scalar_type() == torch::kInt && meta.scalar_type() == torch::kInt,
+              "dass nm24 cuda: packed values and metadata must be int32");
+  TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "dass nm24 cuda: packed tensors must be contiguous");
+  TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
+  x = x.contiguous();
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
+  const int64_t rows = orientation == 0 ? 16 : 32;
+  const int64_t kmul = orientation == 0 ? 64 : 32;
+  TORCH_CHECK(N % rows == 0 && K % kmul == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % ", rows,
+              " == 0 and K % ", kmul, " == 0");
+  TORCH_CHECK(vals.numel() * 4 == N * K, "dass nm24 cuda: values hold ", vals.numel() * 4, " bytes, [", N, ", ", K,
+              "] needs ", N * K);
+  TORCH_CHECK(meta.numel() * 32 == N * K, "dass nm24 cuda: metadata holds ", meta.numel() * 4, " bytes, [", N, ", ",
+              K, "] needs ", N * K / 8);
+  const int64_t ksteps = K / 32;
+  TORCH_CHECK(ks == 2 || ks == 4, "dass nm24 cuda: ks must be 2 or 4");
+  TORCH_CHECK(ksteps % ks == 0, "dass nm24 cuda: K / 32 = ", ksteps, " is not a multiple of ks = ", ks);
+  TORCH_CHECK(splits >= 1, "dass nm24 cuda: splits must be >= 1");
+  int64_t sps = (ksteps + splits - 1) / splits;
+  sps = (sps + ks - 1) / ks * ks;
+  const int64_t nsplit = (ksteps + sps - 1) / sps;
+  const int nt = pow2_at_least((int)((T + 7) / 8));
+  const at::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto y = torch::empty({T, N}, x.options());
+  torch::Tensor ws;
+  dass24::Params p;
+  p.vals = reinterpret_cast<const uint4*>(vals.data_ptr<int>());
+  p.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int>());
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.ws = nullptr;
+  p.bias = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
+                "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
+    p.bias = bias->contiguous().data_ptr();
+  }
+  if (nsplit > 1) {
+    ws = torch::zeros({T, N}, x.options().dtype(torch::kFloat));
+    p.ws = ws.data_ptr<float>();
+  }
+  p.N = (int)N;
+  p.K = (int)K;
+  p.T = (int)T;
+  p.steps_per_split = (int)sps;
+  const bool bf = x.scalar_type() == torch::kBFloat16;
+  cudaError_t err;
+  if (orientation == 0)
+    err = bf ? dass24::run_in_bf16(mt, nt, ks, p, nsplit, stream) : dass24::run_in_f16(mt, nt, ks, p, nsplit, stream);
+  else
+    err = bf ? dass24::run_out_bf16(mt, nt, ks, p, nsplit, stream) : dass24::run_out_f16(mt, nt, ks, p, nsplit, stream);
+  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (orientation ", orientation, ", mt=", mt,
+              " nt=", nt, " ks=", ks, "; a configuration that is not compiled answers 'invalid argument'): ",
+              cudaGetErrorString(err));
+  if (nsplit > 1) {
+    err = bf ? dass24::finish_bf16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream)
+             : dass24::finish_f16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream);
+    TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: finish failed: ", cudaGetErrorString(err));
+  }
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dass 2:4 sparse CUDA kernels for 1-128 tokens";
+  m.def("mm", &mm, "y[T, N] = x[T, K] @ W^T from a packed 2:4 W (dass.infer.cuda.layout)", py::arg("x"),
+        py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
+        py::arg("ks"), py::arg("splits"));
+}

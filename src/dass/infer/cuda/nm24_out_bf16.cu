@@ -1,0 +1,5 @@
+// Instantiations: orientation out, bf16 (see nm24_dispatch.cuh).
+#define DASS24_E __nv_bfloat16
+#define DASS24_ORI 1
+#define DASS24_RUN run_out_bf16
+#include "nm24_dispatch.cuh"

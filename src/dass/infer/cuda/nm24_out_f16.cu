@@ -1,0 +1,5 @@
+// Instantiations: orientation out, f16 (see nm24_dispatch.cuh).
+#define DASS24_E __half
+#define DASS24_ORI 1
+#define DASS24_RUN run_out_f16
+#include "nm24_dispatch.cuh"

@@ -1,0 +1,26 @@
+// Arguments of one 2:4 product, shared by the CUDA units and the C++ binding.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace dass24 {
+
+struct Params {
+  const uint4* vals;     // packed values (dass/infer/cuda/layout.py)
+  const uint32_t* meta;  // packed metadata
+  const void* x;         // [T, K] 16-bit, contiguous
+  void* y;               // [T, N] 16-bit (written directly when there is one split)
+  float* ws;             // [T, N] fp32 zeroed workspace (split-K)
+  const void* bias;      // [N] 16-bit or nullptr
+  int N, K, T;
+  int steps_per_split;   // K-steps of 32 per grid.y slice (a multiple of KS)
+};
+
+cudaError_t run_in_bf16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_in_f16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_out_bf16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_out_f16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t finish_bf16(const float* ws, const void* bias, void* y, int N, long total, cudaStream_t s);
+cudaError_t finish_f16(const float* ws, const void* bias, void* y, int N, long total, cudaStream_t s);
+
+}  // namespace dass24
