@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-layers", type=int, default=32, help="generate: decoder layers of the 7B-shaped model")
     p.add_argument("--gen-batches", default="1,4,16,64")
     p.add_argument("--gen-new-tokens", type=int, default=64)
-    p.add_argument("--gen-modes", default="graphs,eager")
-    p.add_argument("--gen-scope", choices=["mlp", "all"], default="mlp")
+    p.add_argument("--gen-modes", default="compiled,graphs,eager", help="generate: loops (compiled, graphs, eager)")
+    p.add_argument("--gen-scope", choices=["mlp", "all"], default="mlp", help="generate and e2e: which matrices are 2:4")
+    p.add_argument("--gen-prompt-len", type=int, default=64)
     p.add_argument("--target-ms", type=float, default=25.0, help="time per measured loop")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default=None, help="write all numbers as JSON here")
@@ -98,6 +99,7 @@ def _run_generate(args, res: dict, errors: list) -> None:
 
     argv = ["--synthetic", "7b", "--layers", str(args.gen_layers), "--batches", args.gen_batches,
             "--new-tokens", str(args.gen_new_tokens), "--modes", args.gen_modes, "--scope", args.gen_scope,
+            "--prompt-len", str(args.gen_prompt_len),
             "--dtype", args.dtype]
     out = (args.out + ".generate.json") if args.out else None
     if out:
@@ -219,7 +221,8 @@ def _run_parts(args, what, shapes, tokens, sweep_tokens, timer, dtype, device, e
         res["e2e"] = bm.bench_e2e(timer, args.e2e_layers, [int(p) for p in args.e2e_prefill.split(",") if p],
                                   args.e2e_decode_ctx if not args.dry_run else 8,
                                   [int(b) for b in args.e2e_decode_batches.split(",")],
-                                  dtype, device, errors, tiny=args.dry_run, log=lambda s: print(s, flush=True))
+                                  dtype, device, errors, tiny=args.dry_run, log=lambda s: print(s, flush=True),
+                                  scope=args.gen_scope)
         dump()
     if "generate" in what:
         _run_generate(args, res, errors)

@@ -216,17 +216,18 @@ def bench_host(tokens: list[int], dtype, device, errors: list, log=print) -> lis
 
 
 def bench_e2e(timer: Timer, layers: int, prefill: list[int], decode_ctx: int, decode_batches: list[int],
-              dtype, device, errors: list, tiny: bool = False, log=print) -> dict[str, Any]:
+              dtype, device, errors: list, tiny: bool = False, log=print, scope: str = "mlp") -> dict[str, Any]:
     """A LLaMA-2-7B-shaped LlamaForCausalLM (``layers`` decoder layers, random weights):
     dense vs DaSS-like (gate/up 2:4 along outputs, down along inputs) vs Wanda-like (all
-    2:4 along inputs), the sparse ones accelerated. Attention stays dense (MLP scope)."""
+    2:4 along inputs), the sparse ones accelerated. ``scope="all"``: the attention
+    projections are 2:4 (along their inputs) and accelerated too."""
     from dass.infer.generate import synthetic_model
 
     base = synthetic_model("tiny" if tiny else "7b", layers, dtype, device)
     models = {"dense": base}
     for name, _ in VARIANTS[::-1]:
         m = copy.deepcopy(base)
-        prune_24(m, "mlp", name)
+        prune_24(m, scope, name)
         if device == "cuda":
             from dass.infer.accelerate import accelerate
 
@@ -234,7 +235,7 @@ def bench_e2e(timer: Timer, layers: int, prefill: list[int], decode_ctx: int, de
                 continue
         models[name] = m
     cfg = base.config
-    out: dict[str, Any] = {"layers": layers, "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+    out: dict[str, Any] = {"layers": layers, "scope": scope, "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
                            "prefill": {}, "decode_eager": {}, "decode_graph": {}}
     fwd_params = inspect.signature(base.forward).parameters
     cache_kw = "cache" if "cache" in fwd_params else "past_key_values"

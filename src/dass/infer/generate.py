@@ -103,6 +103,33 @@ def prune_24(model: torch.nn.Module, scope: str = "mlp", orientation: str = "das
     return n
 
 
+def scope_manifest(model: torch.nn.Module, scope: str) -> dict[str, dict[str, Any]]:
+    """A manifest naming only ``scope``'s 2:4 linears (``"mlp"``: the GLU MLPs; ``"attn"``: the
+    attention projections; ``"all"``: both), with their detected orientation. Why: a model
+    pruned in every scope can then be accelerated one scope at a time (``accelerate(model,
+    manifest)``) and measured in each, with no second copy of a 7B model."""
+    from dass.arch import attention_module, decoder_layers, mlp_module
+    from dass.io.nm_codec import detect_orientation
+
+    path, layers = decoder_layers(model)
+    out: dict[str, dict[str, Any]] = {}
+    for i, layer in enumerate(layers):
+        parts = []
+        if scope in ("mlp", "all"):
+            parts.append(mlp_module(layer))
+        if scope in ("attn", "all"):
+            parts.append(attention_module(layer))
+        for found in parts:
+            if found is None:
+                continue
+            for name, mod in found[1].named_modules():
+                if type(mod) is torch.nn.Linear:
+                    o = detect_orientation(mod.weight.detach(), 2, 4)
+                    if o is not None:
+                        out[f"{path}.{i}.{found[0]}.{name}.weight"] = {"pattern": "2:4", "orientation": o}
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
