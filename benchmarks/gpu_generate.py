@@ -71,6 +71,7 @@ class Budget:
     def __init__(self, seconds: float | None):
         self.t0 = time.perf_counter()
         self.end = None if seconds is None else self.t0 + seconds
+        self.last_row = 0.0  # seconds the last measured row took (compile + runs)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -98,8 +99,11 @@ def _measure_phase(model, name: str, batches: list[int], make_ids, args, bw: flo
     for B in batches:
         if dense_done is not None and B not in dense_done:
             continue
-        if time.perf_counter() - start > stop or budget.left() < 5:
-            skipped.append(f"{name} B={B}: time box (--budget-s {args.budget_s})")
+        used = time.perf_counter() - start
+        guess = budget.last_row  # a row costs about what the last one did (mostly its compile)
+        if used + guess > stop or budget.left() < max(5.0, guess):
+            skipped.append(f"{name} B={B}: time box (--budget-s {args.budget_s}; phase used {used:.0f} of {stop:.0f} s, "
+                           f"a row took {guess:.0f} s)")
             log(f"  {name} B={B}: skipped, time box")
             continue
         try:
@@ -110,6 +114,7 @@ def _measure_phase(model, name: str, batches: list[int], make_ids, args, bw: flo
             skipped.append(f"{name} B={B}: {type(e).__name__}: {str(e)[:300]}")
             log(f"  !! {name} B={B}: {type(e).__name__}: {str(e)[:300]}")
             continue
+        budget.last_row = r["seconds"]
         r.pop("all_total_ms", None)
         out[B] = r
         log(f"  {name:10} B={B:<3} {r['tokens_per_s']:9.1f} tok/s  ttft {r['ttft_ms']:7.1f} ms  step {r['decode_step_ms']:7.2f} ms"
