@@ -26,6 +26,7 @@ from dass.infer.graphs import GraphCache, capturing, graph_bucket, on_clear
 __all__ = ["NM24Linear"]
 
 _DEFAULT = AccelerateConfig()
+_CUDA_MAX_TOKENS = 128  # dass.infer.cuda.MAX_TOKENS (not imported here: no import cost)
 _ALG_CACHE: dict[tuple, int] = {}
 on_clear(_ALG_CACHE.clear)
 
@@ -57,6 +58,9 @@ class NM24Linear(nn.Module):
             self.register_buffer("meta", meta)
             self.register_buffer("cslt", None)
             self.register_buffer("dense", w if self.config.keep_dense else None)
+            self.register_buffer("cu_values", None)
+            self.register_buffer("cu_meta", None)
+            self.cuda_reason = self._pack_cuda(w, keep)
             if orientation == "input" and N % 64 == 0 and K % 64 == 0 and cslt_supported(w.device):
                 self.register_buffer("cslt", torch._cslt_compress(w))
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -65,6 +69,24 @@ class NM24Linear(nn.Module):
         self._runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._launchers: dict[tuple, Any] = {}
         self._graph = GraphCache(self._plain, K, N, self.config.max_graphs_per_module)
+
+    def _pack_cuda(self, w: torch.Tensor, keep: torch.Tensor | None) -> str | None:
+        """Pack ``w`` for the CUDA kernels (1-128 tokens); the reason when they cannot run it."""
+        if not self.config.cuda_kernels:
+            return "AccelerateConfig.cuda_kernels is off"
+        if not w.is_cuda:
+            return "weight not on a CUDA device"
+        from dass.infer import cuda as cu
+        from dass.infer.cuda.layout import check_shape, pack
+
+        why = check_shape(self.out_features, self.in_features, self.orientation)
+        if why:
+            return why
+        if not cu.available():
+            return cu.unavailable_reason()
+        cv, cm = pack(w, self.orientation, keep)
+        self.cu_values, self.cu_meta = cv, cm
+        return None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4 along {self.orientation}, "
@@ -75,6 +97,8 @@ class NM24Linear(nn.Module):
     def candidates(self, T: int) -> list[str]:
         """Paths that can run a call with T tokens here."""
         c = []
+        if self.cu_values is not None and T <= _CUDA_MAX_TOKENS:
+            c.append("cuda")
         if self._triton and T <= self.config.autotune_max_triton_tokens:
             c.append("triton")
         if self.cslt is not None:
@@ -87,6 +111,8 @@ class NM24Linear(nn.Module):
     def static_path(self, T: int) -> str:
         """The path without measurements (``AccelerateConfig(autotune=False)``)."""
         cfg = self.config
+        if self.cu_values is not None and T <= _CUDA_MAX_TOKENS:
+            return "cuda"
         if self._triton and T <= cfg.triton_max_tokens[self.orientation]:
             return "triton"
         if self.cslt is not None:
@@ -104,11 +130,11 @@ class NM24Linear(nn.Module):
 
     # ------------------------------------------------------------------ operands
     def operands(self) -> tuple:
-        return (self.values, self.meta, self.cslt, self.dense)
+        return (self.values, self.meta, self.cslt, self.dense, self.cu_values, self.cu_meta)
 
     def operand_copy(self, path: str) -> tuple:
         """A copy of the operands ``path`` reads (timing cycles over copies to defeat L2)."""
-        need = {"triton": (0, 1), "decompress": (0, 1), "cslt": (2,), "dense": (3,)}[path]
+        need = {"triton": (0, 1), "decompress": (0, 1), "cslt": (2,), "dense": (3,), "cuda": (4, 5)}[path]
         return tuple(t.clone() if (i in need and t is not None) else t for i, t in enumerate(self.operands()))
 
     def dense_weight(self) -> torch.Tensor:
@@ -161,7 +187,12 @@ class NM24Linear(nn.Module):
 
     def run_path(self, x2: torch.Tensor, path: str, config: dict | None = None, ops: tuple | None = None) -> torch.Tensor:
         """``x2 @ W.T + bias`` by ``path`` (on ``ops``, a copy of the operands, when given)."""
-        values, meta, packed, dense = ops or self.operands()
+        values, meta, packed, dense, cu_values, cu_meta = ops or self.operands()
+        if path == "cuda":
+            from dass.infer import cuda as cu
+
+            cfg = config or cu.default_config(self.orientation, x2.shape[0], self.out_features, self.in_features)
+            return cu.mm(x2.contiguous(), cu_values, cu_meta, self.bias, self.out_features, self.orientation, cfg)
         if path == "triton":
             y = self._launcher(x2.shape[0], config)(x2.contiguous(), values, meta)
         elif path == "cslt":
@@ -195,6 +226,16 @@ class NM24Linear(nn.Module):
             def plain(x2):
                 y = ln(x2 if x2.is_contiguous() else x2.contiguous(), values, meta)
                 return y if bias is None else y.add_(bias)
+        elif path == "cuda":
+            from dass.infer import cuda as cu
+
+            c = config or cu.default_config(self.orientation, T, self.out_features, self.in_features)
+            mm = cu.load().mm
+            args = (self.cu_values, self.cu_meta, bias, self.out_features, 0 if self.orientation == "input" else 1,
+                    int(c["mt"]), int(c["ks"]), int(c["splits"]))
+
+            def plain(x2):
+                return mm(x2 if x2.is_contiguous() else x2.contiguous(), *args)
         else:
             def plain(x2):
                 return self.run_path(x2, path, config)

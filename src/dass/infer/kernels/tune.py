@@ -110,7 +110,7 @@ def gpu_time(fn: Callable[[int], Any], ncopies: int = 1, calls: int | None = Non
     side.wait_stream(cur)
     with torch.cuda.stream(side):
         for i in range(max(2, ncopies)):
-            fn(i)
+            fn(i % ncopies)
     cur.wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
