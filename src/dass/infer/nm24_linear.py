@@ -230,12 +230,10 @@ class NM24Linear(nn.Module):
             from dass.infer import cuda as cu
 
             c = config or cu.default_config(self.orientation, T, self.out_features, self.in_features)
-            mm = cu.load().mm
-            args = (self.cu_values, self.cu_meta, bias, self.out_features, 0 if self.orientation == "input" else 1,
-                    int(c["mt"]), int(c["ks"]), int(c["splits"]))
+            cu_run = cu.runner(self.cu_values, self.cu_meta, bias, self.out_features, self.orientation, c)
 
             def plain(x2):
-                return mm(x2 if x2.is_contiguous() else x2.contiguous(), *args)
+                return cu_run(x2 if x2.is_contiguous() else x2.contiguous())
         else:
             def plain(x2):
                 return self.run_path(x2, path, config)

@@ -11,9 +11,18 @@ dispatcher then uses the other paths and writes that reason into its tuning log.
 ``DASS_CUDA_KERNELS=0`` turns the kernels off.
 
 The weights are packed by :mod:`dass.infer.cuda.layout`; :func:`mm` runs one product with a
-launch configuration ``{"mt", "ks", "splits"}`` (warp tiles per warp, K-steps of 32 per
-pipeline stage, K-slices of the grid); :func:`candidates` lists the configurations worth
-timing for a (shape, token bucket) and the dispatcher keeps the fastest.
+launch configuration. Two kernels share the packed layout:
+
+- ``"reg"`` (nm24_kernels.cuh, ``{"kind", "mt", "ks", "splits"}``): 4 warps a block, each
+  with all the tokens, the weight streamed straight into registers; best at 1-32 tokens;
+- ``"smem"`` (nm24_smem.cuh, ``{"kind", "mt", "wn", "ks", "splits"}``): 8 warps a block
+  (``wn`` of them along the tokens), weight and tokens through a multi-stage shared-memory
+  ring, split-K fixed up inside the kernel; made for 16-128 tokens, where the register
+  kernel re-reads the tokens from L2 too often and has no registers left for loads in flight.
+
+``mt`` is warp tiles a warp, ``ks`` K-steps of 32 a pipeline stage, ``splits`` K-slices of the
+grid. :func:`candidates` lists the configurations worth timing for a (shape, token bucket)
+and the dispatcher keeps the fastest.
 """
 
 from __future__ import annotations
@@ -40,13 +49,16 @@ __all__ = [
     "candidates",
     "default_config",
     "MAX_TOKENS",
+    "SMEM_CONFIGS",
+    "runner",
 ]
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.cu", "nm24_out_f16.cu")
-HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_params.h")
+SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.cu", "nm24_out_f16.cu",
+           "nm24s_in_bf16.cu", "nm24s_in_f16.cu", "nm24s_out_bf16.cu", "nm24s_out_f16.cu")
+HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h")
 MAX_TOKENS = 128
 WARPS = 4  # warps per block (nm24_kernels.cuh kWarps)
 # (mt, nt, ks) compiled per orientation: must equal nm24_dispatch.cuh's DASS24_CASE lists
@@ -57,6 +69,18 @@ CONFIGS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "output": tuple((mt, nt, ks) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
                     if not (mt == 2 and (nt > 4 or (nt == 4 and ks == 4))) and not (nt == 16 and ks == 4)),
 }
+
+# (mt, wn, nt, ks) of the shared-memory kernel: must equal nm24_dispatch_smem.cuh's
+# DASS24_SMEM_CASE lists (the configurations that compile without spilling on sm_90).
+SMEM_CONFIGS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
+    "input": tuple((mt, wn, nt, ks) for (mt, wn, nt) in (
+        (2, 1, 2), (4, 1, 2), (1, 1, 4), (2, 1, 4), (4, 1, 4), (1, 1, 8), (2, 1, 8), (2, 2, 8), (4, 2, 8),
+        (1, 1, 16), (2, 2, 16), (4, 4, 16)) for ks in (2, 4)),
+    "output": tuple((mt, wn, nt, ks) for (mt, wn, nt) in (
+        (1, 1, 2), (2, 1, 2), (1, 1, 4), (2, 1, 4), (1, 1, 8), (1, 2, 8), (2, 2, 8), (1, 2, 16), (2, 4, 16))
+        for ks in (2, 4)),
+}
+SMEM_WARPS = 8  # warps per block of the shared-memory kernel
 
 _REASON: str | None = None
 
@@ -155,17 +179,54 @@ def _auto_splits(orientation: str, N: int, K: int, mt: int, ks: int, sms: int) -
     return s
 
 
-def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132) -> list[dict[str, int]]:
-    """Launch configurations worth timing for a [N, K] matrix at T tokens."""
+def smem_blocks_per_sm(orientation: str, mt: int, wn: int, nt: int, ks: int) -> int:
+    """Blocks an SM runs of a shared-memory configuration (nm24_smem.cuh SmemShape::MINB)."""
+    nf = 1 if orientation == "input" else 2
+    ntw = nt // wn
+    acc = mt * nf * ntw * 4
+    tiles = (SMEM_WARPS // wn) * mt
+    x_u4 = nt * 8 * ks * 4
+    vpt = ks * 32 * (1 if orientation == "input" else 2)
+    mpt = ks * (4 if orientation == "input" else 8)
+    stage = 16 * (x_u4 + tiles * (vpt + mpt))
+    return 2 if (acc <= 32 and 3 * stage <= 110 * 1024) else 1
+
+
+def smem_blocks(orientation: str, N: int, mt: int, wn: int) -> int:
+    """Row blocks of the shared-memory kernel's grid for an [N, K] matrix."""
+    rows = 16 if orientation == "input" else 32
+    per = (SMEM_WARPS // wn) * mt
+    return math.ceil((N // rows) / per)
+
+
+def _smem_splits(orientation: str, N: int, K: int, mt: int, wn: int, nt: int, ks: int, sms: int) -> list[int]:
+    """K-slice counts that fill the GPU about evenly (whole waves of resident blocks)."""
+    blocks = smem_blocks(orientation, N, mt, wn)
+    slots = sms * smem_blocks_per_sm(orientation, mt, wn, nt, ks)
+    ksteps = K // 32
+    out = {1}
+    for waves in (1, 2):
+        s = max(1, round(waves * slots / blocks))
+        out.update({s, s + 1} if s > 1 else {s})
+    return sorted(s for s in out if ksteps // s >= 2 * ks)
+
+
+def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132) -> list[dict[str, Any]]:
+    """Launch configurations worth timing for a [N, K] matrix at T tokens (both kernels)."""
     nt = nt_for(T)
-    out: list[dict[str, int]] = []
+    out: list[dict[str, Any]] = []
     for mt, cnt, ks in CONFIGS[orientation]:
         if cnt != nt or not _ksteps_ok(K, ks):
             continue
         base = _auto_splits(orientation, N, K, mt, ks, sms)
         for s in sorted({1, max(1, base // 2), base, base * 2}):
             if (K // 32) // s >= ks:
-                out.append({"mt": mt, "ks": ks, "splits": s})
+                out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s})
+    for mt, wn, cnt, ks in SMEM_CONFIGS[orientation]:
+        if cnt != nt or not _ksteps_ok(K, ks):
+            continue
+        for s in _smem_splits(orientation, N, K, mt, wn, nt, ks, sms):
+            out.append({"kind": "smem", "mt": mt, "wn": wn, "ks": ks, "splits": s})
     return out
 
 
@@ -178,7 +239,8 @@ def default_config(orientation: str, T: int, N: int, K: int, sms: int = 132) -> 
     mt = 2 if nt <= 2 else 1
     ks = 4 if nt <= 8 else 2
     for cfg in c:
-        if cfg["mt"] == mt and cfg["ks"] == ks and cfg["splits"] == _auto_splits(orientation, N, K, mt, ks, sms):
+        if (cfg["kind"] == "reg" and cfg["mt"] == mt and cfg["ks"] == ks
+                and cfg["splits"] == _auto_splits(orientation, N, K, mt, ks, sms)):
             return cfg
     return c[0]
 
@@ -186,8 +248,25 @@ def default_config(orientation: str, T: int, N: int, K: int, sms: int = 132) -> 
 def mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, N: int,
        orientation: str, config: dict[str, int]) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x ``[T, K]`` (T <= 128) and W packed by :func:`layout.pack`."""
+    return runner(values, meta, bias, N, orientation, config)(x)
+
+
+def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, N: int, orientation: str,
+           config: dict[str, Any]):
+    """``f(x) = x @ W.T (+ bias)`` bound to one configuration (no per-call dict lookups)."""
     ext = load()
     if ext is None:
         raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
-    return ext.mm(x, values, meta, bias, int(N), 0 if orientation == "input" else 1,
-                  int(config["mt"]), int(config["ks"]), int(config["splits"]))
+    ori = 0 if orientation == "input" else 1
+    mt, ks, splits = int(config["mt"]), int(config["ks"]), int(config["splits"])
+    if config.get("kind", "reg") == "smem":
+        fn, wn = ext.mm_smem, int(config["wn"])
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return fn(x, values, meta, bias, N, ori, mt, wn, ks, splits)
+    else:
+        fn = ext.mm
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return fn(x, values, meta, bias, N, ori, mt, ks, splits)
+    return run

@@ -1,12 +1,48 @@
 // Python binding of the 2:4 CUDA kernels: checks the arguments (every refusal names what is
 // wrong), allocates the output (and the split-K workspace) and launches on torch's stream.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+
+#include <mutex>
+#include <vector>
 
 #include "nm24_params.h"
 
 namespace {
+
+// Split-K arrival counters of the shared-memory kernel: zero between calls (each call's last
+// block resets its own), so they are allocated and zeroed once per device and kept. Calls
+// take their counters round-robin from kRegions regions, so products that run at the same
+// time on different streams (or inside one CUDA graph) do not share counters unless more
+// than kRegions are in flight at once.
+constexpr int kRegions = 64;
+constexpr int kRegionSize = 4096;  // row blocks one split-K call may have
+
+int* counters_for(const torch::Tensor& like, int64_t blocks) {
+  static std::mutex mu;
+  static std::vector<torch::Tensor> per_device;
+  static std::vector<int> next;
+  TORCH_CHECK(blocks <= kRegionSize, "dass nm24 cuda: ", blocks, " row blocks need more split-K counters than ",
+              kRegionSize, " (use splits=1)");
+  std::lock_guard<std::mutex> lock(mu);
+  const int dev = like.get_device();
+  if ((int)per_device.size() <= dev) {
+    per_device.resize(dev + 1);
+    next.resize(dev + 1, 0);
+  }
+  if (!per_device[dev].defined()) {
+    // Allocated here they would be zeroed only when a graph is replayed, not now.
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "dass nm24 cuda: the first split-K call on a device must run outside CUDA-graph capture "
+                "(run the product once eagerly first)");
+    per_device[dev] = torch::zeros({kRegions * kRegionSize}, like.options().dtype(torch::kInt));
+  }
+  const int r = next[dev];
+  next[dev] = (r + 1) % kRegions;
+  return per_device[dev].data_ptr<int>() + (int64_t)r * kRegionSize;
+}
 
 int pow2_at_least(int v) {
   int p = 1;
@@ -43,8 +79,8 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   sps = (sps + ks - 1) / ks * ks;
   const int64_t nsplit = (ksteps + sps - 1) / sps;
   const int nt = pow2_at_least((int)((T + 7) / 8));
-  const at::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto y = torch::empty({T, N}, x.options());
   torch::Tensor ws;
   dass24::Params p;
@@ -54,6 +90,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   p.y = y.data_ptr();
   p.ws = nullptr;
   p.bias = nullptr;
+  p.counters = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
                 "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
@@ -84,6 +121,78 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   return y;
 }
 
+// The shared-memory kernel (nm24_smem.cuh): 8 warps a block, wn of them along the tokens.
+torch::Tensor mm_smem(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
+                      int64_t N, int64_t orientation, int64_t mt, int64_t wn, int64_t ks, int64_t splits) {
+  TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
+              "dass nm24 cuda: x must be bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(vals.scalar_type() == torch::kInt && meta.scalar_type() == torch::kInt,
+              "dass nm24 cuda: packed values and metadata must be int32");
+  TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "dass nm24 cuda: packed tensors must be contiguous");
+  TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
+  TORCH_CHECK(wn == 1 || wn == 2 || wn == 4, "dass nm24 cuda: wn must be 1, 2 or 4");
+  x = x.contiguous();
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
+  const int64_t rows = orientation == 0 ? 16 : 32;
+  const int64_t kmul = orientation == 0 ? 64 : 32;
+  TORCH_CHECK(N % rows == 0 && K % kmul == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % ", rows,
+              " == 0 and K % ", kmul, " == 0");
+  TORCH_CHECK(vals.numel() * 4 == N * K && meta.numel() * 32 == N * K,
+              "dass nm24 cuda: packed tensors do not hold a [", N, ", ", K, "] matrix");
+  const int64_t ksteps = K / 32;
+  TORCH_CHECK(ks == 2 || ks == 4, "dass nm24 cuda: ks must be 2 or 4");
+  TORCH_CHECK(ksteps % ks == 0, "dass nm24 cuda: K / 32 = ", ksteps, " is not a multiple of ks = ", ks);
+  TORCH_CHECK(splits >= 1, "dass nm24 cuda: splits must be >= 1");
+  int64_t sps = (ksteps + splits - 1) / splits;
+  sps = (sps + ks - 1) / ks * ks;
+  const int64_t nsplit = (ksteps + sps - 1) / sps;
+  const int nt = pow2_at_least((int)((T + 7) / 8));
+  TORCH_CHECK(nt % wn == 0, "dass nm24 cuda: ", nt, " token tiles cannot be split over wn = ", wn, " warps");
+  const int64_t block_rows = (8 / wn) * mt * rows;
+  const int64_t blocks = (N / rows + (8 / wn) * mt - 1) / ((8 / wn) * mt);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto y = torch::empty({T, N}, x.options());
+  torch::Tensor ws;
+  dass24::Params p;
+  p.vals = reinterpret_cast<const uint4*>(vals.data_ptr<int>());
+  p.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int>());
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.ws = nullptr;
+  p.bias = nullptr;
+  p.counters = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
+                "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
+    p.bias = bias->contiguous().data_ptr();
+  }
+  if (nsplit > 1) {
+    ws = torch::empty({nsplit * blocks * block_rows * nt * 8}, x.options().dtype(torch::kFloat));
+    p.ws = ws.data_ptr<float>();
+    p.counters = counters_for(x, blocks);
+  }
+  p.N = (int)N;
+  p.K = (int)K;
+  p.T = (int)T;
+  p.steps_per_split = (int)sps;
+  const bool bf = x.scalar_type() == torch::kBFloat16;
+  cudaError_t err;
+  if (orientation == 0)
+    err = bf ? dass24::run_smem_in_bf16(mt, wn, nt, ks, p, nsplit, stream)
+             : dass24::run_smem_in_f16(mt, wn, nt, ks, p, nsplit, stream);
+  else
+    err = bf ? dass24::run_smem_out_bf16(mt, wn, nt, ks, p, nsplit, stream)
+             : dass24::run_smem_out_f16(mt, wn, nt, ks, p, nsplit, stream);
+  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (shared-memory kernel, orientation ", orientation,
+              ", mt=", mt, " wn=", wn, " nt=", nt, " ks=", ks,
+              "; a configuration that is not compiled answers 'invalid argument'): ", cudaGetErrorString(err));
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -91,4 +200,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &mm, "y[T, N] = x[T, K] @ W^T from a packed 2:4 W (dass.infer.cuda.layout)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
         py::arg("ks"), py::arg("splits"));
+  m.def("mm_smem", &mm_smem, "the same product by the shared-memory kernel (16-128 tokens)", py::arg("x"),
+        py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
+        py::arg("wn"), py::arg("ks"), py::arg("splits"));
 }

@@ -12,6 +12,7 @@ struct Params {
   void* y;               // [T, N] 16-bit (written directly when there is one split)
   float* ws;             // [T, N] fp32 zeroed workspace (split-K)
   const void* bias;      // [N] 16-bit or nullptr
+  int* counters;         // split-K arrival counters of the shared-memory kernel (zero between calls)
   int N, K, T;
   int steps_per_split;   // K-steps of 32 per grid.y slice (a multiple of KS)
 };
@@ -20,6 +21,11 @@ cudaError_t run_in_bf16(int mt, int nt, int ks, const Params& p, int splits, cud
 cudaError_t run_in_f16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_out_bf16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_out_f16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+// The shared-memory kernel (nm24_smem.cuh): wn = warps along the tokens (8 / wn along rows).
+cudaError_t run_smem_in_bf16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_smem_in_f16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_smem_out_bf16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_smem_out_f16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t finish_bf16(const float* ws, const void* bias, void* y, int N, long total, cudaStream_t s);
 cudaError_t finish_f16(const float* ws, const void* bias, void* y, int N, long total, cudaStream_t s);
 

@@ -1,0 +1,5 @@
+// Instantiations of the shared-memory kernel: orientation in, bf16 (see nm24_dispatch_smem.cuh).
+#define DASS24_E __nv_bfloat16
+#define DASS24_ORI 0
+#define DASS24_RUN_SMEM run_smem_in_bf16
+#include "nm24_dispatch_smem.cuh"

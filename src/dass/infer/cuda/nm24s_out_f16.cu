@@ -1,0 +1,5 @@
+// Instantiations of the shared-memory kernel: orientation out, f16 (see nm24_dispatch_smem.cuh).
+#define DASS24_E __half
+#define DASS24_ORI 1
+#define DASS24_RUN_SMEM run_smem_out_f16
+#include "nm24_dispatch_smem.cuh"
