@@ -61,8 +61,68 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def config_name(c: dict) -> str:
     """A short name of a launch configuration, e.g. ``smem-mt2-wn2-ks4-s3``."""
-    wn = f"-wn{c['wn']}" if "wn" in c else ""
+    wn = f"-wn{c['wn']}" if "wn" in c else (f"-wg{c['wg']}" if "wg" in c else "")
     return f"{c.get('kind', 'reg')}-mt{c['mt']}{wn}-ks{c['ks']}-s{c['splits']}"
+
+
+def probe_wg() -> dict:
+    """The wgmma kernel with the descriptor as documented (swap 0) and with its two byte
+    offsets swapped (swap 1), on a small output-orientation matrix, every token width, with
+    and without split-K. Run in a child process (``--probe-wg``): a kernel that faults
+    poisons its CUDA context, and the rest of the run must survive that."""
+    from dass.infer import cuda as cu
+    from dass.infer.cuda import layout as L
+
+    N, K = 1024, 1024
+    W, m = random_24(N, K, "output", torch.bfloat16, "cuda")
+    v, me = L.pack(W, "output", m)
+    bias = torch.randn(N, device="cuda").to(torch.bfloat16)
+    res: dict = {}
+    for swap in (0, 1):
+        errs = {}
+        for T in (16, 32, 64, 128, 100):
+            x = torch.randn(T, K, device="cuda").to(torch.bfloat16)
+            ref = torch.nn.functional.linear(x.float(), W.float(), bias.float())
+            for c in cu.candidates("output", T, N, K, wg=True):
+                if c["kind"] != "wg":
+                    continue
+                y = cu.mm(x, v, me, bias, N, "output", {**c, "swap": swap})
+                torch.cuda.synchronize()
+                errs[f"T{T}-{config_name(c)}"] = rel_err(y, ref)
+        res[f"swap{swap}"] = {"max_err": max(errs.values()), "n": len(errs),
+                              "worst": sorted(errs.items(), key=lambda kv: -kv[1])[:3]}
+    return res
+
+
+def run_wg_probe(log) -> dict:
+    """probe_wg in a child process; sets cu.WG_SWAP, or turns the wgmma kernel off for this
+    run (DASS_CUDA_WG=0) when neither descriptor reading gives the right product."""
+    import os
+    import subprocess
+
+    from dass.infer import cuda as cu
+
+    if not cu.wg_supported():
+        return {"skipped": "no compute capability 9.0 GPU"}
+    try:
+        r = subprocess.run([sys.executable, __file__, "--probe-wg", "--out", "/dev/null"], capture_output=True,
+                           text=True, timeout=300)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("WGPROBE ")]
+        res = json.loads(line[-1][8:]) if line else {"error": f"rc={r.returncode}: {r.stderr[-800:]}"}
+    except subprocess.TimeoutExpired:
+        res = {"error": "timed out (a hang in the wgmma kernel)"}
+    ok = [s for s in (0, 1) if res.get(f"swap{s}", {}).get("max_err", 1.0) < 1e-2]
+    if 0 in ok:
+        cu.WG_SWAP = 0
+    elif ok:
+        cu.WG_SWAP = 1
+        log("WARNING: the wgmma descriptor reads its byte offsets swapped here; using swap=1 for the run")
+    else:
+        os.environ["DASS_CUDA_WG"] = "0"
+        log("WARNING: the wgmma kernel is wrong or crashed in both descriptor readings; it is off for this run")
+    res["used_swap"] = cu.WG_SWAP if ok else None
+    log(f"wgmma probe: {res}")
+    return res
 
 
 def probe_layouts(log) -> dict:
@@ -173,12 +233,13 @@ def sweep(shapes, tokens, budget_s, t0, log) -> list[dict]:
                            "dense_tb_s": dense_b / dense_ms / 1e9, "sparse_tb_s": sparse_b / best_ms / 1e9 if best else 0.0,
                            "configs_us": times,
                            "best_reg_us": min((t for k, t in times.items() if k.startswith("reg")), default=None),
-                           "best_smem_us": min((t for k, t in times.items() if k.startswith("smem")), default=None)}
+                           "best_smem_us": min((t for k, t in times.items() if k.startswith("smem")), default=None),
+                           "best_wg_us": min((t for k, t in times.items() if k.startswith("wg")), default=None)}
                     rows.append(row)
                     log(f"  {sname:>3} {mname:>7} {orientation:>6} T={T:<3} dense {row['dense_us']:7.1f} us "
                         f"({row['dense_tb_s']:.2f} TB/s)  cuda {row['sparse_us']:7.1f} us ({row['sparse_tb_s']:.2f} TB/s)"
                         f"  {row['speedup']:.2f}x  {row['path']}  (best reg {row['best_reg_us'] or 0:.1f}, smem "
-                        f"{row['best_smem_us'] or 0:.1f} us)")
+                        f"{row['best_smem_us'] or 0:.1f}, wg {row['best_wg_us'] or 0:.1f} us)")
                 del ws, ops, W, v, me
                 torch.cuda.empty_cache()
     return rows
@@ -223,6 +284,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--fp16", action="store_true", help="check fp16 too (bf16 always)")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--probe-wg", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shapes = [s for s in a.shapes.split(",") if s]
     bad = [s for s in shapes if s not in SHAPES]
@@ -246,6 +308,10 @@ def main(argv=None) -> int:
         return 0
     from dass.infer import cuda as cu
 
+    if a.probe_wg:
+        cu.load()
+        print("WGPROBE " + json.dumps(probe_wg()), flush=True)
+        return 0
     log(f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     tb = time.time()
     ext = cu.load()
@@ -264,6 +330,7 @@ def main(argv=None) -> int:
         L.pack.__defaults__ = (None, right[0][0], right[0][1])  # the rest of this run uses the layout that works
         log(f"WARNING: the default layout 'aa' is wrong here; using {right[0]!r} for the rest of the run")
     result["layout_used"] = "aa" if "aa" in right else (right[0] if right else None)
+    result["wg_probe"] = run_wg_probe(log)
     if not a.skip_check:
         checks = check_all([torch.bfloat16] + ([torch.float16] if a.fp16 else []), log)
         result["checks_passed"] = sum(r["ok"] for r in checks)

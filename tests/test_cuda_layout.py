@@ -150,6 +150,26 @@ def test_python_configs_equal_the_compiled_ones():
         assert sorted(reg[ori]) == sorted(cu.CONFIGS[ori]) and len(set(reg[ori])) == len(reg[ori])
         assert sorted(smem[ori]) == sorted(cu.SMEM_CONFIGS[ori]) and len(set(smem[ori])) == len(smem[ori])
         assert all(nt % wn == 0 for _, wn, nt, _ in cu.SMEM_CONFIGS[ori])
+    wg = _cases((CUDA_DIR / "nm24_dispatch_wg.cuh").read_text(), "DASS24_WG_CASE")
+    assert sorted(wg) == sorted(cu.WG_CONFIGS) and len(set(wg)) == len(wg)
+
+
+def test_wgmma_wrappers_are_generated_for_every_width():
+    """nm24_wgmma_ops.cuh is scripts/gen_wgmma.py's output (edited by hand it would drift)
+    and has a wrapper for every token width WG_CONFIGS compiles, in both dtypes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_wgmma", ROOT / "scripts" / "gen_wgmma.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = (CUDA_DIR / "nm24_wgmma_ops.cuh").read_text()
+    for n in {nt * 8 for _, _, nt, _ in cu.WG_CONFIGS}:
+        assert n in gen.WIDTHS
+        for dt in ("bf16", "f16"):
+            assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dt}.{dt} " in text
+            assert text.count(f"m64n{n}k16.f32.{dt}") == 1
+    body = "".join(gen.wrapper(n, "bf16", "__nv_bfloat16") for n in gen.WIDTHS)
+    assert body.split("template <>")[1] in text
 
 
 def test_every_source_and_header_is_listed():
@@ -180,6 +200,14 @@ def test_candidates_fit_the_bucket(orientation, NK):
             assert ksteps % c["ks"] == 0 and ksteps // c["splits"] >= c["ks"]
         d = cu.default_config(orientation, T, N, K)
         assert d in cands and d["kind"] == "reg"
+        with_wg = cu.candidates(orientation, T, N, K, wg=True)
+        wgs = [c for c in with_wg if c["kind"] == "wg"]
+        assert with_wg[:len(cands)] == cands
+        if orientation == "input" or nt == 1:
+            assert not wgs
+        else:
+            assert wgs and all((c["mt"], c["wg"], nt, c["ks"]) in cu.WG_CONFIGS for c in wgs)
+            assert all((K // 32) // c["splits"] >= 2 * c["ks"] for c in wgs)
     assert cu.candidates(orientation, 8, N, 32 * 3) == []  # K/32 = 3: no ks divides it
 
 
@@ -202,6 +230,7 @@ def test_no_toolchain_is_a_reason_not_an_error(monkeypatch):
         if not torch.cuda.is_available():
             assert cu.load() is None and cu.unavailable_reason() == "no CUDA GPU"
             assert not cu.available()
+            assert not cu.wg_supported()
             with pytest.raises(RuntimeError, match="unavailable: no CUDA GPU"):
                 cu.runner(torch.zeros(1), torch.zeros(1), None, 16, "input", {"mt": 1, "ks": 2, "splits": 1})
     finally:

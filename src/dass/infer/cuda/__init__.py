@@ -18,7 +18,11 @@ launch configuration. Two kernels share the packed layout:
 - ``"smem"`` (nm24_smem.cuh, ``{"kind", "mt", "wn", "ks", "splits"}``): 8 warps a block
   (``wn`` of them along the tokens), weight and tokens through a multi-stage shared-memory
   ring, split-K fixed up inside the kernel; made for 16-128 tokens, where the register
-  kernel re-reads the tokens from L2 too often and has no registers left for loads in flight.
+  kernel re-reads the tokens from L2 too often and has no registers left for loads in flight;
+- ``"wg"`` (nm24_wg.cuh, ``{"kind", "mt", "wg", "ks", "splits"}``, output orientation on
+  compute capability 9.0): ``wg`` warpgroups a block; the weight expanded in registers is
+  the A operand of Hopper's warpgroup MMA (wgmma), the tokens its B operand in shared
+  memory; made for 32-128 tokens, where dense ``mma.sync`` cannot issue fast enough.
 
 ``mt`` is warp tiles a warp, ``ks`` K-steps of 32 a pipeline stage, ``splits`` K-slices of the
 grid. :func:`candidates` lists the configurations worth timing for a (shape, token bucket)
@@ -50,15 +54,19 @@ __all__ = [
     "default_config",
     "MAX_TOKENS",
     "SMEM_CONFIGS",
+    "WG_CONFIGS",
     "runner",
+    "wg_supported",
 ]
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.cu", "nm24_out_f16.cu",
-           "nm24s_in_bf16.cu", "nm24s_in_f16.cu", "nm24s_out_bf16.cu", "nm24s_out_f16.cu")
-HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h")
+           "nm24s_in_bf16.cu", "nm24s_in_f16.cu", "nm24s_out_bf16.cu", "nm24s_out_f16.cu",
+           "nm24w_out_bf16.cu", "nm24w_out_f16.cu")
+HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h",
+           "nm24_wg.cuh", "nm24_dispatch_wg.cuh", "nm24_wgmma_ops.cuh")
 MAX_TOKENS = 128
 WARPS = 4  # warps per block (nm24_kernels.cuh kWarps)
 # (mt, nt, ks) compiled per orientation: must equal nm24_dispatch.cuh's DASS24_CASE lists
@@ -81,6 +89,18 @@ SMEM_CONFIGS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
         for ks in (2, 4)),
 }
 SMEM_WARPS = 8  # warps per block of the shared-memory kernel
+
+# (mt, wg, nt, ks) of the wgmma kernel (output orientation, compute capability 9.0 only):
+# must equal nm24_dispatch_wg.cuh's DASS24_WG_CASE list. wg = warpgroups (of 4 warps) a block.
+WG_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 1, 16, 2), (1, 1, 16, 4), (1, 2, 16, 2),
+    (1, 1, 8, 2), (1, 1, 8, 4), (1, 2, 8, 2), (1, 2, 8, 4), (2, 1, 8, 2), (2, 1, 8, 4), (2, 2, 8, 2),
+    (1, 2, 4, 2), (1, 2, 4, 4), (2, 1, 4, 2), (2, 1, 4, 4), (2, 2, 4, 2),
+    (2, 1, 2, 2), (2, 1, 2, 4), (2, 2, 2, 2),
+)
+# 1 when a GPU probe (benchmarks/gpu_kernels.py) found the wgmma descriptor's two byte
+# offsets the other way round from the PTX ISA's description; 0 as documented.
+WG_SWAP = int(os.environ.get("DASS_WG_SWAP", "0"))
 
 _REASON: str | None = None
 
@@ -137,7 +157,9 @@ def load() -> Any:
     name = f"dass_nm24_{_source_hash()}_sm{arch}_t{tv}"
     build = _cache_dir() / "cuda-ext" / name
     build.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "--use_fast_math",
+    # sm_90 is built as sm_90a (the wgmma kernel needs its architecture-specific features)
+    gen = f"{arch}a" if arch == "90" else arch
+    flags = ["-O3", "-std=c++17", f"-gencode=arch=compute_{gen},code=sm_{gen}", "--use_fast_math",
              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     try:
         from torch.utils.cpp_extension import load as _load
@@ -211,8 +233,35 @@ def _smem_splits(orientation: str, N: int, K: int, mt: int, wn: int, nt: int, ks
     return sorted(s for s in out if ksteps // s >= 2 * ks)
 
 
-def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132) -> list[dict[str, Any]]:
-    """Launch configurations worth timing for a [N, K] matrix at T tokens (both kernels)."""
+def wg_supported() -> bool:
+    """True on a GPU where the wgmma kernel runs (compute capability 9.0: H100, H200);
+    ``DASS_CUDA_WG=0`` turns it off alone."""
+    if os.environ.get("DASS_CUDA_WG", "1") == "0":
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def wg_blocks_per_sm(mt: int, wg: int, nt: int, ks: int) -> int:
+    """Blocks an SM runs of a wgmma configuration (nm24_wg.cuh WgShape::MINB)."""
+    stage = 16 * (nt * 8 * ks * 4 + wg * 4 * mt * ks * 72)
+    return 2 if (wg == 1 and 4 * stage <= 110 * 1024) else 1
+
+
+def _wg_splits(N: int, K: int, mt: int, wg: int, nt: int, ks: int, sms: int) -> list[int]:
+    blocks = math.ceil((N // 32) / (wg * 4 * mt))
+    slots = sms * wg_blocks_per_sm(mt, wg, nt, ks)
+    ksteps = K // 32
+    out = {1}
+    for waves in (1, 2):
+        s = max(1, round(waves * slots / blocks))
+        out.update({s, s + 1} if s > 1 else {s})
+    return sorted(s for s in out if ksteps // s >= 2 * ks)
+
+
+def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
+               wg: bool | None = None) -> list[dict[str, Any]]:
+    """Launch configurations worth timing for a [N, K] matrix at T tokens (every kernel;
+    ``wg``: include the wgmma kernel, default: when this machine's GPU runs it)."""
     nt = nt_for(T)
     out: list[dict[str, Any]] = []
     for mt, cnt, ks in CONFIGS[orientation]:
@@ -227,6 +276,12 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132) -> list
             continue
         for s in _smem_splits(orientation, N, K, mt, wn, nt, ks, sms):
             out.append({"kind": "smem", "mt": mt, "wn": wn, "ks": ks, "splits": s})
+    if orientation == "output" and (wg_supported() if wg is None else wg):
+        for mt, nwg, cnt, ks in WG_CONFIGS:
+            if cnt != nt or not _ksteps_ok(K, ks):
+                continue
+            for s in _wg_splits(N, K, mt, nwg, nt, ks, sms):
+                out.append({"kind": "wg", "mt": mt, "wg": nwg, "ks": ks, "splits": s})
     return out
 
 
@@ -259,7 +314,15 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
         raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
     ori = 0 if orientation == "input" else 1
     mt, ks, splits = int(config["mt"]), int(config["ks"]), int(config["splits"])
-    if config.get("kind", "reg") == "smem":
+    kind = config.get("kind", "reg")
+    if kind == "wg":
+        if orientation != "output":
+            raise ValueError("the wgmma kernel runs the output orientation only")
+        fn, nwg, swap = ext.mm_wg, int(config["wg"]), int(config.get("swap", WG_SWAP))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return fn(x, values, meta, bias, N, mt, nwg, ks, splits, swap)
+    elif kind == "smem":
         fn, wn = ext.mm_smem, int(config["wn"])
 
         def run(x: torch.Tensor) -> torch.Tensor:

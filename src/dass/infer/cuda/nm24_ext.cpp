@@ -91,6 +91,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   p.ws = nullptr;
   p.bias = nullptr;
   p.counters = nullptr;
+  p.wg_swap = 0;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
                 "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
@@ -121,9 +122,12 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   return y;
 }
 
-// The shared-memory kernel (nm24_smem.cuh): 8 warps a block, wn of them along the tokens.
-torch::Tensor mm_smem(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                      int64_t N, int64_t orientation, int64_t mt, int64_t wn, int64_t ks, int64_t splits) {
+// The two staged kernels: kind 0 = shared-memory kernel (nm24_smem.cuh, 8 warps a block, wn of
+// them along the tokens); kind 1 = wgmma kernel (nm24_wg.cuh, output orientation, sm_90a; wn
+// is then the number of warpgroups a block, wg_swap the descriptor probe).
+torch::Tensor mm_staged(int kind, torch::Tensor x, torch::Tensor vals, torch::Tensor meta,
+                        c10::optional<torch::Tensor> bias, int64_t N, int64_t orientation, int64_t mt, int64_t wn,
+                        int64_t ks, int64_t splits, int64_t wg_swap) {
   TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
   TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
@@ -132,7 +136,17 @@ torch::Tensor mm_smem(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c
               "dass nm24 cuda: packed values and metadata must be int32");
   TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "dass nm24 cuda: packed tensors must be contiguous");
   TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
-  TORCH_CHECK(wn == 1 || wn == 2 || wn == 4, "dass nm24 cuda: wn must be 1, 2 or 4");
+  if (kind == 0) {
+    TORCH_CHECK(wn == 1 || wn == 2 || wn == 4, "dass nm24 cuda: wn must be 1, 2 or 4");
+  } else {
+    TORCH_CHECK(orientation == 1, "dass nm24 cuda: the wgmma kernel runs the output orientation only");
+    TORCH_CHECK(wn == 1 || wn == 2, "dass nm24 cuda: wg (warpgroups a block) must be 1 or 2");
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
+    TORCH_CHECK(major == 9 && minor == 0, "dass nm24 cuda: the wgmma kernel needs compute capability 9.0, got ", major,
+                ".", minor);
+  }
   x = x.contiguous();
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
@@ -150,9 +164,10 @@ torch::Tensor mm_smem(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c
   sps = (sps + ks - 1) / ks * ks;
   const int64_t nsplit = (ksteps + sps - 1) / sps;
   const int nt = pow2_at_least((int)((T + 7) / 8));
-  TORCH_CHECK(nt % wn == 0, "dass nm24 cuda: ", nt, " token tiles cannot be split over wn = ", wn, " warps");
-  const int64_t block_rows = (8 / wn) * mt * rows;
-  const int64_t blocks = (N / rows + (8 / wn) * mt - 1) / ((8 / wn) * mt);
+  TORCH_CHECK(kind == 1 || nt % wn == 0, "dass nm24 cuda: ", nt, " token tiles cannot be split over wn = ", wn, " warps");
+  const int64_t tiles = kind == 0 ? (8 / wn) * mt : wn * 4 * mt;  // row tiles of a block
+  const int64_t block_rows = tiles * rows;
+  const int64_t blocks = (N / rows + tiles - 1) / tiles;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto y = torch::empty({T, N}, x.options());
@@ -179,18 +194,32 @@ torch::Tensor mm_smem(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c
   p.K = (int)K;
   p.T = (int)T;
   p.steps_per_split = (int)sps;
+  p.wg_swap = (int)wg_swap;
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err;
-  if (orientation == 0)
+  if (kind == 1)
+    err = bf ? dass24::run_wg_out_bf16(mt, wn, nt, ks, p, nsplit, stream)
+             : dass24::run_wg_out_f16(mt, wn, nt, ks, p, nsplit, stream);
+  else if (orientation == 0)
     err = bf ? dass24::run_smem_in_bf16(mt, wn, nt, ks, p, nsplit, stream)
              : dass24::run_smem_in_f16(mt, wn, nt, ks, p, nsplit, stream);
   else
     err = bf ? dass24::run_smem_out_bf16(mt, wn, nt, ks, p, nsplit, stream)
              : dass24::run_smem_out_f16(mt, wn, nt, ks, p, nsplit, stream);
-  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (shared-memory kernel, orientation ", orientation,
+  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (", kind == 0 ? "shared-memory" : "wgmma", " kernel, orientation ", orientation,
               ", mt=", mt, " wn=", wn, " nt=", nt, " ks=", ks,
               "; a configuration that is not compiled answers 'invalid argument'): ", cudaGetErrorString(err));
   return y;
+}
+
+torch::Tensor mm_smem(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
+                      int64_t N, int64_t orientation, int64_t mt, int64_t wn, int64_t ks, int64_t splits) {
+  return mm_staged(0, x, vals, meta, bias, N, orientation, mt, wn, ks, splits, 0);
+}
+
+torch::Tensor mm_wg(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
+                    int64_t N, int64_t mt, int64_t wg, int64_t ks, int64_t splits, int64_t wg_swap) {
+  return mm_staged(1, x, vals, meta, bias, N, 1, mt, wg, ks, splits, wg_swap);
 }
 
 }  // namespace
@@ -203,4 +232,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_smem", &mm_smem, "the same product by the shared-memory kernel (16-128 tokens)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
         py::arg("wn"), py::arg("ks"), py::arg("splits"));
+  m.def("mm_wg", &mm_wg, "the output-orientation product by the wgmma kernel (sm_90a, 16-128 tokens)", py::arg("x"),
+        py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("mt"), py::arg("wg"), py::arg("ks"),
+        py::arg("splits"), py::arg("wg_swap") = 0);
 }

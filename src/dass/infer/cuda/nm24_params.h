@@ -15,6 +15,7 @@ struct Params {
   int* counters;         // split-K arrival counters of the shared-memory kernel (zero between calls)
   int N, K, T;
   int steps_per_split;   // K-steps of 32 per grid.y slice (a multiple of KS)
+  int wg_swap;           // wgmma kernel: 1 swaps the descriptor's two byte offsets (a GPU probe)
 };
 
 cudaError_t run_in_bf16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
@@ -26,6 +27,9 @@ cudaError_t run_smem_in_bf16(int mt, int wn, int nt, int ks, const Params& p, in
 cudaError_t run_smem_in_f16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_smem_out_bf16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_smem_out_f16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+// The wgmma kernel (nm24_wg.cuh, output orientation, sm_90a only).
+cudaError_t run_wg_out_bf16(int mt, int wg, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_wg_out_f16(int mt, int wg, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t finish_bf16(const float* ws, const void* bias, void* y, int N, long total, cudaStream_t s);
 cudaError_t finish_f16(const float* ws, const void* bias, void* y, int N, long total, cudaStream_t s);
 
