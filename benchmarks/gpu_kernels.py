@@ -164,6 +164,10 @@ def check_all(dtypes, log) -> list[dict]:
             for N, K in shp:
                 W, m = random_24(N, K, orientation, dtype, "cuda", gen)
                 v, me = L.pack(W, orientation, m)
+                same = torch.equal(cu.unpack(v, me, N, K, orientation, dtype).view(torch.int16), W.view(torch.int16))
+                rows.append({"orientation": orientation, "dtype": str(dtype).split(".")[-1], "N": N, "K": K, "T": 0,
+                             "config": "unpack", "bias": False, "rel_err": 0.0 if same else float("inf"),
+                             "repeatable": True, "ok": same})
                 bias = torch.randn(N, device="cuda", generator=gen).to(dtype)
                 for T in CHECK_TOKENS:
                     x = torch.randn(T, K, device="cuda", generator=gen).to(dtype)
@@ -210,6 +214,10 @@ def sweep(shapes, tokens, budget_s, t0, log) -> list[dict]:
                 ws = [W] + [W.clone() for _ in range(dn - 1)]
                 sn = copies_for(v.numel() * 4 + me.numel() * 4)
                 ops = [(v, me)] + [(v.clone(), me.clone()) for _ in range(sn - 1)]
+                unpack_us = gpu_time(lambda i: cu.unpack(ops[i][0], ops[i][1], N, K, orientation, torch.bfloat16),
+                                     sn, reps=5) * 1e3
+                log(f"  {sname:>3} {mname:>7} {orientation:>6} unpack to dense: {unpack_us:.1f} us "
+                    f"({(L.packed_bytes(N, K) + 2 * N * K) / unpack_us / 1e6:.2f} TB/s read + write)")
                 for T in tokens:
                     x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, generator=gen)
                     ref = (x.float() @ W.float().T)
@@ -231,7 +239,7 @@ def sweep(shapes, tokens, budget_s, t0, log) -> list[dict]:
                            "path": "cuda " + config_name(best) if best else "none",
                            "speedup": dense_ms / best_ms if best else 0.0,
                            "dense_tb_s": dense_b / dense_ms / 1e9, "sparse_tb_s": sparse_b / best_ms / 1e9 if best else 0.0,
-                           "configs_us": times,
+                           "configs_us": times, "unpack_us": unpack_us,
                            "best_reg_us": min((t for k, t in times.items() if k.startswith("reg")), default=None),
                            "best_smem_us": min((t for k, t in times.items() if k.startswith("smem")), default=None),
                            "best_wg_us": min((t for k, t in times.items() if k.startswith("wg")), default=None)}

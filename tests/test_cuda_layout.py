@@ -318,3 +318,36 @@ def test_nm24linear_cuda_branch_runs_the_bound_runner(cpu_modules, monkeypatch, 
     ref = torch.nn.functional.linear(x.float(), W.float(), bias.float()).to(torch.bfloat16)
     assert y.shape == (2, 3, 64) and torch.equal(y, ref)
     assert mod(x).shape == (2, 3, 64) and calls == [6, 6]
+
+
+@pytest.mark.parametrize("one_copy", [True, False])
+def test_one_copy_keeps_only_the_cuda_layout(cpu_modules, monkeypatch, one_copy):
+    """With the CUDA layout built and AccelerateConfig.one_copy, a module stores that layout
+    alone (56.25% of the dense bytes plus nothing else), its decompress path and dense_weight
+    rebuild W from it (cu.unpack, stood in by the reference decoder), and the memory
+    accounting counts it; one_copy=False also keeps the Triton layout."""
+    import dass.infer.nm24_linear as nl
+    from dass.infer import dispatch
+    from dass.infer.config import AccelerateConfig
+    from dass.infer.roofline import weight_bytes
+
+    def fake_pack(self, w, keep):
+        self.cu_values, self.cu_meta = L.pack(w, self.orientation, keep)
+        return None
+
+    monkeypatch.setattr(nl.NM24Linear, "_pack_cuda", fake_pack)
+    monkeypatch.setattr(cu, "unpack", lambda v, m, N, K, o, dt: L.unpack(v, m, (N, K), o, dt))
+    for orientation in ("input", "output"):
+        W, m = random_24(64, 128, orientation, torch.bfloat16, seed=5)
+        mod = nl.NM24Linear(W, None, orientation, AccelerateConfig(graphs=False, tuning_cache=False, one_copy=one_copy))
+        stored = sum(t.numel() * t.element_size() for t in mod.stored_tensors())
+        assert (mod.values is None) == one_copy and mod.cslt is None
+        assert stored == (1 if one_copy else 2) * 64 * 128 * 2 * 9 // 16
+        assert weight_bytes(torch.nn.Sequential(mod))["stored"] == stored
+        assert mod.weight_dtype == torch.bfloat16 and mod.weight_device.type == "cpu"
+        assert torch.equal(mod.dense_weight().view(torch.int16), W.view(torch.int16))
+        monkeypatch.setattr(nl, "decide", lambda mod_, T: dispatch.Decision("decompress", None, source="measured"))
+        x = torch.randn(5, 128).to(torch.bfloat16)
+        assert torch.equal(mod(x), torch.nn.functional.linear(x, W))
+        if one_copy:
+            assert "triton" not in mod.candidates(8) and "cslt" not in mod.candidates(512)

@@ -55,3 +55,8 @@ class AccelerateConfig:
     # the reason in NM24Linear.cuda_reason where they cannot be built); their packed copy of
     # the weight (56% of its dense bytes) is stored beside the Triton layout
     cuda_kernels: bool = True
+    # with the CUDA kernels built, keep only their packed copy (56% of the dense bytes): no
+    # Triton layout and no cuSPARSELt copy; past 128 tokens the decompress path unpacks it on
+    # the GPU for cuBLAS. False keeps those copies too (+56% each; cuSPARSELt runs the input
+    # orientation faster than decompress at a few hundred to a few thousand tokens)
+    one_copy: bool = True

@@ -82,12 +82,12 @@ def decide(mod, T: int) -> Decision:
     measured (CUDA, not while capturing), or the static rule."""
     b = bucket(T)
     cands = tuple(mod.candidates(b))
-    key = (mod.orientation, mod.out_features, mod.in_features, mod.values.dtype, mod.values.device.index, b, cands)
+    key = (mod.orientation, mod.out_features, mod.in_features, mod.weight_dtype, mod.weight_device.index, b, cands)
     d = _DECISIONS.get(key)
     if d is not None:
         return d
     cfg = mod.config
-    if not cfg.autotune or not mod.values.is_cuda or torch.cuda.is_current_stream_capturing():
+    if not cfg.autotune or mod.weight_device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return Decision(mod.static_path(T), None, source="static", reason="autotune off or capturing")
     cache = None
     if cfg.tuning_cache:
@@ -106,7 +106,7 @@ def decide(mod, T: int) -> Decision:
 
 def _measure(mod, b: int, cands: tuple[str, ...]) -> Decision:
     """Time each candidate path (and dense cuBLAS) at ``b`` tokens on this module's matrix."""
-    dev, dtype = mod.values.device, mod.values.dtype
+    dev, dtype = mod.weight_device, mod.weight_dtype
     N, K = mod.out_features, mod.in_features
     x = torch.randn(b, K, device=dev, dtype=dtype)
     times: dict[str, float] = {}
@@ -153,7 +153,7 @@ def _measure(mod, b: int, cands: tuple[str, ...]) -> Decision:
     if not times:
         return Decision(mod.static_path(b), None, {}, dense_ms, "no path could be timed: " + "; ".join(notes), "static")
     path = min(times, key=times.get)
-    dense_mb = N * K * mod.values.element_size() / 2**20
+    dense_mb = N * K * 2 / 2**20
     reason = _reason(path, times, dense_ms, mod.config.keep_dense, dense_mb)
     if notes:
         reason += " (" + "; ".join(notes) + ")"
@@ -191,7 +191,7 @@ def _tune_cuda(mod, x: torch.Tensor) -> tuple[dict | None, float, list[str]]:
 
 def _time_path(mod, x: torch.Tensor, path: str) -> float:
     """GPU ms per call of one path, cycling over copies of the module's operands."""
-    nbytes = mod.values.numel() * mod.values.element_size()
+    nbytes = mod.out_features * mod.in_features * 9 // 16  # the compressed bytes
     nc = copies_for(nbytes if path != "dense" else 2 * nbytes)
     ops = [mod.operands()] + [mod.operand_copy(path) for _ in range(nc - 1)]
     mod.run_path(x, path)  # compile, search cuSPARSELt's algorithm

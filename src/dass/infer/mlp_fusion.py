@@ -65,10 +65,10 @@ def fuse_gate_up(mlp: nn.Module, kids: GLUChildren, config: AccelerateConfig) ->
     if not (isinstance(g, NM24Linear) and isinstance(u, NM24Linear) and isinstance(down, nn.Module) and callable(act)):
         return False
     if (g.orientation != u.orientation or g.in_features != u.in_features or g.out_features != u.out_features
-            or g.bias is not None or u.bias is not None or g.values.dtype != u.values.dtype):
+            or g.bias is not None or u.bias is not None or g.weight_dtype != u.weight_dtype):
         return False
     d, D = g.in_features, g.out_features
-    dev, dtype = g.values.device, g.values.dtype
+    dev, dtype = g.weight_device, g.weight_dtype
     with torch.no_grad():
         fused = NM24Linear(torch.cat([g.dense_weight(), u.dense_weight()]), None, g.orientation, config)
     kind = _fused_act(act, D, dev, dtype)

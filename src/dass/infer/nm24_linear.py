@@ -53,19 +53,22 @@ class NM24Linear(nn.Module):
         self.config = config or _DEFAULT
         with torch.no_grad():
             w = weight.detach().contiguous()
-            values, meta = to_kernel_layout(w, orientation, keep)
-            self.register_buffer("values", values)
-            self.register_buffer("meta", meta)
+            self.register_buffer("values", None)
+            self.register_buffer("meta", None)
             self.register_buffer("cslt", None)
             self.register_buffer("dense", w if self.config.keep_dense else None)
             self.register_buffer("cu_values", None)
             self.register_buffer("cu_meta", None)
             self.cuda_reason = self._pack_cuda(w, keep)
-            if orientation == "input" and N % 64 == 0 and K % 64 == 0 and cslt_supported(w.device):
-                self.register_buffer("cslt", torch._cslt_compress(w))
+            # one_copy: the CUDA layout alone serves every token count (module docstring)
+            alone = self.cu_values is not None and self.config.one_copy
+            if not alone:
+                self.values, self.meta = to_kernel_layout(w, orientation, keep)
+                if orientation == "input" and N % 64 == 0 and K % 64 == 0 and cslt_supported(w.device):
+                    self.cslt = torch._cslt_compress(w)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self._triton = triton_ok()
-        self._dtype = values.dtype
+        self._triton = triton_ok() and self.values is not None
+        self._dtype = w.dtype
         self._runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._launchers: dict[tuple, Any] = {}
         self._graph = GraphCache(self._plain, K, N, self.config.max_graphs_per_module)
@@ -99,7 +102,7 @@ class NM24Linear(nn.Module):
         c = []
         if self.cu_values is not None and T <= _CUDA_MAX_TOKENS:
             c.append("cuda")
-        if self._triton and T <= self.config.autotune_max_triton_tokens:
+        if self._triton and self.values is not None and T <= self.config.autotune_max_triton_tokens:
             c.append("triton")
         if self.cslt is not None:
             c.append("cslt")
@@ -113,7 +116,7 @@ class NM24Linear(nn.Module):
         cfg = self.config
         if self.cu_values is not None and T <= _CUDA_MAX_TOKENS:
             return "cuda"
-        if self._triton and T <= cfg.triton_max_tokens[self.orientation]:
+        if self._triton and self.values is not None and T <= cfg.triton_max_tokens[self.orientation]:
             return "triton"
         if self.cslt is not None:
             band = cfg.dense_band
@@ -134,14 +137,38 @@ class NM24Linear(nn.Module):
 
     def operand_copy(self, path: str) -> tuple:
         """A copy of the operands ``path`` reads (timing cycles over copies to defeat L2)."""
-        need = {"triton": (0, 1), "decompress": (0, 1), "cslt": (2,), "dense": (3,), "cuda": (4, 5)}[path]
+        need = {"triton": (0, 1), "decompress": (0, 1) if self.values is not None else (4, 5), "cslt": (2,),
+                "dense": (3,), "cuda": (4, 5)}[path]
         return tuple(t.clone() if (i in need and t is not None) else t for i, t in enumerate(self.operands()))
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def weight_device(self) -> torch.device:
+        """Where the weight lives (whichever copies this module keeps)."""
+        for t in (self.cu_values, self.values, self.dense):
+            if t is not None:
+                return t.device
+        raise RuntimeError("NM24Linear holds no weight")
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this module keeps (for memory accounting)."""
+        return [t for t in (self.values, self.meta, self.cslt, self.dense, self.cu_values, self.cu_meta, self.bias)
+                if t is not None]
 
     def dense_weight(self) -> torch.Tensor:
         if self.dense is not None:
             return self.dense
         from dass.infer.kernels import nm24_decompress
         from dass.infer.kernels.layout import from_kernel_layout
+
+        if self.values is None:  # one_copy: the CUDA layout only
+            from dass.infer import cuda as cu
+
+            return cu.unpack(self.cu_values, self.cu_meta, self.out_features, self.in_features, self.orientation,
+                             self._dtype)
 
         if self._triton:
             return nm24_decompress(self.values, self.meta, self.out_features, self.in_features, self.orientation)
@@ -202,8 +229,14 @@ class NM24Linear(nn.Module):
         else:
             from dass.infer.kernels import nm24_decompress
 
-            w = (nm24_decompress(values, meta, self.out_features, self.in_features, self.orientation)
-                 if self._triton else self.dense_weight())
+            if values is None:
+                from dass.infer import cuda as cu
+
+                w = cu.unpack(cu_values, cu_meta, self.out_features, self.in_features, self.orientation, self._dtype)
+            elif self._triton:
+                w = nm24_decompress(values, meta, self.out_features, self.in_features, self.orientation)
+            else:
+                w = self.dense_weight()
             return F.linear(x2, w, self.bias)
         if self.bias is not None:
             y = y + self.bias

@@ -114,8 +114,8 @@ def prepare_compile(model: nn.Module, tokens: Iterable[int] = (), run: bool = Tr
                 p = m.decision(T).path
                 count[p] = count.get(p, 0) + 1
                 if run:
-                    m(torch.zeros(T, m.in_features, dtype=m.values.dtype, device=m.values.device))
+                    m(torch.zeros(T, m.in_features, dtype=m.weight_dtype, device=m.weight_device))
             paths[T] = count
-    if mods and mods[0].values.is_cuda:
-        torch.cuda.synchronize(mods[0].values.device)
+    if mods and mods[0].weight_device.type == "cuda":
+        torch.cuda.synchronize(mods[0].weight_device)
     return {"modules": len(mods), "paths": paths}

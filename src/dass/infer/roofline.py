@@ -55,6 +55,8 @@ def _nm24_bytes(mod, T: int) -> int:
         parts = [mod.cslt]
     elif path == "dense" and mod.dense is not None:
         parts = [mod.dense]
+    elif path == "cuda" or mod.values is None:
+        parts = [mod.cu_values, mod.cu_meta]
     else:
         parts = [mod.values, mod.meta]
     if mod.bias is not None:
@@ -74,8 +76,8 @@ def weight_bytes(model: nn.Module, tokens: int = 1) -> dict[str, int]:
     embeddings: dict[int, int] = {}
     for mod in model.modules():
         if isinstance(mod, NM24Linear):
-            for t in (mod.values, mod.meta, mod.cslt, mod.dense, mod.bias):
-                if t is not None and t.data_ptr() not in seen:
+            for t in mod.stored_tensors():
+                if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     stored += t.numel() * t.element_size()
             read += _nm24_bytes(mod, tokens)

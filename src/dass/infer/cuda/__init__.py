@@ -57,6 +57,7 @@ __all__ = [
     "WG_CONFIGS",
     "runner",
     "wg_supported",
+    "unpack",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.cu", "nm24_out_f16.cu",
            "nm24s_in_bf16.cu", "nm24s_in_f16.cu", "nm24s_out_bf16.cu", "nm24s_out_f16.cu",
-           "nm24w_out_bf16.cu", "nm24w_out_f16.cu")
+           "nm24w_out_bf16.cu", "nm24w_out_f16.cu", "nm24_unpack.cu")
 HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h",
            "nm24_wg.cuh", "nm24_dispatch_wg.cuh", "nm24_wgmma_ops.cuh")
 MAX_TOKENS = 128
@@ -304,6 +305,17 @@ def mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Te
        orientation: str, config: dict[str, int]) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x ``[T, K]`` (T <= 128) and W packed by :func:`layout.pack`."""
     return runner(values, meta, bias, N, orientation, config)(x)
+
+
+def unpack(values: torch.Tensor, meta: torch.Tensor, N: int, K: int, orientation: str,
+           dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[N, K]`` matrix of ``dtype`` from the packed layout, on the GPU (the
+    CUDA twin of :func:`layout.unpack`; pruned places are +0)."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
+    like = torch.empty(0, dtype=dtype)
+    return ext.unpack(values, meta, N, K, 0 if orientation == "input" else 1, like)
 
 
 def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, N: int, orientation: str,

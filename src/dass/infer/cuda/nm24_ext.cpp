@@ -222,6 +222,28 @@ torch::Tensor mm_wg(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10
   return mm_staged(1, x, vals, meta, bias, N, 1, mt, wg, ks, splits, wg_swap);
 }
 
+// The dense [N, K] matrix of dtype x_like's dtype from the packed layout (pruned places +0).
+torch::Tensor unpack(torch::Tensor vals, torch::Tensor meta, int64_t N, int64_t K, int64_t orientation,
+                     torch::Tensor like) {
+  TORCH_CHECK(vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: packed tensors must be on a CUDA device");
+  TORCH_CHECK(vals.scalar_type() == torch::kInt && meta.scalar_type() == torch::kInt && vals.is_contiguous() &&
+                  meta.is_contiguous(),
+              "dass nm24 cuda: packed values and metadata must be contiguous int32");
+  TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
+  TORCH_CHECK(like.element_size() == 2, "dass nm24 cuda: the dense matrix is 16-bit");
+  const int64_t rows = orientation == 0 ? 16 : 32, kmul = orientation == 0 ? 64 : 32;
+  TORCH_CHECK(N % rows == 0 && K % kmul == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % ", rows,
+              " == 0 and K % ", kmul, " == 0");
+  TORCH_CHECK(vals.numel() * 4 == N * K && meta.numel() * 32 == N * K,
+              "dass nm24 cuda: packed tensors do not hold a [", N, ", ", K, "] matrix");
+  const c10::cuda::CUDAGuard guard(vals.device());
+  auto out = torch::empty({N, K}, vals.options().dtype(like.scalar_type()));
+  cudaError_t err = dass24::unpack(vals.data_ptr(), meta.data_ptr(), out.data_ptr(), (int)N, (int)K, (int)orientation,
+                                   c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: unpack failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -235,4 +257,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_wg", &mm_wg, "the output-orientation product by the wgmma kernel (sm_90a, 16-128 tokens)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("mt"), py::arg("wg"), py::arg("ks"),
         py::arg("splits"), py::arg("wg_swap") = 0);
+  m.def("unpack", &unpack, "the dense matrix from the packed layout", py::arg("vals"), py::arg("meta"), py::arg("N"),
+        py::arg("K"), py::arg("orientation"), py::arg("like"));
 }
