@@ -44,10 +44,11 @@ def main() -> int:
         child(a.child)
         return 0
     cases = []
-    for (mt, wg, nt, ks) in [(2, 1, 2, 2), (1, 2, 4, 2), (1, 1, 8, 2), (1, 1, 16, 2), (2, 2, 2, 2), (1, 2, 16, 2)]:
+    for (mt, wg, ts, nt, ks) in [(2, 1, 1, 2, 2), (1, 2, 1, 4, 2), (1, 1, 1, 8, 2), (1, 1, 2, 16, 2), (2, 1, 2, 8, 2),
+                                 (1, 1, 2, 16, 4)]:
         for swap in (0, 1):
             for splits in ((1, 2) if nt == 8 else (1,)):
-                cases.append({"kind": "wg", "mt": mt, "wg": wg, "ks": ks, "splits": splits, "swap": swap,
+                cases.append({"kind": "wg", "mt": mt, "wg": wg, "ts": ts, "ks": ks, "splits": splits, "swap": swap,
                               "N": 1024, "K": 1024, "T": nt * 8})
     first_crash = None
     env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}

@@ -163,7 +163,7 @@ def test_wgmma_wrappers_are_generated_for_every_width():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     text = (CUDA_DIR / "nm24_wgmma_ops.cuh").read_text()
-    for n in {nt * 8 for _, _, nt, _ in cu.WG_CONFIGS}:
+    for n in {nt * 8 // ts for _, _, ts, nt, _ in cu.WG_CONFIGS}:
         assert n in gen.WIDTHS
         for dt in ("bf16", "f16"):
             assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dt}.{dt} " in text
@@ -206,7 +206,7 @@ def test_candidates_fit_the_bucket(orientation, NK):
         if orientation == "input" or nt == 1:
             assert not wgs
         else:
-            assert wgs and all((c["mt"], c["wg"], nt, c["ks"]) in cu.WG_CONFIGS for c in wgs)
+            assert wgs and all((c["mt"], c["wg"], c["ts"], nt, c["ks"]) in cu.WG_CONFIGS for c in wgs)
             assert all((K // 32) // c["splits"] >= 2 * c["ks"] for c in wgs)
     assert cu.candidates(orientation, 8, N, 32 * 3) == []  # K/32 = 3: no ks divides it
 

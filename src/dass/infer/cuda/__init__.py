@@ -19,8 +19,8 @@ launch configuration. Two kernels share the packed layout:
   (``wn`` of them along the tokens), weight and tokens through a multi-stage shared-memory
   ring, split-K fixed up inside the kernel; made for 16-128 tokens, where the register
   kernel re-reads the tokens from L2 too often and has no registers left for loads in flight;
-- ``"wg"`` (nm24_wg.cuh, ``{"kind", "mt", "wg", "ks", "splits"}``, output orientation on
-  compute capability 9.0): ``wg`` warpgroups a block; the weight expanded in registers is
+- ``"wg"`` (nm24_wg.cuh, ``{"kind", "mt", "wg", "ts", "ks", "splits"}``, output orientation on
+  compute capability 9.0): ``wg`` x ``ts`` warpgroups a block (``ts`` along the tokens); the weight expanded in registers is
   the A operand of Hopper's warpgroup MMA (wgmma), the tokens its B operand in shared
   memory; made for 32-128 tokens, where dense ``mma.sync`` cannot issue fast enough.
 
@@ -91,13 +91,14 @@ SMEM_CONFIGS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
 }
 SMEM_WARPS = 8  # warps per block of the shared-memory kernel
 
-# (mt, wg, nt, ks) of the wgmma kernel (output orientation, compute capability 9.0 only):
-# must equal nm24_dispatch_wg.cuh's DASS24_WG_CASE list. wg = warpgroups (of 4 warps) a block.
-WG_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (1, 1, 16, 2), (1, 1, 16, 4), (1, 2, 16, 2),
-    (1, 1, 8, 2), (1, 1, 8, 4), (1, 2, 8, 2), (1, 2, 8, 4), (2, 1, 8, 2), (2, 1, 8, 4), (2, 2, 8, 2),
-    (1, 2, 4, 2), (1, 2, 4, 4), (2, 1, 4, 2), (2, 1, 4, 4), (2, 2, 4, 2),
-    (2, 1, 2, 2), (2, 1, 2, 4), (2, 2, 2, 2),
+# (mt, wg, ts, nt, ks) of the wgmma kernel (output orientation, compute capability 9.0 only):
+# must equal nm24_dispatch_wg.cuh's DASS24_WG_CASE list. wg = warpgroups (of 4 warps) along
+# the rows of a block, ts = along its tokens (each wgmma then has nt * 8 / ts tokens).
+WG_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 1, 2, 16, 2), (1, 1, 2, 16, 4),
+    (1, 1, 1, 8, 2), (1, 1, 1, 8, 4), (1, 2, 1, 8, 2), (1, 2, 1, 8, 4), (2, 1, 2, 8, 2),
+    (1, 2, 1, 4, 2), (1, 2, 1, 4, 4), (2, 1, 1, 4, 2), (2, 1, 1, 4, 4), (2, 2, 1, 4, 2),
+    (2, 1, 1, 2, 2), (2, 1, 1, 2, 4), (2, 2, 1, 2, 2),
 )
 # 1 when a GPU probe (benchmarks/gpu_kernels.py) found the wgmma descriptor's two byte
 # offsets the other way round from the PTX ISA's description; 0 as documented.
@@ -242,15 +243,15 @@ def wg_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-def wg_blocks_per_sm(mt: int, wg: int, nt: int, ks: int) -> int:
+def wg_blocks_per_sm(mt: int, wg: int, ts: int, nt: int, ks: int) -> int:
     """Blocks an SM runs of a wgmma configuration (nm24_wg.cuh WgShape::MINB)."""
     stage = 16 * (nt * 8 * ks * 4 + wg * 4 * mt * ks * 72)
-    return 2 if (wg == 1 and 4 * stage <= 110 * 1024) else 1
+    return 2 if (wg * ts == 1 and 4 * stage <= 110 * 1024) else 1
 
 
-def _wg_splits(N: int, K: int, mt: int, wg: int, nt: int, ks: int, sms: int) -> list[int]:
+def _wg_splits(N: int, K: int, mt: int, wg: int, ts: int, nt: int, ks: int, sms: int) -> list[int]:
     blocks = math.ceil((N // 32) / (wg * 4 * mt))
-    slots = sms * wg_blocks_per_sm(mt, wg, nt, ks)
+    slots = sms * wg_blocks_per_sm(mt, wg, ts, nt, ks)
     ksteps = K // 32
     out = {1}
     for waves in (1, 2):
@@ -278,11 +279,11 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
         for s in _smem_splits(orientation, N, K, mt, wn, nt, ks, sms):
             out.append({"kind": "smem", "mt": mt, "wn": wn, "ks": ks, "splits": s})
     if orientation == "output" and (wg_supported() if wg is None else wg):
-        for mt, nwg, cnt, ks in WG_CONFIGS:
+        for mt, nwg, ts, cnt, ks in WG_CONFIGS:
             if cnt != nt or not _ksteps_ok(K, ks):
                 continue
-            for s in _wg_splits(N, K, mt, nwg, nt, ks, sms):
-                out.append({"kind": "wg", "mt": mt, "wg": nwg, "ks": ks, "splits": s})
+            for s in _wg_splits(N, K, mt, nwg, ts, nt, ks, sms):
+                out.append({"kind": "wg", "mt": mt, "wg": nwg, "ts": ts, "ks": ks, "splits": s})
     return out
 
 
@@ -330,10 +331,11 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
     if kind == "wg":
         if orientation != "output":
             raise ValueError("the wgmma kernel runs the output orientation only")
-        fn, nwg, swap = ext.mm_wg, int(config["wg"]), int(config.get("swap", WG_SWAP))
+        fn, nwg, ts = ext.mm_wg, int(config["wg"]), int(config.get("ts", 1))
+        swap = int(config.get("swap", WG_SWAP))
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            return fn(x, values, meta, bias, N, mt, nwg, ks, splits, swap)
+            return fn(x, values, meta, bias, N, mt, nwg, ts, ks, splits, swap)
     elif kind == "smem":
         fn, wn = ext.mm_smem, int(config["wn"])
 

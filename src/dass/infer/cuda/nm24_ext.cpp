@@ -127,7 +127,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
 // is then the number of warpgroups a block, wg_swap the descriptor probe).
 torch::Tensor mm_staged(int kind, torch::Tensor x, torch::Tensor vals, torch::Tensor meta,
                         c10::optional<torch::Tensor> bias, int64_t N, int64_t orientation, int64_t mt, int64_t wn,
-                        int64_t ks, int64_t splits, int64_t wg_swap) {
+                        int64_t ks, int64_t splits, int64_t wg_swap, int64_t ts = 1) {
   TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
   TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
@@ -198,8 +198,8 @@ torch::Tensor mm_staged(int kind, torch::Tensor x, torch::Tensor vals, torch::Te
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err;
   if (kind == 1)
-    err = bf ? dass24::run_wg_out_bf16(mt, wn, nt, ks, p, nsplit, stream)
-             : dass24::run_wg_out_f16(mt, wn, nt, ks, p, nsplit, stream);
+    err = bf ? dass24::run_wg_out_bf16(mt, wn, ts, nt, ks, p, nsplit, stream)
+             : dass24::run_wg_out_f16(mt, wn, ts, nt, ks, p, nsplit, stream);
   else if (orientation == 0)
     err = bf ? dass24::run_smem_in_bf16(mt, wn, nt, ks, p, nsplit, stream)
              : dass24::run_smem_in_f16(mt, wn, nt, ks, p, nsplit, stream);
@@ -218,8 +218,9 @@ torch::Tensor mm_smem(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c
 }
 
 torch::Tensor mm_wg(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                    int64_t N, int64_t mt, int64_t wg, int64_t ks, int64_t splits, int64_t wg_swap) {
-  return mm_staged(1, x, vals, meta, bias, N, 1, mt, wg, ks, splits, wg_swap);
+                    int64_t N, int64_t mt, int64_t wg, int64_t ts, int64_t ks, int64_t splits, int64_t wg_swap) {
+  TORCH_CHECK(ts == 1 || ts == 2, "dass nm24 cuda: ts (warpgroups along the tokens) must be 1 or 2");
+  return mm_staged(1, x, vals, meta, bias, N, 1, mt, wg, ks, splits, wg_swap, ts);
 }
 
 // The dense [N, K] matrix of dtype x_like's dtype from the packed layout (pruned places +0).
@@ -255,7 +256,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
         py::arg("wn"), py::arg("ks"), py::arg("splits"));
   m.def("mm_wg", &mm_wg, "the output-orientation product by the wgmma kernel (sm_90a, 16-128 tokens)", py::arg("x"),
-        py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("mt"), py::arg("wg"), py::arg("ks"),
+        py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("mt"), py::arg("wg"), py::arg("ts"), py::arg("ks"),
         py::arg("splits"), py::arg("wg_swap") = 0);
   m.def("unpack", &unpack, "the dense matrix from the packed layout", py::arg("vals"), py::arg("meta"), py::arg("N"),
         py::arg("K"), py::arg("orientation"), py::arg("like"));

@@ -8,7 +8,8 @@
 // tokens (operand B) from shared memory itself, with no ldmatrix, and runs asynchronously
 // while the warps expand the next step's weights:
 //
-// - a block is WG warpgroups (4 warps each); warp w owns MT row tiles of 32 rows (the
+// - a block is WG x TS warpgroups (4 warps each; TS of them share rows and split the tokens,
+//   so 128 tokens need 64 accumulators a tile, not 128); warp w owns MT row tiles of 32 rows (the
 //   packed layout of layout.py: the lane holds all 4 rows of its 2:4 groups), expanded per
 //   16-K half into two dense m16 A fragments (expand_half), which are exactly the A register
 //   fragments of wgmma.m64nNk16 (warp w supplies rows 16w..16w+15 of the 64);
@@ -43,9 +44,11 @@ __device__ __forceinline__ uint64_t wg_desc(const void* smem, uint32_t lbo, uint
          ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);
 }
 
-template <int MT, int NTOK, int KS, int WG>
+// WG warpgroups along the rows times TS along the tokens (each of those has NTOK / TS).
+template <int MT, int NTOK, int KS, int WG, int TS>
 struct WgShape {
-  static constexpr int THREADS = WG * 128;
+  static constexpr int THREADS = WG * TS * 128;
+  static constexpr int NW = NTOK / TS;            // tokens of one warpgroup (its wgmma's N)
   static constexpr int TILES = WG * 4 * MT;       // 32-row tiles of a block
   static constexpr int CH = KS * 4;               // 16-byte K chunks of a token row per stage
   static constexpr int X_U4 = NTOK * CH;
@@ -53,27 +56,32 @@ struct WgShape {
   static constexpr int MPT = KS * 8;              // metadata chunks per tile and stage
   static constexpr int W_U4 = TILES * (VPT + MPT);
   static constexpr int STAGE_U4 = X_U4 + W_U4;
-  static constexpr int ACC = MT * NTOK;           // fp32 accumulators per thread (2 x NTOK/2 a tile)
+  static constexpr int ACC = MT * NW;             // fp32 accumulators per thread (2 x NW/2 a tile)
   // One-warpgroup blocks run two an SM when a 4-stage ring fits in half the shared memory.
-  static constexpr int MINB = (WG == 1 && 4 * STAGE_U4 * 16 <= 110 * 1024) ? 2 : 1;
+  static constexpr int MINB = (WG * TS == 1 && 4 * STAGE_U4 * 16 <= 110 * 1024) ? 2 : 1;
   static constexpr int BUDGET = (MINB == 2 ? 110 : 220) * 1024;
   static constexpr int STAGES_FIT = BUDGET / (STAGE_U4 * 16);
   static constexpr int STAGES = STAGES_FIT > 8 ? 8 : STAGES_FIT;
   static constexpr int SMEM = STAGES * STAGE_U4 * 16;
   static_assert(STAGES >= 4, "a 4-stage ring of this configuration does not fit in shared memory");
   static_assert(KS % 2 == 0, "two K-steps a stage at least");
+  static_assert(NTOK % TS == 0 && NW % 8 == 0, "whole token tiles a warpgroup");
 };
 
-template <typename E, int MT, int NTOK, int KS, int WG>
-__global__ void __launch_bounds__(WG * 128, (WgShape<MT, NTOK, KS, WG>::MINB)) nm24_wg_kernel(Params p) {
+template <typename E, int MT, int NTOK, int KS, int WG, int TS>
+__global__ void __launch_bounds__(WG * TS * 128, (WgShape<MT, NTOK, KS, WG, TS>::MINB)) nm24_wg_kernel(Params p) {
 #if DASS24_HAS_WGMMA
-  using S = WgShape<MT, NTOK, KS, WG>;
+  using S = WgShape<MT, NTOK, KS, WG, TS>;
+  constexpr int NW = S::NW;
   constexpr int STAGES = S::STAGES;
   constexpr int PRE = STAGES - 2;  // stages in flight ahead of the one computed
   extern __shared__ uint4 smem[];
   __shared__ int last_flag;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int wgi = tid >> 7;                        // warpgroup
+  const int tg = wgi / WG;                         // its token group
+  const int warp = (wgi % WG) * 4 + ((tid >> 5) & 3);  // its warp's row position in the block
   const int g = lane >> 2;
   const int ntile = p.N / 32;
   const int btile0 = blockIdx.x * S::TILES;
@@ -120,13 +128,13 @@ __global__ void __launch_bounds__(WG * 128, (WgShape<MT, NTOK, KS, WG>::MINB)) n
     cp_async_commit();
   };
 
-  float acc[MT][2][NTOK / 2];
+  float acc[MT][2][NW / 2];
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int f = 0; f < 2; ++f)
 #pragma unroll
-      for (int c = 0; c < NTOK / 2; ++c) acc[m][f][c] = 0.f;
+      for (int c = 0; c < NW / 2; ++c) acc[m][f][c] = 0.f;
 
   const uint32_t lbo = p.wg_swap ? 128u : (uint32_t)NTOK * 16u;
   const uint32_t sbo = p.wg_swap ? (uint32_t)NTOK * 16u : 128u;
@@ -159,11 +167,11 @@ __global__ void __launch_bounds__(WG * 128, (WgShape<MT, NTOK, KS, WG>::MINB)) n
       wgmma_fence();
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint64_t d = wg_desc(xs + (kk * 4 + 2 * h) * NTOK, lbo, sbo);
+        const uint64_t d = wg_desc(xs + (kk * 4 + 2 * h) * NTOK + tg * NW, lbo, sbo);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          wgmma_rs<E, NTOK>(acc[m][0], fa[b][m][h], d);
-          wgmma_rs<E, NTOK>(acc[m][1], fb[b][m][h], d);
+          wgmma_rs<E, NW>(acc[m][0], fa[b][m][h], d);
+          wgmma_rs<E, NW>(acc[m][1], fb[b][m][h], d);
         }
       }
       wgmma_commit();
@@ -237,10 +245,10 @@ __global__ void __launch_bounds__(WG * 128, (WgShape<MT, NTOK, KS, WG>::MINB)) n
       for (int q = 0; q < 4; ++q) bv[q] = Mma<E>::to_f(p.bias, row0 + q);
     }
 #pragma unroll
-    for (int n = 0; n < NTOK / 8; ++n) {
+    for (int n = 0; n < NW / 8; ++n) {
 #pragma unroll
       for (int c2 = 0; c2 < 2; ++c2) {
-        const int tok = n * 8 + 2 * t + c2;
+        const int tok = tg * NW + n * 8 + 2 * t + c2;
         if (tok >= p.T) continue;
         const float v[4] = {acc[m][0][4 * n + c2], acc[m][0][4 * n + 2 + c2], acc[m][1][4 * n + c2],
                             acc[m][1][4 * n + 2 + c2]};
@@ -259,10 +267,10 @@ __global__ void __launch_bounds__(WG * 128, (WgShape<MT, NTOK, KS, WG>::MINB)) n
 #endif
 }
 
-template <typename E, int MT, int NTOK, int KS, int WG>
+template <typename E, int MT, int NTOK, int KS, int WG, int TS>
 cudaError_t launch_wg(const Params& p, int splits, cudaStream_t stream) {
-  using S = WgShape<MT, NTOK, KS, WG>;
-  auto kern = nm24_wg_kernel<E, MT, NTOK, KS, WG>;
+  using S = WgShape<MT, NTOK, KS, WG, TS>;
+  auto kern = nm24_wg_kernel<E, MT, NTOK, KS, WG, TS>;
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM);
   if (err != cudaSuccess) return err;
   dim3 grid((p.N / 32 + S::TILES - 1) / S::TILES, splits);
