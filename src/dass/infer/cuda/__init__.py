@@ -223,16 +223,20 @@ def smem_blocks(orientation: str, N: int, mt: int, wn: int) -> int:
     return math.ceil((N // rows) / per)
 
 
-def _smem_splits(orientation: str, N: int, K: int, mt: int, wn: int, nt: int, ks: int, sms: int) -> list[int]:
-    """K-slice counts that fill the GPU about evenly (whole waves of resident blocks)."""
-    blocks = smem_blocks(orientation, N, mt, wn)
-    slots = sms * smem_blocks_per_sm(orientation, mt, wn, nt, ks)
+def _wave_splits(blocks: int, slots: int, K: int, ks: int) -> list[int]:
+    """K-slice counts that fill ``slots`` resident blocks about evenly (one or two whole
+    waves) for a grid of ``blocks`` row blocks, keeping two stages a slice at least."""
     ksteps = K // 32
     out = {1}
     for waves in (1, 2):
         s = max(1, round(waves * slots / blocks))
         out.update({s, s + 1} if s > 1 else {s})
     return sorted(s for s in out if ksteps // s >= 2 * ks)
+
+
+def _smem_splits(orientation: str, N: int, K: int, mt: int, wn: int, nt: int, ks: int, sms: int) -> list[int]:
+    return _wave_splits(smem_blocks(orientation, N, mt, wn), sms * smem_blocks_per_sm(orientation, mt, wn, nt, ks),
+                        K, ks)
 
 
 def wg_supported() -> bool:
@@ -250,14 +254,7 @@ def wg_blocks_per_sm(mt: int, wg: int, ts: int, nt: int, ks: int) -> int:
 
 
 def _wg_splits(N: int, K: int, mt: int, wg: int, ts: int, nt: int, ks: int, sms: int) -> list[int]:
-    blocks = math.ceil((N // 32) / (wg * 4 * mt))
-    slots = sms * wg_blocks_per_sm(mt, wg, ts, nt, ks)
-    ksteps = K // 32
-    out = {1}
-    for waves in (1, 2):
-        s = max(1, round(waves * slots / blocks))
-        out.update({s, s + 1} if s > 1 else {s})
-    return sorted(s for s in out if ksteps // s >= 2 * ks)
+    return _wave_splits(math.ceil((N // 32) / (wg * 4 * mt)), sms * wg_blocks_per_sm(mt, wg, ts, nt, ks), K, ks)
 
 
 def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
