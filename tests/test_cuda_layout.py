@@ -193,7 +193,7 @@ def test_candidates_fit_the_bucket(orientation, NK):
             c[2] == nt for c in cu.SMEM_CONFIGS[orientation])))
         for c in cands:
             if c["kind"] == "reg":
-                assert (c["mt"], nt, c["ks"]) in cu.CONFIGS[orientation]
+                assert (c["mt"], nt, c["ks"], c.get("wr", cu.WARPS), c.get("wt", 1)) in cu.CONFIGS[orientation]
             else:
                 assert (c["mt"], c["wn"], nt, c["ks"]) in cu.SMEM_CONFIGS[orientation]
             ksteps = K // 32

@@ -13,8 +13,10 @@ dispatcher then uses the other paths and writes that reason into its tuning log.
 The weights are packed by :mod:`dass.infer.cuda.layout`; :func:`mm` runs one product with a
 launch configuration. Two kernels share the packed layout:
 
-- ``"reg"`` (nm24_kernels.cuh, ``{"kind", "mt", "ks", "splits"}``): 4 warps a block, each
-  with all the tokens, the weight streamed straight into registers; best at 1-32 tokens;
+- ``"reg"`` (nm24_kernels.cuh, ``{"kind", "mt", "ks", "splits"}`` and optionally ``"wr"``,
+  ``"wt"``): the weight streamed straight into registers; 4 warps a block along the rows,
+  each with all the tokens (best at 1-32 tokens), or ``wr`` x ``wt`` warps, ``wt`` token
+  groups sharing the rows (for 32-128 tokens: fewer shared-memory reads a weight byte);
 - ``"smem"`` (nm24_smem.cuh, ``{"kind", "mt", "wn", "ks", "splits"}``): 8 warps a block
   (``wn`` of them along the tokens), weight and tokens through a multi-stage shared-memory
   ring, split-K fixed up inside the kernel; made for 16-128 tokens, where the register
@@ -69,15 +71,25 @@ SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.c
 HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h",
            "nm24_wg.cuh", "nm24_dispatch_wg.cuh", "nm24_wgmma_ops.cuh")
 MAX_TOKENS = 128
-WARPS = 4  # warps per block (nm24_kernels.cuh kWarps)
-# (mt, nt, ks) compiled per orientation: must equal nm24_dispatch.cuh's DASS24_CASE lists
-# (tests/test_cuda_layout.py compares them). nt = token tiles of 8 (a power of two).
-CONFIGS: dict[str, tuple[tuple[int, int, int], ...]] = {
-    "input": tuple((mt, nt, ks) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
+WARPS = 4  # warps per block of the register kernel's classic shape (4 along the rows, 1 along the tokens)
+# (mt, nt, ks, wr, wt) compiled per orientation: must equal nm24_dispatch.cuh's DASS24_CASE
+# lists (tests/test_cuda_layout.py compares them). nt = the block's token tiles of 8 (a power
+# of two), wr x wt = its warps along the rows and along the tokens (each warp: nt / wt tiles).
+_CLASSIC = {
+    "input": tuple((mt, nt, ks, 4, 1) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
                    if not (nt == 16 and mt == 2 and ks == 4)),
-    "output": tuple((mt, nt, ks) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
+    "output": tuple((mt, nt, ks, 4, 1) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
                     if not (mt == 2 and (nt > 4 or (nt == 4 and ks == 4))) and not (nt == 16 and ks == 4)),
 }
+# two token groups (wt = 2: a weight fragment meets twice the tokens per shared-memory read and
+# a block's token tile serves more rows) and eight-warp blocks, for 32-128 tokens
+_WIDE = {
+    "input": ((2, 4, 2, 4, 2), (4, 4, 2, 4, 2), (2, 8, 2, 4, 2), (4, 8, 2, 4, 2), (4, 8, 2, 2, 2),
+              (2, 16, 2, 4, 2), (4, 16, 2, 4, 2), (4, 16, 2, 2, 2), (2, 16, 2, 8, 1), (2, 8, 2, 8, 1)),
+    "output": ((2, 4, 2, 4, 2), (2, 8, 2, 4, 2), (1, 8, 4, 4, 2), (1, 16, 2, 4, 2), (1, 16, 2, 8, 1),
+               (1, 8, 2, 8, 1)),
+}
+CONFIGS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {o: _CLASSIC[o] + _WIDE[o] for o in _CLASSIC}
 
 # (mt, wn, nt, ks) of the shared-memory kernel: must equal nm24_dispatch_smem.cuh's
 # DASS24_SMEM_CASE lists (the configurations that compile without spilling on sm_90).
@@ -193,9 +205,9 @@ def _ksteps_ok(K: int, ks: int) -> bool:
     return (K // 32) % ks == 0
 
 
-def _auto_splits(orientation: str, N: int, K: int, mt: int, ks: int, sms: int) -> int:
+def _auto_splits(orientation: str, N: int, K: int, mt: int, ks: int, sms: int, wr: int = WARPS) -> int:
     rows = 16 if orientation == "input" else 32
-    blocks = math.ceil(N // rows / (WARPS * mt))
+    blocks = math.ceil(N // rows / (wr * mt))
     ksteps = K // 32
     s = 1
     while blocks * s < 4 * sms and ksteps // (2 * s) >= 2 * ks:
@@ -263,13 +275,14 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
     ``wg``: include the wgmma kernel, default: when this machine's GPU runs it)."""
     nt = nt_for(T)
     out: list[dict[str, Any]] = []
-    for mt, cnt, ks in CONFIGS[orientation]:
+    for mt, cnt, ks, wr, wt in CONFIGS[orientation]:
         if cnt != nt or not _ksteps_ok(K, ks):
             continue
-        base = _auto_splits(orientation, N, K, mt, ks, sms)
+        base = _auto_splits(orientation, N, K, mt, ks, sms, wr)
+        shape = {} if (wr, wt) == (WARPS, 1) else {"wr": wr, "wt": wt}
         for s in sorted({1, max(1, base // 2), base, base * 2}):
             if (K // 32) // s >= ks:
-                out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s})
+                out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s, **shape})
     for mt, wn, cnt, ks in SMEM_CONFIGS[orientation]:
         if cnt != nt or not _ksteps_ok(K, ks):
             continue
@@ -293,7 +306,7 @@ def default_config(orientation: str, T: int, N: int, K: int, sms: int = 132) -> 
     mt = 2 if nt <= 2 else 1
     ks = 4 if nt <= 8 else 2
     for cfg in c:
-        if (cfg["kind"] == "reg" and cfg["mt"] == mt and cfg["ks"] == ks
+        if (cfg["kind"] == "reg" and cfg["mt"] == mt and cfg["ks"] == ks and "wt" not in cfg
                 and cfg["splits"] == _auto_splits(orientation, N, K, mt, ks, sms)):
             return cfg
     return c[0]
@@ -339,8 +352,8 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
         def run(x: torch.Tensor) -> torch.Tensor:
             return fn(x, values, meta, bias, N, ori, mt, wn, ks, splits)
     else:
-        fn = ext.mm
+        fn, wr, wt = ext.mm, int(config.get("wr", WARPS)), int(config.get("wt", 1))
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            return fn(x, values, meta, bias, N, ori, mt, ks, splits)
+            return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt)
     return run

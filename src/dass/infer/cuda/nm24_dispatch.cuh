@@ -2,29 +2,40 @@
 // to a compiled kernel. Included by nm24_{in,out}_{bf16,f16}.cu with DASS24_E, DASS24_ORI,
 // DASS24_RUN and DASS24_FINISH defined, so the four units compile in parallel.
 //
+// (MT, NT, KS, WR, WT): warp tiles a warp, the block's token tiles of 8, K-steps a stage,
+// warps along the rows and along the tokens (nm24_kernels.cuh).
 // The configurations listed here are the ones ptxas compiles without spilling on sm_90;
 // dass/infer/cuda/__init__.py's CONFIGS must list the same (a CPU test compares them).
 #include "nm24_kernels.cuh"
 
 namespace dass24 {
 
-cudaError_t DASS24_RUN(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s) {
-#define DASS24_CASE(MT, NT, KS) \
-  if (mt == MT && nt == NT && ks == KS) return launch<DASS24_E, DASS24_ORI, MT, NT, KS>(p, splits, s);
+cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s) {
+#define DASS24_CASE(MT, NT, KS, WR, WT)                          \
+  if (mt == MT && nt == NT && ks == KS && wr == WR && wt == WT) \
+    return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT>(p, splits, s);
 #if DASS24_ORI == 0
   // CONFIGS input
-  DASS24_CASE(1, 1, 2) DASS24_CASE(1, 1, 4) DASS24_CASE(2, 1, 2) DASS24_CASE(2, 1, 4)
-  DASS24_CASE(1, 2, 2) DASS24_CASE(1, 2, 4) DASS24_CASE(2, 2, 2) DASS24_CASE(2, 2, 4)
-  DASS24_CASE(1, 4, 2) DASS24_CASE(1, 4, 4) DASS24_CASE(2, 4, 2) DASS24_CASE(2, 4, 4)
-  DASS24_CASE(1, 8, 2) DASS24_CASE(1, 8, 4) DASS24_CASE(2, 8, 2) DASS24_CASE(2, 8, 4)
-  DASS24_CASE(1, 16, 2) DASS24_CASE(1, 16, 4) DASS24_CASE(2, 16, 2)
+  DASS24_CASE(1, 1, 2, 4, 1) DASS24_CASE(1, 1, 4, 4, 1) DASS24_CASE(2, 1, 2, 4, 1) DASS24_CASE(2, 1, 4, 4, 1)
+  DASS24_CASE(1, 2, 2, 4, 1) DASS24_CASE(1, 2, 4, 4, 1) DASS24_CASE(2, 2, 2, 4, 1) DASS24_CASE(2, 2, 4, 4, 1)
+  DASS24_CASE(1, 4, 2, 4, 1) DASS24_CASE(1, 4, 4, 4, 1) DASS24_CASE(2, 4, 2, 4, 1) DASS24_CASE(2, 4, 4, 4, 1)
+  DASS24_CASE(1, 8, 2, 4, 1) DASS24_CASE(1, 8, 4, 4, 1) DASS24_CASE(2, 8, 2, 4, 1) DASS24_CASE(2, 8, 4, 4, 1)
+  DASS24_CASE(1, 16, 2, 4, 1) DASS24_CASE(1, 16, 4, 4, 1) DASS24_CASE(2, 16, 2, 4, 1)
+  // two token groups (WT = 2) and eight-warp blocks, for 32-128 tokens
+  DASS24_CASE(2, 4, 2, 4, 2) DASS24_CASE(4, 4, 2, 4, 2)
+  DASS24_CASE(2, 8, 2, 4, 2) DASS24_CASE(4, 8, 2, 4, 2) DASS24_CASE(4, 8, 2, 2, 2)
+  DASS24_CASE(2, 16, 2, 4, 2) DASS24_CASE(4, 16, 2, 4, 2) DASS24_CASE(4, 16, 2, 2, 2)
+  DASS24_CASE(2, 16, 2, 8, 1) DASS24_CASE(2, 8, 2, 8, 1)
 #else
   // CONFIGS output
-  DASS24_CASE(1, 1, 2) DASS24_CASE(1, 1, 4) DASS24_CASE(2, 1, 2) DASS24_CASE(2, 1, 4)
-  DASS24_CASE(1, 2, 2) DASS24_CASE(1, 2, 4) DASS24_CASE(2, 2, 2) DASS24_CASE(2, 2, 4)
-  DASS24_CASE(1, 4, 2) DASS24_CASE(1, 4, 4) DASS24_CASE(2, 4, 2)
-  DASS24_CASE(1, 8, 2) DASS24_CASE(1, 8, 4)
-  DASS24_CASE(1, 16, 2)
+  DASS24_CASE(1, 1, 2, 4, 1) DASS24_CASE(1, 1, 4, 4, 1) DASS24_CASE(2, 1, 2, 4, 1) DASS24_CASE(2, 1, 4, 4, 1)
+  DASS24_CASE(1, 2, 2, 4, 1) DASS24_CASE(1, 2, 4, 4, 1) DASS24_CASE(2, 2, 2, 4, 1) DASS24_CASE(2, 2, 4, 4, 1)
+  DASS24_CASE(1, 4, 2, 4, 1) DASS24_CASE(1, 4, 4, 4, 1) DASS24_CASE(2, 4, 2, 4, 1)
+  DASS24_CASE(1, 8, 2, 4, 1) DASS24_CASE(1, 8, 4, 4, 1)
+  DASS24_CASE(1, 16, 2, 4, 1)
+  // two token groups (WT = 2) and eight-warp blocks, for 32-128 tokens
+  DASS24_CASE(2, 4, 2, 4, 2) DASS24_CASE(2, 8, 2, 4, 2) DASS24_CASE(1, 8, 4, 4, 2)
+  DASS24_CASE(1, 16, 2, 4, 2) DASS24_CASE(1, 16, 2, 8, 1) DASS24_CASE(1, 8, 2, 8, 1)
 #endif
 #undef DASS24_CASE
   return cudaErrorInvalidValue;

@@ -51,7 +51,7 @@ int pow2_at_least(int v) {
 }
 
 torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                 int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits) {
+                 int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits, int64_t wr, int64_t wt) {
   TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
   TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
@@ -108,11 +108,14 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err;
   if (orientation == 0)
-    err = bf ? dass24::run_in_bf16(mt, nt, ks, p, nsplit, stream) : dass24::run_in_f16(mt, nt, ks, p, nsplit, stream);
+    err = bf ? dass24::run_in_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
+             : dass24::run_in_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
   else
-    err = bf ? dass24::run_out_bf16(mt, nt, ks, p, nsplit, stream) : dass24::run_out_f16(mt, nt, ks, p, nsplit, stream);
+    err = bf ? dass24::run_out_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
+             : dass24::run_out_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
   TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (orientation ", orientation, ", mt=", mt,
-              " nt=", nt, " ks=", ks, "; a configuration that is not compiled answers 'invalid argument'): ",
+              " nt=", nt, " ks=", ks, " wr=", wr, " wt=", wt,
+              "; a configuration that is not compiled answers 'invalid argument'): ",
               cudaGetErrorString(err));
   if (nsplit > 1) {
     err = bf ? dass24::finish_bf16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream)
@@ -251,7 +254,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dass 2:4 sparse CUDA kernels for 1-128 tokens";
   m.def("mm", &mm, "y[T, N] = x[T, K] @ W^T from a packed 2:4 W (dass.infer.cuda.layout)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
-        py::arg("ks"), py::arg("splits"));
+        py::arg("ks"), py::arg("splits"), py::arg("wr") = 4, py::arg("wt") = 1);
   m.def("mm_smem", &mm_smem, "the same product by the shared-memory kernel (16-128 tokens)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
         py::arg("wn"), py::arg("ks"), py::arg("splits"));

@@ -47,10 +47,29 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
                : "l"(p));
   return v;
 }
+// Weight loads of a block whose token groups (WT > 1) read the same rows: through L1, so the
+// second warp of a row group finds the bytes there instead of in L2.
+__device__ __forceinline__ uint4 ldg_shared(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ldg_shared(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
 __device__ __forceinline__ uint32_t ldg_stream(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
   return v;
+}
+template <bool SHARED, typename P>
+__device__ __forceinline__ auto ldg_w(const P* p) {
+  if constexpr (SHARED) return ldg_shared(p);
+  else return ldg_stream(p);
 }
 
 template <typename E> struct Mma;
@@ -144,11 +163,18 @@ template <int MT, int KS> struct WeightRegs<1, MT, KS> {
   uint32_t e[MT][KS];
 };
 
-template <typename E, int ORI, int MT, int NT, int KS, int WARPS, int STAGES>
-__global__ void __launch_bounds__(WARPS * 32) nm24_kernel(Params p) {
+// WR x WT warps a block: WR along the rows (MT tiles each), WT along the tokens (NT tiles of 8
+// each). WT > 1 lets a warp's weight fragments meet more tokens per shared-memory read (the
+// token fragments are reused MT-fold, not once) and a block's token tile serve more rows,
+// at the price of each weight byte being loaded by WT warps (the first from DRAM, the
+// others from L1/L2).
+template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, int STAGES>
+__global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   extern __shared__ uint4 smem[];
+  constexpr int WARPS = WR * WT;
+  constexpr bool SHARED_W = WT > 1;
   constexpr int ROWS = ORI == 0 ? 16 : 32;  // matrix rows of one warp tile
-  constexpr int TOK = NT * 8;
+  constexpr int TOK = WT * NT * 8;          // tokens of a block
   constexpr int CH = KS * 4;  // 16-byte chunks of a token row per stage (KS * 32 values)
   constexpr int STAGE_U4 = TOK * CH;
   constexpr int NF = ORI == 0 ? 1 : 2;  // m16 fragments per warp tile
@@ -158,7 +184,8 @@ __global__ void __launch_bounds__(WARPS * 32) nm24_kernel(Params p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int ntile = p.N / ROWS;
-  const int tile0 = (blockIdx.x * WARPS + warp) * MT;
+  const int tile0 = (blockIdx.x * WR + warp % WR) * MT;
+  const int tok0 = (warp / WR) * NT * 8;  // this warp's first token
   const int ksteps = p.K / 32;
   const int s_begin = blockIdx.y * p.steps_per_split;
   const int s_end = min(ksteps, s_begin + p.steps_per_split);
@@ -191,20 +218,20 @@ __global__ void __launch_bounds__(WARPS * 32) nm24_kernel(Params p) {
         if constexpr (ORI == 0) {
           const uint4* src = p.vals + ((size_t)tt * ksteps + s0 + kk) * 32 + lane;
           auto& dst = r.a[m][kk];
-          dst = ok ? ldg_stream(src) : make_uint4(0, 0, 0, 0);
+          dst = ok ? ldg_w<SHARED_W>(src) : make_uint4(0, 0, 0, 0);
         } else {
           const uint4* src = p.vals + (((size_t)tt * ksteps + s0 + kk) * 2) * 32 + lane;
           auto& dst = r;
-          dst.a[m][kk][0] = ok ? ldg_stream(src) : make_uint4(0, 0, 0, 0);
-          dst.a[m][kk][1] = ok ? ldg_stream(src + 32) : make_uint4(0, 0, 0, 0);
-          dst.e[m][kk] = ok ? ldg_stream(p.meta + ((size_t)tt * ksteps + s0 + kk) * 32 + lane) : 0u;
+          dst.a[m][kk][0] = ok ? ldg_w<SHARED_W>(src) : make_uint4(0, 0, 0, 0);
+          dst.a[m][kk][1] = ok ? ldg_w<SHARED_W>(src + 32) : make_uint4(0, 0, 0, 0);
+          dst.e[m][kk] = ok ? ldg_w<SHARED_W>(p.meta + ((size_t)tt * ksteps + s0 + kk) * 32 + lane) : 0u;
         }
       }
       if constexpr (ORI == 0) {
 #pragma unroll
         for (int kp = 0; kp < KS / 2; ++kp) {
           const uint32_t* src = p.meta + ((size_t)tt * (ksteps / 2) + s0 / 2 + kp) * 32 + lane;
-          r.e[m][kp] = ok ? ldg_stream(src) : 0u;
+          r.e[m][kp] = ok ? ldg_w<SHARED_W>(src) : 0u;
         }
       }
     }
@@ -230,7 +257,7 @@ __global__ void __launch_bounds__(WARPS * 32) nm24_kernel(Params p) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           uint32_t b[4];
-          const int row = nt * 8 + mrow;
+          const int row = tok0 + nt * 8 + mrow;
           ldmatrix_x4(b, buf + row * CH + ((kk * 4 + mat) ^ (row & 7)));
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
@@ -250,7 +277,7 @@ __global__ void __launch_bounds__(WARPS * 32) nm24_kernel(Params p) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           uint32_t b[4];
-          const int row = nt * 8 + mrow;
+          const int row = tok0 + nt * 8 + mrow;
           ldmatrix_x4(b, buf + row * CH + ((kk * 4 + mat) ^ (row & 7)));
 #pragma unroll
           for (int m = 0; m < MT; ++m)
@@ -293,7 +320,7 @@ __global__ void __launch_bounds__(WARPS * 32) nm24_kernel(Params p) {
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int c2 = 0; c2 < 2; ++c2) {
-        const int tok = nt * 8 + 2 * t + c2;
+        const int tok = tok0 + nt * 8 + 2 * t + c2;
         if (tok >= p.T) continue;
         if constexpr (ORI == 0) {
 #pragma unroll
@@ -340,27 +367,28 @@ __global__ void finish_kernel(const float* __restrict__ ws, const void* bias, vo
   }
 }
 
-constexpr int kWarps = 4;
 constexpr int kStages = 3;
 
-template <typename E, int ORI, int MT, int NT, int KS>
+// nt: token tiles of 8 of the whole block (WT * a warp's).
+template <typename E, int ORI, int MT, int NT, int KS, int WT>
 constexpr int smem_bytes() {
   return kStages * NT * 8 * KS * 4 * 16;
 }
 
-// Host-side launch of one instantiation; returns a cudaError_t.
-template <typename E, int ORI, int MT, int NT, int KS>
+// Host-side launch of one instantiation (NT: the block's token tiles); returns a cudaError_t.
+template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT>
 cudaError_t launch(const Params& p, int splits, cudaStream_t stream) {
-  auto kern = nm24_kernel<E, ORI, MT, NT, KS, kWarps, kStages>;
-  constexpr int smem = smem_bytes<E, ORI, MT, NT, KS>();
+  static_assert(NT % WT == 0, "whole token tiles a warp");
+  auto kern = nm24_kernel<E, ORI, MT, NT / WT, KS, WR, WT, kStages>;
+  constexpr int smem = smem_bytes<E, ORI, MT, NT, KS, WT>();
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
   constexpr int ROWS = ORI == 0 ? 16 : 32;
   const int ntile = p.N / ROWS;
-  dim3 grid((ntile + kWarps * MT - 1) / (kWarps * MT), splits);
-  kern<<<grid, kWarps * 32, smem, stream>>>(p);
+  dim3 grid((ntile + WR * MT - 1) / (WR * MT), splits);
+  kern<<<grid, WR * WT * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

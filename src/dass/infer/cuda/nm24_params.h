@@ -18,10 +18,10 @@ struct Params {
   int wg_swap;           // wgmma kernel: 1 swaps the descriptor's two byte offsets (a GPU probe)
 };
 
-cudaError_t run_in_bf16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
-cudaError_t run_in_f16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
-cudaError_t run_out_bf16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
-cudaError_t run_out_f16(int mt, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_in_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_in_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_out_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_out_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
 // The shared-memory kernel (nm24_smem.cuh): wn = warps along the tokens (8 / wn along rows).
 cudaError_t run_smem_in_bf16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_smem_in_f16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
