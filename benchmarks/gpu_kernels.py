@@ -36,7 +36,7 @@ SHAPES = {
     "70b": {"gate+up": (2 * 28672, 8192), "down": (8192, 28672)},
 }
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
-CHECK_TOKENS = (1, 2, 3, 4, 7, 8, 9, 16, 17, 32, 33, 64, 100, 128)
+CHECK_TOKENS = (1, 2, 3, 4, 7, 8, 9, 16, 17, 32, 33, 64, 100, 128, 129, 300)  # past 128: slices
 
 
 def random_24(N: int, K: int, orientation: str, dtype, device, gen=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -351,3 +351,21 @@ def test_one_copy_keeps_only_the_cuda_layout(cpu_modules, monkeypatch, one_copy)
         assert torch.equal(mod(x), torch.nn.functional.linear(x, W))
         if one_copy:
             assert "triton" not in mod.candidates(8) and "cslt" not in mod.candidates(512)
+
+
+def test_calls_past_128_tokens_run_in_equal_slices_of_the_128_bucket():
+    """Past MAX_TOKENS a call runs as equal slices that all land in the 65-128 token bucket, so
+    the configuration tuned for that bucket fits every slice; past CHUNKED_MAX_TOKENS the CUDA
+    path is no candidate (decompress + cuBLAS is)."""
+    for T in range(1, cu.CHUNKED_MAX_TOKENS + 1):
+        n, step = cu.slices(T)
+        assert n * step >= T and (n - 1) * step < T and step <= cu.MAX_TOKENS
+        assert n == -(-T // cu.MAX_TOKENS)
+        if T > cu.MAX_TOKENS:  # the shorter last slice runs the first one's configuration (nt_min)
+            assert cu.nt_for(step) == cu.nt_for(cu.MAX_TOKENS) and T - (n - 1) * step >= 1
+    N, K = 22016, 4096
+    for orientation in ("input", "output"):
+        long = cu.candidates(orientation, 300, N, K, wg=True)
+        assert long and long == [c for c in cu.candidates(orientation, 100, N, K, wg=True) if c["kind"] == "reg"]
+        assert cu.candidates(orientation, cu.CHUNKED_MAX_TOKENS + 1, N, K) == []
+        assert cu.default_config(orientation, 256, N, K) in cu.candidates(orientation, 256, N, K)

@@ -26,7 +26,10 @@ from dass.infer.graphs import GraphCache, capturing, graph_bucket, on_clear
 __all__ = ["NM24Linear"]
 
 _DEFAULT = AccelerateConfig()
-_CUDA_MAX_TOKENS = 128  # dass.infer.cuda.MAX_TOKENS (not imported here: no import cost)
+# dass.infer.cuda.CHUNKED_MAX_TOKENS (not imported here: no import cost); past 128 tokens the
+# CUDA path runs in slices and is a measured candidate only, never the static choice
+_CUDA_MAX_TOKENS = 512
+_CUDA_STATIC_MAX_TOKENS = 128
 _ALG_CACHE: dict[tuple, int] = {}
 on_clear(_ALG_CACHE.clear)
 
@@ -114,7 +117,7 @@ class NM24Linear(nn.Module):
     def static_path(self, T: int) -> str:
         """The path without measurements (``AccelerateConfig(autotune=False)``)."""
         cfg = self.config
-        if self.cu_values is not None and T <= _CUDA_MAX_TOKENS:
+        if self.cu_values is not None and T <= _CUDA_STATIC_MAX_TOKENS:
             return "cuda"
         if self._triton and self.values is not None and T <= cfg.triton_max_tokens[self.orientation]:
             return "triton"

@@ -55,6 +55,8 @@ __all__ = [
     "candidates",
     "default_config",
     "MAX_TOKENS",
+    "CHUNKED_MAX_TOKENS",
+    "slices",
     "SMEM_CONFIGS",
     "WG_CONFIGS",
     "runner",
@@ -70,7 +72,11 @@ SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.c
            "nm24w_out_bf16.cu", "nm24w_out_f16.cu", "nm24_unpack.cu")
 HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h",
            "nm24_wg.cuh", "nm24_dispatch_wg.cuh", "nm24_wgmma_ops.cuh")
-MAX_TOKENS = 128
+MAX_TOKENS = 128  # tokens of one launch
+# A call with more tokens runs as equal slices of at most MAX_TOKENS (each re-reads the
+# weight, from L2 where the slices run close together): a candidate up to this many tokens,
+# chosen only where it measures faster than decompressing for cuBLAS.
+CHUNKED_MAX_TOKENS = 512
 WARPS = 4  # warps per block of the register kernel's classic shape (4 along the rows, 1 along the tokens)
 # (mt, nt, ks, wr, wt) compiled per orientation: must equal nm24_dispatch.cuh's DASS24_CASE
 # lists (tests/test_cuda_layout.py compares them). nt = the block's token tiles of 8 (a power
@@ -195,6 +201,14 @@ def available() -> bool:
     return load() is not None
 
 
+def slices(T: int) -> tuple[int, int]:
+    """(slice count, tokens a slice) of a call with T tokens: equal slices of at most
+    MAX_TOKENS, so every slice of a call past MAX_TOKENS has more than MAX_TOKENS / 2 tokens
+    and runs the configuration tuned for the MAX_TOKENS bucket."""
+    n = max(1, math.ceil(T / MAX_TOKENS))
+    return n, math.ceil(T / n)
+
+
 def nt_for(T: int) -> int:
     """Token tiles of 8 a call with T tokens runs (a power of two, 1..16)."""
     n = max(1, math.ceil(T / 8))
@@ -273,6 +287,10 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
                wg: bool | None = None) -> list[dict[str, Any]]:
     """Launch configurations worth timing for a [N, K] matrix at T tokens (every kernel;
     ``wg``: include the wgmma kernel, default: when this machine's GPU runs it)."""
+    if T > CHUNKED_MAX_TOKENS:
+        return []
+    sliced = T > MAX_TOKENS  # only the register kernel runs slices (its nt_min)
+    T = slices(T)[1]
     nt = nt_for(T)
     out: list[dict[str, Any]] = []
     for mt, cnt, ks, wr, wt in CONFIGS[orientation]:
@@ -283,6 +301,8 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
         for s in sorted({1, max(1, base // 2), base, base * 2}):
             if (K // 32) // s >= ks:
                 out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s, **shape})
+    if sliced:
+        return out
     for mt, wn, cnt, ks in SMEM_CONFIGS[orientation]:
         if cnt != nt or not _ksteps_ok(K, ks):
             continue
@@ -302,7 +322,7 @@ def default_config(orientation: str, T: int, N: int, K: int, sms: int = 132) -> 
     c = candidates(orientation, T, N, K, sms)
     if not c:
         return None
-    nt = nt_for(T)
+    nt = nt_for(slices(T)[1])
     mt = 2 if nt <= 2 else 1
     ks = 4 if nt <= 8 else 2
     for cfg in c:
@@ -314,7 +334,8 @@ def default_config(orientation: str, T: int, N: int, K: int, sms: int = 132) -> 
 
 def mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, N: int,
        orientation: str, config: dict[str, int]) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for x ``[T, K]`` (T <= 128) and W packed by :func:`layout.pack`."""
+    """``x @ W.T (+ bias)`` for x ``[T, K]`` (T <= CHUNKED_MAX_TOKENS; past MAX_TOKENS in
+    :func:`slices`) and W packed by :func:`layout.pack`."""
     return runner(values, meta, bias, N, orientation, config)(x)
 
 
@@ -354,6 +375,18 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
     else:
         fn, wr, wt = ext.mm, int(config.get("wr", WARPS)), int(config.get("wt", 1))
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt)
-    return run
+        def run(x: torch.Tensor, nt_min: int = 0) -> torch.Tensor:
+            return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt, nt_min)
+    if kind != "reg":
+        return run
+
+    def sliced(x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        if T <= MAX_TOKENS:
+            return run(x)
+        if T > CHUNKED_MAX_TOKENS:
+            raise ValueError(f"dass nm24 cuda: {T} tokens; at most {CHUNKED_MAX_TOKENS} a call")
+        step = slices(T)[1]
+        nt = nt_for(step)  # the last, shorter slice runs the same configuration
+        return torch.cat([run(x[i:i + step], nt) for i in range(0, T, step)])
+    return sliced

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <mutex>
 #include <vector>
 
@@ -51,7 +52,8 @@ int pow2_at_least(int v) {
 }
 
 torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                 int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits, int64_t wr, int64_t wt) {
+                 int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits, int64_t wr, int64_t wt,
+                 int64_t nt_min) {
   TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
   TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
@@ -78,7 +80,9 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   int64_t sps = (ksteps + splits - 1) / splits;
   sps = (sps + ks - 1) / ks * ks;
   const int64_t nsplit = (ksteps + sps - 1) / sps;
-  const int nt = pow2_at_least((int)((T + 7) / 8));
+  // nt_min: the slices of a longer call all run the configuration of its first slice
+  TORCH_CHECK(nt_min >= 0 && nt_min <= 16, "dass nm24 cuda: nt_min must be 0 to 16");
+  const int nt = pow2_at_least(std::max((int)((T + 7) / 8), (int)nt_min));
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto y = torch::empty({T, N}, x.options());
@@ -254,7 +258,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dass 2:4 sparse CUDA kernels for 1-128 tokens";
   m.def("mm", &mm, "y[T, N] = x[T, K] @ W^T from a packed 2:4 W (dass.infer.cuda.layout)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
-        py::arg("ks"), py::arg("splits"), py::arg("wr") = 4, py::arg("wt") = 1);
+        py::arg("ks"), py::arg("splits"), py::arg("wr") = 4, py::arg("wt") = 1, py::arg("nt_min") = 0);
   m.def("mm_smem", &mm_smem, "the same product by the shared-memory kernel (16-128 tokens)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
         py::arg("wn"), py::arg("ks"), py::arg("splits"));
