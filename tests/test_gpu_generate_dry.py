@@ -28,13 +28,25 @@ def test_dry_run_writes_every_row(tmp_path):
     rows = data["rows"]
     assert {(r["scope"], r["batch"]) for r in rows} == {("mlp", 1), ("mlp", 2), ("all", 1), ("all", 2)}
     assert all(KEYS <= set(r) for r in rows)
-    assert all("torch.compile" in r["loop"] and r["graph_breaks"] == 0 for r in rows), [r["loop"] for r in rows]
+    # the default loop: the fast one (dass.infer.decode_loop), dense and 2:4 alike, one graph a step
+    assert all(r["loop"].startswith("fast loop") and "torch.compile" in r["loop"] and r["dense_loop"] == r["loop"]
+               and r["graph_breaks"] == 0 for r in rows), [r["loop"] for r in rows]
     assert data["skipped"] == []
     # scope all stores fewer weight bytes than scope mlp, which stores fewer than dense
     by = {(r["scope"], r["batch"]): r for r in rows}
     assert by[("all", 1)]["sparse_weights_stored_gb"] < by[("mlp", 1)]["sparse_weights_stored_gb"] \
         < by[("mlp", 1)]["dense_weights_stored_gb"]
     assert "scope batch" in res.stdout
+
+
+def test_dry_run_compiled_loop_still_runs(tmp_path):
+    """--loop compiled: generate()'s own compiled loop, as before the fast loop existed."""
+    out = tmp_path / "gen.json"
+    res = _run("--out", str(out), "--batches", "1", "--scopes", "mlp", "--loop", "compiled")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["scope"], r["batch"]) for r in rows] == [("mlp", 1)]
+    assert rows[0]["loop"].startswith("generate() static cache, torch.compile") and rows[0]["graph_breaks"] == 0
 
 
 def test_dry_run_budget_skips_rows_and_says_so(tmp_path):
@@ -52,7 +64,7 @@ def test_dry_run_greedy_check(tmp_path):
     data = json.loads(out.read_text())
     assert data["replaced"] > 0 and len(data["prompts"]) == 2
     for p in data["prompts"]:
-        for loop in ("eager", "compiled"):
+        for loop in ("eager", "compiled", "fast"):
             assert "error" not in p[loop], p[loop]
             # the same tokens are likely (exact decompression, one thread) but not promised by
             # a CPU GEMM of another width; a divergence must come with its explanation

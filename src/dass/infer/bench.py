@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-layers", type=int, default=32, help="generate: decoder layers of the 7B-shaped model")
     p.add_argument("--gen-batches", default="1,4,16,64")
     p.add_argument("--gen-new-tokens", type=int, default=64)
-    p.add_argument("--gen-modes", default="compiled,graphs,eager", help="generate: loops (compiled, graphs, eager)")
+    p.add_argument("--gen-modes", default="fast,compiled,graphs,eager",
+                   help="generate: loops (fast, compiled, graphs, eager; see dass generate --help)")
     p.add_argument("--gen-scope", choices=["mlp", "all"], default="mlp", help="generate and e2e: which matrices are 2:4")
     p.add_argument("--gen-prompt-len", type=int, default=64)
     p.add_argument("--target-ms", type=float, default=25.0, help="time per measured loop")

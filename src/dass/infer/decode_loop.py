@@ -26,7 +26,12 @@ What one call does (:meth:`FastGreedy.generate`):
    for it once it is ahead.
 
 The result equals ``generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
-[:, prompt_len:]`` with a static cache (no EOS stopping: a fixed number of tokens).
+[:, prompt_len:]`` with a static cache: a fixed number of tokens, and, as
+``min_new_tokens`` makes ``generate()`` do, the end-of-sequence tokens of the model's
+``generation_config`` are never chosen (their logits are set to -inf inside the step, one
+tiny in-graph write; ``ban_eos=False`` turns that off). Other logits processors a real
+model's ``generation_config`` may ask for (a repetition penalty, say) are not applied: this
+loop is plain argmax.
 
 How position and cache are passed: transformers 5.x's static cache layers count the tokens
 written themselves (``cumulative_length``, a device tensor updated in place, whose address
@@ -81,6 +86,18 @@ def _forward_params(model: nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
+def _eos_ids(model: nn.Module) -> list[int]:
+    """The end-of-sequence token ids ``generate()`` would ban under ``min_new_tokens``."""
+    cfg = getattr(model, "generation_config", None)
+    eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    ids = [eos] if isinstance(eos, int) else [int(e) for e in eos]
+    return sorted({i for i in ids if 0 <= i < model.config.vocab_size})
+
+
 def _raise_recompile_limit(n: int = 64) -> None:
     """Room for one graph per batch size (and per model, dense then 2:4, between resets)."""
     import torch._dynamo
@@ -99,11 +116,12 @@ class FastGreedy:
     mode (default ``"reduce-overhead"`` with inductor, none otherwise). ``max_len``: the
     static cache's length (prompt + new tokens must fit). ``nested_layers``: mark each
     decoder layer a ``torch.compiler.nested_compile_region`` (compile one layer, reuse it
-    for the others); off by default, experimental (see :meth:`_mark_nested`).
+    for the others); off by default, experimental (see :meth:`_mark_nested`). ``ban_eos``:
+    never choose the end-of-sequence tokens (what ``generate(min_new_tokens=n)`` does).
     """
 
     def __init__(self, model: nn.Module, max_len: int, backend: str | Callable[..., Any] | None = None, mode: str | None = None,
-                 compile: bool = True, nested_layers: bool = False) -> None:
+                 compile: bool = True, nested_layers: bool = False, ban_eos: bool = True) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.max_len = int(max_len)
@@ -115,6 +133,7 @@ class FastGreedy:
         self.cache_position = "cache_position" in params
         self.logits_to_keep = "logits_to_keep" in params
         self.nested_layers = nested_layers
+        self.banned = _eos_ids(model) if ban_eos else []
         self.caches: dict[int, Any] = {}
         self.prepared: dict[int, Any] = {}
         self._steps: dict[bool, Callable[..., Any]] = {}
@@ -156,10 +175,16 @@ class FastGreedy:
             kw["cache_position"] = pos
         return kw
 
+    def _ban(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, V] with the banned (end-of-sequence) tokens at -inf, in place."""
+        for t in self.banned:
+            logits[:, t] = float("-inf")
+        return logits
+
     def _logits(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         B = tok.shape[0]
-        return self.model(input_ids=tok[:, None], position_ids=pos[None, :].expand(B, 1),
-                          **self._kwargs(cache, pos)).logits[:, -1]
+        return self._ban(self.model(input_ids=tok[:, None], position_ids=pos[None, :].expand(B, 1),
+                                    **self._kwargs(cache, pos)).logits[:, -1])
 
     def _decode(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         """One decoding step: the next greedy token of each sequence ([B] int64)."""
@@ -189,7 +214,12 @@ class FastGreedy:
     def _mark_nested(self) -> None:
         """Experimental: wrap each decoder layer's forward (on the instance, transformers
         unchanged) in ``torch.compiler.nested_compile_region`` so Dynamo traces one layer and
-        reuses it for the others (compile time). Raises where this torch lacks it."""
+        reuses it for the others (compile time). Raises where this torch lacks it.
+
+        Checked on the CPU (torch 2.13, aot_eager and inductor): the same tokens, and on a
+        dense Llama one traced layer called by every layer. On an accelerated model the
+        same torch inlines the regions instead, silently (the cause was not pinned down),
+        so there it saves nothing; not tried with CUDA graphs."""
         from dass.arch import decoder_layers
 
         region = getattr(torch.compiler, "nested_compile_region", None)
@@ -204,11 +234,18 @@ class FastGreedy:
 
     def reset(self) -> None:
         """Forget the compiled step and the caches (the model's modules changed in place:
-        dense, then accelerated). Dynamo's own caches are cleared by the caller
-        (:func:`dass.infer.generate.reset_compiled`)."""
+        dense, then accelerated) and undo :meth:`_mark_nested` (so a later ``generate()``
+        compile of the same model is not affected). Dynamo's own caches are cleared by the
+        caller (:func:`dass.infer.generate.reset_compiled`)."""
         self._steps.clear()
         self.caches.clear()
         self.prepared.clear()
+        if self.nested_layers:
+            from dass.arch import decoder_layers
+
+            for layer in decoder_layers(self.model)[1]:
+                if vars(layer).pop("_dass_nested", None):
+                    vars(layer).pop("forward", None)
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
@@ -233,7 +270,8 @@ class FastGreedy:
         kw = self._kwargs(cache, torch.arange(P, device=dev))
         if self.logits_to_keep:
             kw["logits_to_keep"] = 1
-        last = self.model(input_ids=ids, position_ids=torch.arange(P, device=dev)[None, :].expand(B, P), **kw).logits[:, -1]
+        last = self._ban(self.model(input_ids=ids, position_ids=torch.arange(P, device=dev)[None, :].expand(B, P),
+                                    **kw).logits[:, -1])
         out[:, 0] = last.argmax(-1)
         if sc is not None:
             sc[0] = last.float()

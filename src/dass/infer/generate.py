@@ -9,8 +9,13 @@ Two ways to call it:
   ``LlamaConfig`` with random weights, pruned 2:4 by magnitude (gate/up along the outputs as
   DaSS prunes them, or along the inputs as Wanda does; ``--scope all`` prunes attention too).
 
-Each batch size runs in up to three loops ("modes"), dense and 2:4 in the same one:
+Each batch size runs in up to four loops ("modes"), dense and 2:4 in the same one:
 
+- ``fast``: a lean greedy loop (:mod:`dass.infer.decode_loop`): static KV cache, eager
+  prefill, the 1-token decoding step compiled the same way as ``compiled``'s, and no host
+  synchronisation between steps (tokens stay on the device; no logits processors, no
+  stopping checks). What a user who wants speed writes (gpt-fast style): ``generate()``'s
+  per-step host work is outside the CUDA graph and the GPU waits for it;
 - ``compiled``: static KV cache and the forward compiled by ``generate()`` itself
   (``compile_config``: ``torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)``,
   so each decoding step is one CUDA graph of Inductor's kernels; the accelerated modules are
@@ -42,7 +47,7 @@ from dass.errors import DassError
 
 __all__ = ["main", "synthetic_model", "prune_24", "measure", "compare", "scope_manifest", "MODES"]
 
-MODES = ("compiled", "graphs", "eager")
+MODES = ("fast", "compiled", "graphs", "eager")
 
 SIZES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
@@ -140,7 +145,32 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _fast(model, state: dict):
+    """The fast loop of this measurement state (one per model phase: its compiled step and
+    its static caches, one per batch size, live as long as the state)."""
+    from dass.infer.decode_loop import FastGreedy
+
+    fg = state.get("fast")
+    if fg is None:
+        fg = state["fast"] = FastGreedy(model, max_len=state["max_len"], backend=state.get("backend"),
+                                        nested_layers=bool(state.get("nested_layers")))
+    return fg
+
+
+def release_state(state: dict) -> None:
+    """Drop what a measurement state holds (the fast loop's compiled step, its static caches,
+    its per-layer compile regions), before :func:`reset_compiled` collects the memory."""
+    fg = state.get("fast")
+    if fg is not None:
+        fg.reset()
+    state.clear()
+
+
 def _run(model, ids, new_tokens: int, mode: str, state: dict) -> torch.Tensor:
+    """One timed call in ``mode``: the full sequences ``[B, prompt + new_tokens]``, except
+    ``fast``, which gives only the new tokens (no concatenation inside the timed call)."""
+    if mode == "fast":
+        return _fast(model, state).generate(ids, new_tokens)
     kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               attention_mask=torch.ones_like(ids), pad_token_id=0)
     if mode in ("graphs", "compiled"):
@@ -195,8 +225,9 @@ def _prepare_compiled(model, state: dict, device: torch.device, batch: int) -> N
 
 
 def reset_compiled(model) -> None:
-    """Forget ``generate()``'s compiled forward and Dynamo's caches (between the dense and
-    the accelerated phase: the model's modules change in place)."""
+    """Forget ``generate()``'s compiled forward and Dynamo's caches, which hold the fast
+    loop's compiled steps too (between the dense and the accelerated phase: the model's
+    modules change in place)."""
     import gc
 
     import torch._dynamo
@@ -211,7 +242,8 @@ def reset_compiled(model) -> None:
 
 
 def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3, state: dict | None = None) -> dict[str, Any]:
-    """Time ``generate()`` (median of ``reps`` after one warm-up) and its first token."""
+    """Time the loop ``mode`` (``generate()``, or the fast loop; median of ``reps`` after
+    one warm-up) and its first token (a run with one new token: the prefill)."""
     from dass.infer.decode_graphs import DecodeGraphs, cuda_capture
 
     dev = ids.device
@@ -220,6 +252,8 @@ def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3,
     dg = None
     if mode == "compiled":
         _prepare_compiled(model, state, dev, ids.shape[0])
+    if mode == "fast":
+        _fast(model, state).prepare(ids.shape[0])
     if mode == "graphs":
         dg = state.get("graphs")
         if dg is None:
@@ -250,24 +284,29 @@ def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3,
     nbytes = step_bytes(model, B, ids.shape[1], new_tokens)
     bw = state.get("bandwidth")
     res = {
-        "batch": B, "mode": mode, "loop": _loop_name(model, mode), "new_tokens": new_tokens, "prompt_len": ids.shape[1],
+        "batch": B, "mode": mode, "loop": _loop_name(model, mode, state), "new_tokens": new_tokens, "prompt_len": ids.shape[1],
         "ttft_ms": ttft * 1e3, "total_ms": total * 1e3, "tokens_per_s": B * new_tokens / total,
         "decode_tokens_per_s": B * (new_tokens - 1) / max(total - ttft, 1e-9), "decode_step_ms": step_s * 1e3,
         "step_bytes": nbytes, "copy_bandwidth_gbs": bw / 1e9 if bw else None,
         "roofline": roofline_fraction(nbytes["total"], step_s, bw) if bw and step_s > 0 else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
-        "all_total_ms": [x * 1e3 for x in totals], "tokens": out[:, ids.shape[1]:].tolist(),
+        "all_total_ms": [x * 1e3 for x in totals],
+        "tokens": (out if mode == "fast" else out[:, ids.shape[1]:]).tolist(),
     }
-    if mode == "compiled":
+    if mode in ("compiled", "fast"):
         from torch._dynamo.utils import counters
 
         res["graph_breaks"] = sum(counters["graph_break"].values())
-        res["compiled"] = "_compiled_call" in vars(model)
+        res["compiled"] = ("_compiled_call" in vars(model) if mode == "compiled"
+                           else state["fast"].compile and counters["stats"]["unique_graphs"] > 0)
     return res
 
 
-def _loop_name(model, mode: str) -> str:
+def _loop_name(model, mode: str, state: dict | None = None) -> str:
     """What ran, in words: the loop and, for ``compiled``, whether generate() did compile."""
+    if mode == "fast":
+        fg = (state or {}).get("fast")
+        return fg.name() if fg is not None else "fast loop (dass.infer.decode_loop)"
     if mode == "compiled":
         cfg = getattr(model, "_last_compile_config", None)
         if "_compiled_call" not in vars(model) or cfg is None:
@@ -279,9 +318,10 @@ def _loop_name(model, mode: str) -> str:
 
 def compare(model, make_ids, batches: list[int], new_tokens: int, modes: list[str], reps: int = 3,
             accelerate_kw: dict | None = None, deadline: float | None = None, log=print,
-            backend: str | None = None) -> dict[str, Any]:
+            backend: str | None = None, nested_layers: bool = False) -> dict[str, Any]:
     """Dense then accelerated (in place) ``generate()`` at each batch size and mode (loop);
-    ``backend``: the compiled loop's torch.compile backend (default: inductor on CUDA)."""
+    ``backend``: the compiled and fast loops' torch.compile backend (default: inductor on
+    CUDA); ``nested_layers``: the fast loop's experimental per-layer compile region."""
     from dass.infer.accelerate import accelerate, tuning_log
 
     from dass.infer.roofline import copy_bandwidth
@@ -302,7 +342,7 @@ def compare(model, make_ids, batches: list[int], new_tokens: int, modes: list[st
             log(f"accelerated {len(rep['replaced'])} matrices ({len(rep['fused_gate_up'])} gate/up stacks) "
                 f"in {res['accelerate']['seconds']:.1f} s")
         for mode in modes:
-            state: dict = {"bandwidth": bw, "backend": backend}
+            state: dict = {"bandwidth": bw, "backend": backend, "nested_layers": nested_layers}
             for B in batches:
                 if stop is not None and time.perf_counter() > stop:
                     res["skipped"].append(f"{phase} {mode} B={B}: time box")
@@ -322,7 +362,8 @@ def compare(model, make_ids, batches: list[int], new_tokens: int, modes: list[st
                 res.setdefault("graph_log", {})[f"{phase} {mode}"] = state["log"]
             if state.get("graphs") is not None:
                 state["graphs"].remove()
-            if mode == "compiled":
+            if mode in ("compiled", "fast"):
+                release_state(state)
                 reset_compiled(model)
     res["tuning"] = tuning_log()
     res["table"] = table(res)
@@ -373,9 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,4,16,64", help="comma list of batch sizes")
     p.add_argument("--prompt-len", type=int, default=64, help="synthetic: prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--modes", default="compiled,graphs,eager", help="comma list of compiled,graphs,eager (loops)")
+    p.add_argument("--modes", default="fast,compiled,graphs,eager",
+                   help="comma list of loops: fast (lean greedy loop: static cache, eager prefill, compiled 1-token step, "
+                        "no host sync per step; dass.infer.decode_loop), compiled (generate() with compile_config), "
+                        "graphs (generate(), decode-step CUDA graphs), eager (plain generate())")
     p.add_argument("--compile-backend", default=None,
-                   help="compiled loop: torch.compile backend (default inductor with mode=reduce-overhead on CUDA, aot_eager on CPU)")
+                   help="fast and compiled loops: torch.compile backend (default inductor with mode=reduce-overhead "
+                        "on CUDA, aot_eager on CPU)")
+    p.add_argument("--nested-layers", action="store_true",
+                   help="fast loop, experimental: each decoder layer a torch.compiler.nested_compile_region "
+                        "(one layer traced and reused: shorter compiles; off by default)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per case (median)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--device", default="cuda")
@@ -453,7 +501,8 @@ def _main(args) -> int:
         print(f"dass generate: unknown mode(s) {bad}; choose from {','.join(MODES)}", file=sys.stderr)
         return 2
     res = compare(model, make_ids, batches, args.new_tokens, modes, args.reps, acc_kw, deadline,
-                  log=lambda s: print(s, flush=True), backend=args.compile_backend)
+                  log=lambda s: print(s, flush=True), backend=args.compile_backend,
+                  nested_layers=args.nested_layers)
     res.update(info)
     print_table(res["table"])
     if tok is not None and res["sparse"]:
