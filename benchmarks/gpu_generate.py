@@ -124,6 +124,9 @@ def _measure_phase(model, name: str, batches: list[int], make_ids, args, bw: flo
             continue
         budget.last_row = r["seconds"]
         r.pop("all_total_ms", None)
+        if r.get("cudagraph_skips") or r.get("cudagraph_recorded_in_timed_runs"):
+            log(f"  !! {name} B={B}: CUDA graphs: {r.get('cudagraph_skips')} skips so far, recorded during the timed "
+                f"runs: {r.get('cudagraph_recorded_in_timed_runs')} (the step should only replay after its warm-up)")
         out[B] = r
         log(f"  {name:10} B={B:<3} {r['tokens_per_s']:9.1f} tok/s  ttft {r['ttft_ms']:7.1f} ms  step {r['decode_step_ms']:7.2f} ms"
             f"  roofline {100 * (r['roofline'] or 0):5.1f}%  peak {r['peak_mem_gb'] or 0:6.2f} GB  ({r['seconds']:.0f} s)")

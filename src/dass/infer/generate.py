@@ -260,6 +260,9 @@ def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3,
             dg = state["graphs"] = DecodeGraphs(model, capture=cuda_capture if dev.type == "cuda" else (lambda fn: fn))
     try:
         out = _run(model, ids, new_tokens, mode, state)  # warm-up: compile, tune, capture
+        from torch._dynamo.utils import counters
+
+        recorded0 = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         firsts, totals = [], []
@@ -294,9 +297,12 @@ def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3,
         "tokens": (out if mode == "fast" else out[:, ids.shape[1]:]).tolist(),
     }
     if mode in ("compiled", "fast"):
-        from torch._dynamo.utils import counters
-
         res["graph_breaks"] = sum(counters["graph_break"].values())
+        # CUDA graph health (cudagraph trees, mode=reduce-overhead): skips so far in this
+        # process, and whether graphs were recorded during the timed runs (each recording
+        # counts its non-static inputs; after the warm-up a step should only replay)
+        res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        res["cudagraph_recorded_in_timed_runs"] = counters["inductor"]["cudagraph_recorded_non_static_inputs"] > recorded0
         res["compiled"] = ("_compiled_call" in vars(model) if mode == "compiled"
                            else state["fast"].compile and counters["stats"]["unique_graphs"] > 0)
     return res
