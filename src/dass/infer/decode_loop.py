@@ -20,10 +20,10 @@ What one call does (:meth:`FastGreedy.generate`):
 3. ``new_tokens - 1`` decoding steps, each one call of the compiled step
    ``model(input_ids=tok[:, None], position_ids=pos, cache=..., use_cache=True)
    .logits[:, -1].argmax(-1)``; its token is copied into a preallocated device tensor
-   ``out[:, i]`` and into the next step's input ``tok`` (a [B] device tensor); the position is a 1-element device tensor
-   incremented in place between steps. Nothing in the loop reads a device value on the host
-   (no ``.item()``, no stopping checks): the host only queues work, and the GPU never waits
-   for it once it is ahead.
+   ``out[:, i]`` and into the next step's input ``tok`` (a [B] device tensor); the position
+   is a 1-element device tensor incremented in place between steps. Nothing in the loop
+   reads a device value on the host (no ``.item()``, no stopping checks): the host only
+   queues work and runs ahead of the GPU.
 
 The result equals ``generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
 [:, prompt_len:]`` with a static cache: a fixed number of tokens, and, as
@@ -55,13 +55,15 @@ compiled per prompt length, and its 2:4 modules take their ordinary eager path.
 
 On CUDA graph trees: the step's output (the next token) lives in the graph's memory pool
 and is overwritten by the next replay, so it is copied into ``out`` before the next call;
-the inputs ``tok`` and ``pos`` are not static addresses, so cudagraph
-trees copy them into the graph's own input buffers at each replay (two tiny copies). The
-loop does not call ``torch.compiler.cudagraph_mark_step_begin()``: once called anywhere in a
-process, cudagraph trees only start a new generation at such marks, which would change how
-``generate()``'s own compiled loop behaves later in the same process; without it, every
-top-level call of a compiled function in inference starts a new generation, which is what
-a step needs.
+the inputs ``tok`` and ``pos`` are not static addresses, so cudagraph trees copy them into
+the graph's own input buffers at each replay (two tiny copies). The loop does not call
+``torch.compiler.cudagraph_mark_step_begin()``: once called anywhere in a process, cudagraph
+trees start a new generation only at such marks (``get_curr_generation`` in
+``torch/_inductor/cudagraph_trees.py``), which would change how ``generate()``'s own compiled
+loop behaves later in the same process. Without it, each call of a ``torch.compile``'d
+function bumps Dynamo's generation counter on entry (torch 2.13's ``OptimizeContext``), so
+each step starts a new generation and replays the root graph; the previous step's output
+is then invalid, which is why it was copied out first.
 """
 
 from __future__ import annotations
@@ -120,8 +122,8 @@ class FastGreedy:
     never choose the end-of-sequence tokens (what ``generate(min_new_tokens=n)`` does).
     """
 
-    def __init__(self, model: nn.Module, max_len: int, backend: str | Callable[..., Any] | None = None, mode: str | None = None,
-                 compile: bool = True, nested_layers: bool = False, ban_eos: bool = True) -> None:
+    def __init__(self, model: nn.Module, max_len: int, backend: str | Callable[..., Any] | None = None,
+                 mode: str | None = None, compile: bool = True, nested_layers: bool = False, ban_eos: bool = True) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.max_len = int(max_len)
@@ -144,8 +146,9 @@ class FastGreedy:
         if not self.compile:
             return "fast loop (dass.infer.decode_loop): static cache, eager prefill, eager decode step, no host sync"
         extra = ", nested_compile_region per layer" if self.nested_layers else ""
+        backend = getattr(self.backend, "__name__", self.backend)
         return (f"fast loop (dass.infer.decode_loop): static cache, eager prefill, decode step "
-                f"torch.compile({getattr(self.backend, '__name__', self.backend)}, mode={self.mode}, fullgraph=True, dynamic=False{extra}), no host sync")
+                f"torch.compile({backend}, mode={self.mode}, fullgraph=True, dynamic=False{extra}), no host sync")
 
     # ------------------------------------------------------------------ pieces
     def prepare(self, batch: int) -> dict[str, object]:
