@@ -40,6 +40,12 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
                : "r"(s));
 }
 
+// Two 8x8 matrices: lanes 0-7 address the first, 8-15 the second (16-31 are ignored).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+}
+
 __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -77,14 +83,14 @@ template <typename E> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
   template <int SEL>
   __device__ __forceinline__ static void sp(float (&c)[4], const uint4& a, const uint32_t (&b)[4], uint32_t e) {
-    asm volatile(
+    asm(
         "mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e), "n"(SEL));
   }
   __device__ __forceinline__ static void dense(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -102,14 +108,14 @@ template <> struct Mma<__nv_bfloat16> {
 template <> struct Mma<__half> {
   template <int SEL>
   __device__ __forceinline__ static void sp(float (&c)[4], const uint4& a, const uint32_t (&b)[4], uint32_t e) {
-    asm volatile(
+    asm(
         "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e), "n"(SEL));
   }
   __device__ __forceinline__ static void dense(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -274,19 +280,22 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
         for (int m = 0; m < MT; ++m)
 #pragma unroll
           for (int h = 0; h < 2; ++h) expand_half(w.a[m][kk][h], w.e[m][kk] >> (16 * h), fa[m][h], fb[m][h]);
+        // the two 16-K halves one after the other, each over every token tile: two products
+        // into the same accumulator are 2 * NT * MT products apart, not adjacent (with one or
+        // two warps a scheduler nothing else hides the tensor pipe's latency)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t b[4];
-          const int row = tok0 + nt * 8 + mrow;
-          ldmatrix_x4(b, buf + row * CH + ((kk * 4 + mat) ^ (row & 7)));
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int m = 0; m < MT; ++m)
+          for (int nt = 0; nt < NT; ++nt) {
+            uint32_t b[2];
+            const int row = tok0 + nt * 8 + mrow;
+            ldmatrix_x2(b, buf + row * CH + ((kk * 4 + 2 * h + (mat & 1)) ^ (row & 7)));
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              Mma<E>::dense(acc[m][0][nt], fa[m][h], b[2 * h], b[2 * h + 1]);
-              Mma<E>::dense(acc[m][1][nt], fb[m][h], b[2 * h], b[2 * h + 1]);
+            for (int m = 0; m < MT; ++m) {
+              Mma<E>::dense(acc[m][0][nt], fa[m][h], b[0], b[1]);
+              Mma<E>::dense(acc[m][1][nt], fb[m][h], b[0], b[1]);
             }
-        }
+          }
       }
     }
   };
