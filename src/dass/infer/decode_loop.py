@@ -75,7 +75,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["FastGreedy", "fast_greedy", "default_backend"]
+__all__ = ["FastGreedy", "fast_greedy", "default_backend", "cache_kwarg", "raise_recompile_limit"]
 
 
 def default_backend(device: torch.device) -> str:
@@ -100,7 +100,13 @@ def _eos_ids(model: nn.Module) -> list[int]:
     return sorted({i for i in ids if 0 <= i < model.config.vocab_size})
 
 
-def _raise_recompile_limit(n: int = 64) -> None:
+def cache_kwarg(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache by (``cache`` in newer transformers,
+    ``past_key_values`` before)."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def raise_recompile_limit(n: int = 64) -> None:
     """Room for one graph per batch size (and per model, dense then 2:4, between resets)."""
     import torch._dynamo
 
@@ -131,7 +137,7 @@ class FastGreedy:
         self.compile = compile and self.backend != "eager"
         self.mode = mode if mode is not None else ("reduce-overhead" if self.backend == "inductor" else None)
         params = _forward_params(model)
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_kwarg(model)
         self.cache_position = "cache_position" in params
         self.logits_to_keep = "logits_to_keep" in params
         self.nested_layers = nested_layers
@@ -157,7 +163,7 @@ class FastGreedy:
         if batch not in self.prepared:
             from dass.infer.ops import prepare_compile
 
-            _raise_recompile_limit()
+            raise_recompile_limit()
             self.prepared[batch] = prepare_compile(self.model, [batch])
         return self.prepared[batch]
 

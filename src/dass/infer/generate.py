@@ -34,7 +34,6 @@ device-to-device copy measured in the same run).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 
 from dass.errors import DassError
+from dass.infer.decode_loop import cache_kwarg, raise_recompile_limit
 
 __all__ = ["main", "synthetic_model", "prune_24", "measure", "compare", "scope_manifest", "MODES"]
 
@@ -140,9 +140,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cache_kw(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+_cache_kw = cache_kwarg  # the name other modules and tests import
 
 
 def _fast(model, state: dict):
@@ -212,13 +210,9 @@ def _prepare_compiled(model, state: dict, device: torch.device, batch: int) -> N
     """Before the compiled loop's first call at ``batch``: the compile settings, room for one
     graph per batch size and model, and the accelerated modules' decisions at ``batch``
     tokens made now, outside the compiled region (:func:`dass.infer.ops.prepare_compile`)."""
-    import torch._dynamo
-
     from dass.infer.ops import prepare_compile
 
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    raise_recompile_limit()
     if "compile_config" not in state:
         state["compile_config"] = compile_config(device, state.get("backend"))
     state.setdefault("prepared", {})[batch] = prepare_compile(model, [batch])
@@ -260,9 +254,11 @@ def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3,
             dg = state["graphs"] = DecodeGraphs(model, capture=cuda_capture if dev.type == "cuda" else (lambda fn: fn))
     try:
         out = _run(model, ids, new_tokens, mode, state)  # warm-up: compile, tune, capture
-        from torch._dynamo.utils import counters
+        compiled = mode in ("compiled", "fast")
+        if compiled:  # Dynamo's counters (the other loops never import torch._dynamo)
+            from torch._dynamo.utils import counters
 
-        recorded0 = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+            recorded0 = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         firsts, totals = [], []
@@ -296,7 +292,7 @@ def measure(model, ids: torch.Tensor, new_tokens: int, mode: str, reps: int = 3,
         "all_total_ms": [x * 1e3 for x in totals],
         "tokens": (out if mode == "fast" else out[:, ids.shape[1]:]).tolist(),
     }
-    if mode in ("compiled", "fast"):
+    if compiled:
         res["graph_breaks"] = sum(counters["graph_break"].values())
         # CUDA graph health (cudagraph trees, mode=reduce-overhead): skips so far in this
         # process, and whether graphs were recorded during the timed runs (each recording
