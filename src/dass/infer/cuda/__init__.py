@@ -85,7 +85,7 @@ _CLASSIC = {
     "input": tuple((mt, nt, ks, 4, 1) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
                    if not (nt == 16 and mt == 2 and ks == 4)),
     "output": tuple((mt, nt, ks, 4, 1) for nt in (1, 2, 4, 8, 16) for mt in (1, 2) for ks in (2, 4)
-                    if not (mt == 2 and (nt > 4 or (nt == 4 and ks == 4))) and not (nt == 16 and ks == 4)),
+                    if not (mt == 2 and (nt > 4 or ks == 4)) and not (nt == 16 and ks == 4)),
 }
 # two token groups (wt = 2: a weight fragment meets twice the tokens per shared-memory read and
 # a block's token tile serves more rows) and eight-warp blocks, for 32-128 tokens

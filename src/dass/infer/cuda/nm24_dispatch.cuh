@@ -28,8 +28,8 @@ cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, 
   DASS24_CASE(2, 16, 2, 8, 1) DASS24_CASE(2, 8, 2, 8, 1)
 #else
   // CONFIGS output
-  DASS24_CASE(1, 1, 2, 4, 1) DASS24_CASE(1, 1, 4, 4, 1) DASS24_CASE(2, 1, 2, 4, 1) DASS24_CASE(2, 1, 4, 4, 1)
-  DASS24_CASE(1, 2, 2, 4, 1) DASS24_CASE(1, 2, 4, 4, 1) DASS24_CASE(2, 2, 2, 4, 1) DASS24_CASE(2, 2, 4, 4, 1)
+  DASS24_CASE(1, 1, 2, 4, 1) DASS24_CASE(1, 1, 4, 4, 1) DASS24_CASE(2, 1, 2, 4, 1)
+  DASS24_CASE(1, 2, 2, 4, 1) DASS24_CASE(1, 2, 4, 4, 1) DASS24_CASE(2, 2, 2, 4, 1)
   DASS24_CASE(1, 4, 2, 4, 1) DASS24_CASE(1, 4, 4, 4, 1) DASS24_CASE(2, 4, 2, 4, 1)
   DASS24_CASE(1, 8, 2, 4, 1) DASS24_CASE(1, 8, 4, 4, 1)
   DASS24_CASE(1, 16, 2, 4, 1)

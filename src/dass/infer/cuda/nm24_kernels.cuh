@@ -131,32 +131,31 @@ template <> struct Mma<__half> {
 };
 
 // Expand one 16-K half of an output-orientation step into the A fragments of the two m16
-// tiles (rows q = 0,1 -> tile a; q = 2,3 -> tile b). For a column pair (A, B) the lane has
-// P0 = v0[A] | v0[B] << 16, P1 = v1[A] | v1[B] << 16 and two 4-bit codes i0 | i1 << 2; row
-// q takes v0 where i0 == q, v1 where i1 == q, else 0. The 0/0xFFFF masks come from one byte
-// permute of a constant with a 0xFF byte at q, indexed by i0 (or i1) twice per half.
+// tiles (rows q = 0,1 -> tile a; q = 2,3 -> tile b). The lane holds two column pairs p = 0,1
+// (v.x, v.y for p = 0; v.z, v.w for p = 1), each word v0[A] | v0[B] << 16 (resp. v1), and for
+// every column a code i0 | i1 << 2: row q takes v0 where i0 == q, v1 where i1 == q, else 0.
+// The 16-bit halves are first regrouped so each word holds the same slot of both pairs
+// (L = low halves, H = high halves); then one byte permute of a constant with a 0xFF byte at
+// q, indexed by all four i0 (or i1) codes at once, gives the 0/0xFFFF masks for both pairs,
+// and a final permute puts each row's values back into fragment order. This is about half
+// the integer work of masking pair by pair, which dominated the output kernels' issue slots.
 __device__ __forceinline__ void expand_half(const uint4& v, uint32_t m, uint32_t (&fa)[4], uint32_t (&fb)[4]) {
+  const uint32_t L0 = __byte_perm(v.x, v.z, 0x6420), H0 = __byte_perm(v.x, v.z, 0x7531);
+  const uint32_t L1 = __byte_perm(v.y, v.w, 0x6420), H1 = __byte_perm(v.y, v.w, 0x7531);
+  const uint32_t s0 = m & 0x3333u, s1 = (m >> 2) & 0x3333u;
+  uint32_t r0[4], r1[4];
 #pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    const uint32_t P0 = p ? v.z : v.x;
-    const uint32_t P1 = p ? v.w : v.y;
-    const uint32_t nib = (m >> (8 * p)) & 0xFFu;  // code of A in bits 0-3, B in bits 4-7
-    const uint32_t iA0 = nib & 3u, iA1 = (nib >> 2) & 3u, iB0 = (nib >> 4) & 3u, iB1 = (nib >> 6) & 3u;
-    const uint32_t s0 = iA0 * 0x0011u | iB0 * 0x1100u;
-    const uint32_t s1 = iA1 * 0x0011u | iB1 * 0x1100u;
-    uint32_t r[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t table = 0xFFu << (8 * q);
-      const uint32_t m0 = __byte_perm(table, 0u, s0);
-      const uint32_t m1 = __byte_perm(table, 0u, s1);
-      r[q] = (P0 & m0) | (P1 & m1);
-    }
-    fa[2 * p + 0] = r[0];
-    fa[2 * p + 1] = r[1];
-    fb[2 * p + 0] = r[2];
-    fb[2 * p + 1] = r[3];
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t table = 0xFFu << (8 * q);
+    const uint32_t m0 = __byte_perm(table, 0u, s0);
+    const uint32_t m1 = __byte_perm(table, 0u, s1);
+    const uint32_t rl = (L0 & m0) | (L1 & m1);
+    const uint32_t rh = (H0 & m0) | (H1 & m1);
+    r0[q] = __byte_perm(rl, rh, 0x5140);
+    r1[q] = __byte_perm(rl, rh, 0x7362);
   }
+  fa[0] = r0[0]; fa[1] = r0[1]; fa[2] = r1[0]; fa[3] = r1[1];
+  fb[0] = r0[2]; fb[1] = r0[3]; fb[2] = r1[2]; fb[3] = r1[3];
 }
 
 template <int ORI, int MT, int KS> struct WeightRegs;
@@ -198,47 +197,67 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   const int nstage = (s_end - s_begin) / KS;
   const E* __restrict__ X = reinterpret_cast<const E*>(p.x);
 
+  // The token copies of a stage, strength-reduced once here: a thread's chunks of a stage are
+  // XIT rows XSTEP apart in one 16-byte column (XSTEP is a multiple of 8, so the swizzle is
+  // the same for all of them). Rows past T are not copied: their stale bytes only reach the
+  // accumulators of tokens >= T, which are never written.
+  constexpr int THREADS = WARPS * 32;
+  constexpr int XSTEP = THREADS / CH;
+  constexpr int XIT = (STAGE_U4 + THREADS - 1) / THREADS;
+  static_assert(THREADS % CH == 0 && XSTEP % 8 == 0, "token copies: whole rows a pass, swizzle-aligned");
+  const int xrow = threadIdx.x / CH, xch = threadIdx.x % CH;
+  const E* xsrc = X + (size_t)xrow * p.K + s_begin * 32 + xch * 8;
+  const size_t xstride = (size_t)XSTEP * p.K;
+  const int xdst = xrow * CH + (xch ^ (xrow & 7));
+  uint32_t xok = 0;
+#pragma unroll
+  for (int j = 0; j < XIT; ++j)
+    xok |= (uint32_t)(xrow + j * XSTEP < p.T && (STAGE_U4 % THREADS == 0 || (int)threadIdx.x + j * THREADS < STAGE_U4)) << j;
+
   auto load_x = [&](int st) {
     if (st < nstage) {
-      uint4* dst = smem + (st % STAGES) * STAGE_U4;
-      const int kcol0 = (s_begin + st * KS) * 32;
-#pragma unroll 1
-      for (int i = threadIdx.x; i < STAGE_U4; i += WARPS * 32) {
-        const int row = i / CH, ch = i % CH;
-        const bool ok = row < p.T;
-        const E* src = ok ? X + (size_t)row * p.K + kcol0 + ch * 8 : X;
-        cp_async16(dst + row * CH + (ch ^ (row & 7)), src, ok);
-      }
+      uint4* dst = smem + (st % STAGES) * STAGE_U4 + xdst;
+      const E* src = xsrc + st * (KS * 32);
+#pragma unroll
+      for (int j = 0; j < XIT; ++j)
+        if (xok >> j & 1) cp_async16(dst + j * XSTEP * CH, src + j * xstride, true);
     }
     cp_async_commit();
   };
 
+  // The weight loads, strength-reduced too: one pointer a warp, row tiles ksteps steps apart.
+  // Tiles past the matrix (the last block) and the stage after the last are not loaded:
+  // their registers feed only rows that are never written, or no product at all.
+  const int tclamp = ntile - 1 - tile0;  // row tiles of this warp that exist: m <= tclamp
+  constexpr int VSTEP = ORI == 0 ? 32 : 64;  // uint4 of values a K-step and tile
+  const uint4* wsrc = p.vals + ((size_t)tile0 * ksteps + s_begin) * VSTEP + lane;
+  const uint32_t* msrc = ORI == 0 ? p.meta + ((size_t)tile0 * (ksteps / 2) + s_begin / 2) * 32 + lane
+                                  : p.meta + ((size_t)tile0 * ksteps + s_begin) * 32 + lane;
+  const size_t wtile = (size_t)ksteps * VSTEP;                      // values of one row tile
+  const size_t mtile = (size_t)(ORI == 0 ? ksteps / 2 : ksteps) * 32;  // metadata of one row tile
+
   auto load_w = [&](WeightRegs<ORI, MT, KS>& r, int st) {
+    if (st >= nstage) return;
+    const uint4* ws = wsrc + st * (KS * VSTEP);
+    const uint32_t* ms = msrc + st * (ORI == 0 ? KS / 2 : KS) * 32;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      const int tt = tile0 + m;
-      const bool ok = tt < ntile && st < nstage;
-      const int s0 = s_begin + st * KS;
+      if (m > tclamp) break;
+      const uint4* wm = ws + m * wtile;
+      const uint32_t* mm = ms + m * mtile;
 #pragma unroll
       for (int kk = 0; kk < KS; ++kk) {
         if constexpr (ORI == 0) {
-          const uint4* src = p.vals + ((size_t)tt * ksteps + s0 + kk) * 32 + lane;
-          auto& dst = r.a[m][kk];
-          dst = ok ? ldg_w<SHARED_W>(src) : make_uint4(0, 0, 0, 0);
+          r.a[m][kk] = ldg_w<SHARED_W>(wm + kk * 32);
         } else {
-          const uint4* src = p.vals + (((size_t)tt * ksteps + s0 + kk) * 2) * 32 + lane;
-          auto& dst = r;
-          dst.a[m][kk][0] = ok ? ldg_w<SHARED_W>(src) : make_uint4(0, 0, 0, 0);
-          dst.a[m][kk][1] = ok ? ldg_w<SHARED_W>(src + 32) : make_uint4(0, 0, 0, 0);
-          dst.e[m][kk] = ok ? ldg_w<SHARED_W>(p.meta + ((size_t)tt * ksteps + s0 + kk) * 32 + lane) : 0u;
+          r.a[m][kk][0] = ldg_w<SHARED_W>(wm + kk * 64);
+          r.a[m][kk][1] = ldg_w<SHARED_W>(wm + kk * 64 + 32);
+          r.e[m][kk] = ldg_w<SHARED_W>(mm + kk * 32);
         }
       }
       if constexpr (ORI == 0) {
 #pragma unroll
-        for (int kp = 0; kp < KS / 2; ++kp) {
-          const uint32_t* src = p.meta + ((size_t)tt * (ksteps / 2) + s0 / 2 + kp) * 32 + lane;
-          r.e[m][kp] = ok ? ldg_w<SHARED_W>(src) : 0u;
-        }
+        for (int kp = 0; kp < KS / 2; ++kp) r.e[m][kp] = ldg_w<SHARED_W>(mm + kp * 32);
       }
     }
   };
