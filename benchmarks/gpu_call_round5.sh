@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The round-5 GPU calls (docs/speed.md, "round 5"), run from the repository root on the GPU
+# machine. Two parts so each fits one 10-minute call; B must follow A within 30 s on the same
+# machine when the greedy check is wanted (the pruned model travels in two pieces, A stashes
+# the first under out/gpu):
+#   PART=A OUT=/dir bash benchmarks/gpu_call_round5.sh   build, every-config correctness, the
+#                                                        7B per-matrix sweep at 1-256 tokens,
+#                                                        the MLP-block dispatch sweep to 16384
+#   PART=B OUT=/dir bash benchmarks/gpu_call_round5.sh   the fast decode loop at batch 1, 16,
+#                                                        4, 64; greedy agreement if the model
+#                                                        pieces are there
+set -u
+OUT=${OUT:-/tmp/gpu_round5}
+PART=${PART:-A}
+mkdir -p "$OUT"
+export PYTHONPATH=src DASS_CACHE=/tmp/dass_cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export DASS_TUNING_CACHE=/tmp/dass_cache/tuning.json
+nvidia-smi --query-gpu=name --format=csv,noheader
+if [ "$PART" = A ]; then
+    mkdir -p out/gpu
+    [ -f .gpu/g1/smollm2.gguf.part00 ] && cp .gpu/g1/smollm2.gguf.part00 out/gpu/ && cp -r .gpu/g1/whl out/gpu/
+    timeout -k 5 ${KTIME:-300} python3 benchmarks/gpu_kernels.py --out $OUT/kernels.json --shapes ${SHAPES:-7b} \
+        --tokens ${KTOKENS:-1,2,4,8,16,32,64,128,256} --budget-s ${KBUDGET:-240} > $OUT/kernels.log 2>&1
+    echo "kernels rc=$?"; grep -v "^ *[0-9]*b " $OUT/kernels.log | tail -8 | cut -c1-300; grep "T=" $OUT/kernels.log | cut -c1-190
+    timeout -k 5 ${DTIME:-170} python3 -m dass bench --what dispatch --shapes 7b \
+        --tokens ${DTOKENS:-1,2,4,8,16,32,64,128,256,1024,4096,16384} --reps 5 --target-ms 4 \
+        --out $OUT/dispatch.json > $OUT/dispatch.log 2>&1
+    echo "dispatch rc=$?"; tail -30 $OUT/dispatch.log | cut -c1-250
+    cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true
+else
+    timeout -k 5 ${GTIME:-330} python3 benchmarks/gpu_generate.py --out $OUT/generate.json --budget-s ${GBUDGET:-300} \
+        --batches ${BATCHES:-1,16,4,64} > $OUT/generate.log 2>&1
+    echo "generate rc=$?"; tail -16 $OUT/generate.log | cut -c1-300
+    if [ -f out/gpu/smollm2.gguf.part00 ] && [ -f .gpu/g2/smollm2.gguf.part01 ]; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site out/gpu/whl/gguf-*.whl
+        cat out/gpu/smollm2.gguf.part00 .gpu/g2/smollm2.gguf.part01 > out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf
+        PYTHONPATH=/tmp/site:src timeout -k 5 ${RTIME:-200} python3 benchmarks/gpu_generate.py --check-greedy \
+            --model out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT/greedy.json > $OUT/greedy.log 2>&1
+        echo "greedy rc=$?"; tail -20 $OUT/greedy.log | cut -c1-300
+    else
+        echo "greedy skipped: model pieces missing"
+    fi
+fi
