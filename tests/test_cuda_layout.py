@@ -369,3 +369,14 @@ def test_calls_past_128_tokens_run_in_equal_slices_of_the_128_bucket():
         assert long and long == [c for c in cu.candidates(orientation, 100, N, K, wg=True) if c["kind"] == "reg"]
         assert cu.candidates(orientation, cu.CHUNKED_MAX_TOKENS + 1, N, K) == []
         assert cu.default_config(orientation, 256, N, K) in cu.candidates(orientation, 256, N, K)
+
+
+def test_smem_kernel_can_be_turned_off_alone(monkeypatch):
+    """DASS_CUDA_SMEM=0 drops only the shared-memory kernel's candidates (how a suspected
+    kernel is ruled out on a GPU without rebuilding): the register and wgmma ones stay."""
+    N, K, T = 4096, 4096, 16
+    full = cu.candidates("output", T, N, K, wg=True)
+    assert {c["kind"] for c in full} == {"reg", "smem", "wg"}
+    monkeypatch.setenv("DASS_CUDA_SMEM", "0")
+    off = cu.candidates("output", T, N, K, wg=True)
+    assert off == [c for c in full if c["kind"] != "smem"]

@@ -303,7 +303,8 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
                 out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s, **shape})
     if sliced:
         return out
-    for mt, wn, cnt, ks in SMEM_CONFIGS[orientation]:
+    smem = os.environ.get("DASS_CUDA_SMEM", "1") != "0"  # off alone, like DASS_CUDA_WG
+    for mt, wn, cnt, ks in SMEM_CONFIGS[orientation] if smem else ():
         if cnt != nt or not _ksteps_ok(K, ks):
             continue
         for s in _smem_splits(orientation, N, K, mt, wn, nt, ks, sms):
