@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The round-5 GPU calls (docs/speed.md, "round 5"), run from the repository root on the GPU
-# machine. Two parts so each fits one 10-minute call; B must follow A within 30 s on the same
-# machine when the greedy check is wanted (the pruned model travels in two pieces, A stashes
-# the first under out/gpu):
+# machine. Three parts so each fits one 10-minute call; each must follow the one before within
+# 30 s on the same machine, because the pruned model for the greedy check travels in two pieces
+# (A stashes the first under out/gpu, B the second):
 #   PART=A OUT=/dir bash benchmarks/gpu_call_round5.sh   build, every-config correctness, the
 #                                                        7B per-matrix sweep at 1-256 tokens,
 #                                                        the MLP-block dispatch sweep to 16384
-#   PART=B OUT=/dir bash benchmarks/gpu_call_round5.sh   the fast decode loop at batch 1, 16,
-#                                                        4, 64; greedy agreement if the model
-#                                                        pieces are there
+#                                                        (carry .gpu/g1)
+#   PART=B OUT=/dir bash benchmarks/gpu_call_round5.sh   tuning in a process of its own
+#                                                        (gpu_pretune.py: the batch-16 fault of
+#                                                        round 5 came with in-process tuning),
+#                                                        then the fast decode loop at batch 1,
+#                                                        16, 4, 64 (carry .gpu/g2)
+#   PART=C OUT=/dir bash benchmarks/gpu_call_round5.sh   greedy agreement on the pruned model
 set -u
 OUT=${OUT:-/tmp/gpu_round5}
 PART=${PART:-A}
@@ -27,17 +31,25 @@ if [ "$PART" = A ]; then
         --out $OUT/dispatch.json > $OUT/dispatch.log 2>&1
     echo "dispatch rc=$?"; tail -30 $OUT/dispatch.log | cut -c1-250
     cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true
-else
-    timeout -k 5 ${GTIME:-330} python3 benchmarks/gpu_generate.py --out $OUT/generate.json --budget-s ${GBUDGET:-300} \
+elif [ "$PART" = B ]; then
+    mkdir -p out/gpu
+    [ -f .gpu/g2/smollm2.gguf.part01 ] && cp .gpu/g2/smollm2.gguf.part01 out/gpu/
+    timeout -k 5 ${PTIME:-90} python3 benchmarks/gpu_pretune.py --tokens ${PTOKENS:-1,4,16,64,256,1024,4096} \
+        > $OUT/pretune.log 2>&1
+    echo "pretune rc=$?"; tail -3 $OUT/pretune.log | cut -c1-200
+    timeout -k 5 ${GTIME:-470} python3 benchmarks/gpu_generate.py --out $OUT/generate.json --budget-s ${GBUDGET:-450} \
         --batches ${BATCHES:-1,16,4,64} > $OUT/generate.log 2>&1
     echo "generate rc=$?"; tail -16 $OUT/generate.log | cut -c1-300
-    if [ -f out/gpu/smollm2.gguf.part00 ] && [ -f .gpu/g2/smollm2.gguf.part01 ]; then
+    cp $DASS_TUNING_CACHE $OUT/tuning_cache_b.json 2>/dev/null || true
+else
+    if [ -f out/gpu/smollm2.gguf.part00 ] && [ -f out/gpu/smollm2.gguf.part01 ]; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/site out/gpu/whl/gguf-*.whl
-        cat out/gpu/smollm2.gguf.part00 .gpu/g2/smollm2.gguf.part01 > out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf
-        PYTHONPATH=/tmp/site:src timeout -k 5 ${RTIME:-200} python3 benchmarks/gpu_generate.py --check-greedy \
-            --model out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT/greedy.json > $OUT/greedy.log 2>&1
+        cat out/gpu/smollm2.gguf.part00 out/gpu/smollm2.gguf.part01 > out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf
+        PYTHONPATH=/tmp/site:src timeout -k 5 ${RTIME:-450} python3 benchmarks/gpu_generate.py --check-greedy \
+            --model out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf --prompts ${PROMPTS:-2} --out $OUT/greedy.json \
+            > $OUT/greedy.log 2>&1
         echo "greedy rc=$?"; tail -20 $OUT/greedy.log | cut -c1-300
     else
-        echo "greedy skipped: model pieces missing"
+        echo "greedy skipped: model pieces missing (run A, B, C back to back on one machine)"
     fi
 fi

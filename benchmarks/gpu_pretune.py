@@ -3,7 +3,7 @@ counts in a process of its own, into the on-disk tuning cache (DASS_TUNING_CACHE
 decode benchmark replays the decisions instead of timing inside its process.
 
 Why: in round 5 the fast decode loop at batch 16 faulted ("unspecified launch failure") in 3
-of 4 runs whose tuning ran in the same process, and in none of 6 that read the decisions from
+of 4 runs whose tuning ran in the same process, and in none of 4 that read the decisions from
 the cache (docs/speed.md, round 5); the cause is not found yet.
 
   python benchmarks/gpu_pretune.py --tokens 1,4,16,64,256,1024,4096
