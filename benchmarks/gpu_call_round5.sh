@@ -13,6 +13,8 @@
 #                                                        then the fast decode loop at batch 1,
 #                                                        16, 4, 64 (carry .gpu/g2)
 #   PART=C OUT=/dir bash benchmarks/gpu_call_round5.sh   greedy agreement on the pruned model
+#   PART=D OUT=/dir bash benchmarks/gpu_call_round5.sh   where a decoding step's time goes
+#                                                        (gpu_step_profile.py, batch 1 and 16)
 set -u
 OUT=${OUT:-/tmp/gpu_round5}
 PART=${PART:-A}
@@ -41,6 +43,12 @@ elif [ "$PART" = B ]; then
         --batches ${BATCHES:-1,16,4,64} > $OUT/generate.log 2>&1
     echo "generate rc=$?"; tail -16 $OUT/generate.log | cut -c1-300
     cp $DASS_TUNING_CACHE $OUT/tuning_cache_b.json 2>/dev/null || true
+elif [ "$PART" = D ]; then
+    for b in ${PBATCHES:-1 16}; do
+        timeout -k 5 ${STIME:-200} python3 benchmarks/gpu_step_profile.py --batch $b --scopes dense,mlp,all \
+            --out $OUT/step_profile_b$b.json > $OUT/step_profile_b$b.log 2>&1
+        echo "step profile B=$b rc=$?"; grep -v "USDT\|warn" $OUT/step_profile_b$b.log | tail -16 | cut -c1-200
+    done
 else
     if [ -f out/gpu/smollm2.gguf.part00 ] && [ -f out/gpu/smollm2.gguf.part01 ]; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/site out/gpu/whl/gguf-*.whl
