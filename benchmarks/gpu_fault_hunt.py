@@ -34,22 +34,42 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
-def run_case(case: dict) -> float:
+def _launch(case: dict, W: torch.Tensor, v: torch.Tensor, me: torch.Tensor, gen) -> float:
+    """Run one case on the packed ``W`` and wait for it: its relative error against the dense
+    product (the unpack: 0 when bit for bit, else inf)."""
     from dass.infer import cuda as cu
-    from dass.infer.cuda import layout as L
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    o, N, K, T = case["orientation"], case["N"], case["K"], case["T"]
-    W, m = random_24(N, K, o, torch.bfloat16, "cuda", gen)
-    v, me = L.pack(W, o, m)
+    o, N, K = case["orientation"], case["N"], case["K"]
     if case["config"] == "unpack":
         y = cu.unpack(v, me, N, K, o, torch.bfloat16)
         torch.cuda.synchronize()
         return 0.0 if torch.equal(y.view(torch.int16), W.view(torch.int16)) else float("inf")
-    x = torch.randn(T, K, device="cuda", generator=gen).to(torch.bfloat16)
+    x = torch.randn(case["T"], K, device="cuda", generator=gen).to(torch.bfloat16)
     y = cu.mm(x, v, me, None, N, o, case["config"])
     torch.cuda.synchronize()
     return rel_err(y, x.float() @ W.float().T)
+
+
+def run_case(case: dict) -> float:
+    from dass.infer.cuda import layout as L
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    W, m = random_24(case["N"], case["K"], case["orientation"], torch.bfloat16, "cuda", gen)
+    v, me = L.pack(W, case["orientation"], m)
+    return _launch(case, W, v, me, gen)
+
+
+def _model(layers: int, scope: str, batch: int):
+    """A ``layers``-layer 7B-shaped model pruned 2:4 everywhere, ``scope`` accelerated, and a
+    64-token prompt at ``batch``."""
+    from dass.infer.accelerate import accelerate
+    from dass.infer.generate import prune_24, scope_manifest, synthetic_model
+
+    model = synthetic_model("7b", layers, torch.bfloat16, "cuda")
+    prune_24(model, "all", "dass")
+    accelerate(model, manifest=scope_manifest(model, scope))
+    ids = torch.randint(1, model.config.vocab_size, (1, 64)).expand(batch, -1).contiguous().cuda()
+    return model, ids
 
 
 def sweep(out: Path) -> int:
@@ -69,15 +89,7 @@ def sweep(out: Path) -> int:
         for case in cases:
             (out / "current.json").write_text(json.dumps(case))
             try:
-                if case["config"] == "unpack":
-                    y = cu.unpack(v, me, N, K, o, torch.bfloat16)
-                    torch.cuda.synchronize()
-                    e = 0.0 if torch.equal(y.view(torch.int16), W.view(torch.int16)) else float("inf")
-                else:
-                    x = torch.randn(case["T"], K, device="cuda", generator=gen).to(torch.bfloat16)
-                    y = cu.mm(x, v, me, None, N, o, case["config"])
-                    torch.cuda.synchronize()
-                    e = rel_err(y, x.float() @ W.float().T)
+                e = _launch(case, W, v, me, gen)
             except Exception as ex:  # noqa: BLE001
                 log(f"FAULT {case}: {type(ex).__name__}: {str(ex)[:200]}")
                 (out / "fail.json").write_text(json.dumps(case))
@@ -128,13 +140,10 @@ def sweep(out: Path) -> int:
 
 def model_repro(out: Path, layers: int, batch: int, scope: str, backend: str | None) -> int:
     """A small 7B-shaped model, ``scope``'s matrices 2:4, eager then the fast loop at ``batch``."""
-    from dass.infer.accelerate import accelerate, tuning_log
-    from dass.infer.generate import measure, prune_24, scope_manifest, synthetic_model
+    from dass.infer.accelerate import tuning_log
+    from dass.infer.generate import measure
 
-    model = synthetic_model("7b", layers, torch.bfloat16, "cuda")
-    prune_24(model, "all", "dass")
-    accelerate(model, manifest=scope_manifest(model, scope))
-    ids = torch.randint(1, model.config.vocab_size, (1, 64)).expand(batch, -1).contiguous().cuda()
+    model, ids = _model(layers, scope, batch)
     t0 = time.time()
     step = "eager"
     try:
@@ -170,14 +179,10 @@ def model_configs(out: Path, layers: int, batch: int, reps: int, force: dict | N
     (its graphs hold the launch parameters), ``reps`` loops each; stops at the first fault."""
     from dass.infer import cuda as cu
     from dass.infer import dispatch as dp
-    from dass.infer.accelerate import accelerate
-    from dass.infer.generate import measure, prune_24, release_state, reset_compiled, scope_manifest, synthetic_model
+    from dass.infer.generate import measure, release_state, reset_compiled
     from dass.infer.nm24_linear import NM24Linear
 
-    model = synthetic_model("7b", layers, torch.bfloat16, "cuda")
-    prune_24(model, "all", "dass")
-    accelerate(model, manifest=scope_manifest(model, "all"))
-    ids = torch.randint(1, model.config.vocab_size, (1, 64)).expand(batch, -1).contiguous().cuda()
+    model, ids = _model(layers, "all", batch)
     mods = [m for m in model.modules() if isinstance(m, NM24Linear)]
     att = [m for m in mods if (m.out_features, m.in_features) == (4096, 4096)]
     for m in mods:

@@ -33,11 +33,12 @@ def main(argv=None) -> int:
     model = synthetic_model(a.size, 1, torch.bfloat16, "cuda")
     prune_24(model, "all", "dass")
     accelerate(model, manifest=scope_manifest(model, "all"))
+    tokens = [int(t) for t in a.tokens.split(",")]
     seen = set()
     for m in model.modules():
         if isinstance(m, NM24Linear) and (m.orientation, m.out_features, m.in_features) not in seen:
             seen.add((m.orientation, m.out_features, m.in_features))
-            for T in (int(t) for t in a.tokens.split(",")):
+            for T in tokens:
                 m.decision(T)
     torch.cuda.synchronize()
     for k, d in tuning_log().items():

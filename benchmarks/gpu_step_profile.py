@@ -72,22 +72,15 @@ def _events(prof, cuda: bool) -> list[tuple[str, float, int]]:
     return out
 
 
-def _totals(prof, cuda: bool) -> dict[str, float]:
-    """µs per category in one trace."""
-    out: dict[str, float] = {}
-    for name, t, _n in _events(prof, cuda):
+def _by_category(prof, cuda: bool) -> tuple[dict[str, float], dict[str, int]]:
+    """µs and calls (launches on a GPU, operator calls on the CPU) per category in one trace."""
+    us: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for name, t, n in _events(prof, cuda):
         c = category(name)
-        out[c] = out.get(c, 0.0) + t
-    return out
-
-
-def _counts(prof, cuda: bool) -> dict[str, int]:
-    """Calls per category in one trace (launches on a GPU, operator calls on the CPU)."""
-    out: dict[str, int] = {}
-    for name, _t, n in _events(prof, cuda):
-        c = category(name)
-        out[c] = out.get(c, 0) + n
-    return out
+        us[c] = us.get(c, 0.0) + t
+        calls[c] = calls.get(c, 0) + n
+    return us, calls
 
 
 def _kernels(prof, cuda: bool, top: int = 12) -> list[dict[str, Any]]:
@@ -125,10 +118,9 @@ def profile_phase(model, ids: torch.Tensor, steps: int, reps: int, cuda: bool, s
             fg.generate(ids, n)
             sync()
         traces[n] = prof
-    a, b = _totals(traces[short], cuda), _totals(traces[long], cuda)
+    (a, ca), (b, cb) = _by_category(traces[short], cuda), _by_category(traces[long], cuda)
     per_step = {c: max(0.0, (b.get(c, 0.0) - a.get(c, 0.0)) / steps) for c in sorted(set(a) | set(b))}
     busy = sum(per_step.values())
-    ca, cb = _counts(traces[short], cuda), _counts(traces[long], cuda)
     calls = {c: (cb.get(c, 0) - ca.get(c, 0)) / steps for c in sorted(set(ca) | set(cb))}
     return {"step_ms": step_ms, "per_step_us": per_step, "per_step_calls": calls, "busy_us": busy,
             "gap_us": max(0.0, step_ms * 1e3 - busy), "top_kernels_long_call": _kernels(traces[long], cuda)}
@@ -170,8 +162,8 @@ def run(args) -> dict[str, Any]:
 
 def table(res: dict[str, Any]) -> str:
     ph = res["phases"]
-    cats = sorted({c for r in ph.values() for c in r["per_step_us"]}, key=lambda c: [x for x, _ in CATEGORIES].index(c)
-                  if c in [x for x, _ in CATEGORIES] else 99)
+    order = [c for c, _ in CATEGORIES] + ["other"]
+    cats = sorted({c for r in ph.values() for c in r["per_step_us"]}, key=order.index)
     out = ["| per step (µs) | " + " | ".join(ph) + " |", "|---|" + "---|" * len(ph)]
     for c in cats:
         out.append(f"| {c} | " + " | ".join(f"{r['per_step_us'].get(c, 0.0):.0f}" for r in ph.values()) + " |")
