@@ -14,7 +14,9 @@
 #                                                        16, 4, 64 (carry .gpu/g2)
 #   PART=C OUT=/dir bash benchmarks/gpu_call_round5.sh   greedy agreement on the pruned model
 #   PART=D OUT=/dir bash benchmarks/gpu_call_round5.sh   where a decoding step's time goes
-#                                                        (gpu_step_profile.py, batch 1 and 16)
+#                                                        (gpu_step_profile.py, batch 1 and 16;
+#                                                        with .gpu/g1 carried it can replace A
+#                                                        as the first of A/D, B, C)
 set -u
 OUT=${OUT:-/tmp/gpu_round5}
 PART=${PART:-A}
@@ -44,6 +46,9 @@ elif [ "$PART" = B ]; then
     echo "generate rc=$?"; tail -16 $OUT/generate.log | cut -c1-300
     cp $DASS_TUNING_CACHE $OUT/tuning_cache_b.json 2>/dev/null || true
 elif [ "$PART" = D ]; then
+    # D may take A's place as the first of the three calls (it stashes the first piece too)
+    mkdir -p out/gpu
+    [ -f .gpu/g1/smollm2.gguf.part00 ] && cp .gpu/g1/smollm2.gguf.part00 out/gpu/ && cp -r .gpu/g1/whl out/gpu/
     for b in ${PBATCHES:-1 16}; do
         timeout -k 5 ${STIME:-200} python3 benchmarks/gpu_step_profile.py --batch $b --scopes dense,mlp,all \
             --out $OUT/step_profile_b$b.json > $OUT/step_profile_b$b.log 2>&1
