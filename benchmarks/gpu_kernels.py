@@ -61,6 +61,8 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def config_name(c: dict) -> str:
     """A short name of a launch configuration, e.g. ``smem-mt2-wn2-ks4-s3``."""
+    if c.get("kind") == "wgs":
+        return f"wgs-mt{c['mt']}-wg{c['wg']}-ks{c['ks']}-s{c['splits']}"
     wn = f"-wn{c['wn']}" if "wn" in c else (f"-wg{c['wg']}x{c.get('ts', 1)}" if "wg" in c else
                                            (f"-w{c['wr']}x{c['wt']}" if "wt" in c else ""))
     return f"{c.get('kind', 'reg')}-mt{c['mt']}{wn}-ks{c['ks']}-s{c['splits']}"
@@ -128,6 +130,55 @@ def run_wg_probe(log) -> dict:
         log("WARNING: the wgmma kernel is wrong or crashed in both descriptor readings; it is off for this run")
     res["used_swap"] = cu.WG_SWAP if ok else None
     log(f"wgmma probe: {res}")
+    return res
+
+
+def probe_wgs() -> dict:
+    """The sparse-wgmma kernel (input orientation) on a small matrix, every token width, with
+    and without split-K and bias, with the descriptor reading the wgmma probe settled on. Run
+    in a child process (``--probe-wgs``) like probe_wg."""
+    from dass.infer import cuda as cu
+    from dass.infer.cuda import layout as L
+
+    errs = {}
+    for N, K in ((1024, 1024), (1040, 512)):  # 1040 rows: a last block with absent tiles
+        W, m = random_24(N, K, "input", torch.bfloat16, "cuda")
+        v, me = L.pack(W, "input", m)
+        bias = torch.randn(N, device="cuda").to(torch.bfloat16)
+        for T in (9, 16, 32, 64, 100, 128):
+            x = torch.randn(T, K, device="cuda").to(torch.bfloat16)
+            ref = torch.nn.functional.linear(x.float(), W.float(), bias.float())
+            for c in cu.candidates("input", T, N, K, wg=True):
+                if c["kind"] != "wgs":
+                    continue
+                y = cu.mm(x, v, me, bias, N, "input", c)
+                torch.cuda.synchronize()
+                errs[f"{N}x{K}-T{T}-{config_name(c)}"] = rel_err(y, ref)
+    return {"max_err": max(errs.values()) if errs else None, "n": len(errs),
+            "worst": sorted(errs.items(), key=lambda kv: -kv[1])[:3]}
+
+
+def run_wgs_probe(log) -> dict:
+    """probe_wgs in a child process; turns the sparse-wgmma kernel off for this run
+    (DASS_CUDA_WGS=0) when it is wrong or crashes."""
+    import os
+    import subprocess
+
+    from dass.infer import cuda as cu
+
+    if not cu.wgs_supported():
+        return {"skipped": "no compute capability 9.0 GPU (or DASS_CUDA_WGS=0)"}
+    try:
+        r = subprocess.run([sys.executable, __file__, "--probe-wgs", "--out", "/dev/null"], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "DASS_WG_SWAP": str(cu.WG_SWAP)})
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("WGSPROBE ")]
+        res = json.loads(line[-1][9:]) if line else {"error": f"rc={r.returncode}: {r.stderr[-600:]}"}
+    except subprocess.TimeoutExpired:
+        res = {"error": "timed out (a hang in the sparse-wgmma kernel)"}
+    if not (res.get("max_err") is not None and res["max_err"] < 1e-2):
+        os.environ["DASS_CUDA_WGS"] = "0"
+        log("WARNING: the sparse-wgmma kernel is wrong or crashed; it is off for this run")
+    log(f"sparse-wgmma probe: {res}")
     return res
 
 
@@ -248,12 +299,14 @@ def sweep(shapes, tokens, budget_s, t0, log) -> list[dict]:
                            "configs_us": times, "unpack_us": unpack_us,
                            "best_reg_us": min((t for k, t in times.items() if k.startswith("reg")), default=None),
                            "best_smem_us": min((t for k, t in times.items() if k.startswith("smem")), default=None),
-                           "best_wg_us": min((t for k, t in times.items() if k.startswith("wg")), default=None)}
+                           "best_wg_us": min((t for k, t in times.items() if k.startswith("wg-")), default=None),
+                           "best_wgs_us": min((t for k, t in times.items() if k.startswith("wgs-")), default=None)}
                     rows.append(row)
                     log(f"  {sname:>3} {mname:>7} {orientation:>6} T={T:<3} dense {row['dense_us']:7.1f} us "
                         f"({row['dense_tb_s']:.2f} TB/s)  cuda {row['sparse_us']:7.1f} us ({row['sparse_tb_s']:.2f} TB/s)"
                         f"  {row['speedup']:.2f}x  {row['path']}  (best reg {row['best_reg_us'] or 0:.1f}, smem "
-                        f"{row['best_smem_us'] or 0:.1f}, wg {row['best_wg_us'] or 0:.1f} us)")
+                        f"{row['best_smem_us'] or 0:.1f}, wg {row['best_wg_us'] or 0:.1f}, wgs "
+                        f"{row['best_wgs_us'] or 0:.1f} us)")
                 del ws, ops, W, v, me
                 torch.cuda.empty_cache()
     return rows
@@ -299,6 +352,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fp16", action="store_true", help="check fp16 too (bf16 always)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--probe-wg", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-wgs", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shapes = [s for s in a.shapes.split(",") if s]
     bad = [s for s in shapes if s not in SHAPES]
@@ -326,6 +380,10 @@ def main(argv=None) -> int:
         cu.load()
         print("WGPROBE " + json.dumps(probe_wg((a.probe_wg,))), flush=True)
         return 0
+    if a.probe_wgs:
+        cu.load()
+        print("WGSPROBE " + json.dumps(probe_wgs()), flush=True)
+        return 0
     log(f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     tb = time.time()
     ext = cu.load()
@@ -345,6 +403,7 @@ def main(argv=None) -> int:
         log(f"WARNING: the default layout 'aa' is wrong here; using {right[0]!r} for the rest of the run")
     result["layout_used"] = "aa" if "aa" in right else (right[0] if right else None)
     result["wg_probe"] = run_wg_probe(log)
+    result["wgs_probe"] = run_wgs_probe(log)
     if not a.skip_check:
         checks = check_all([torch.bfloat16] + ([torch.float16] if a.fp16 else []), log)
         result["checks_passed"] = sum(r["ok"] for r in checks)

@@ -152,6 +152,9 @@ def test_python_configs_equal_the_compiled_ones():
         assert all(nt % wn == 0 for _, wn, nt, _ in cu.SMEM_CONFIGS[ori])
     wg = _cases((CUDA_DIR / "nm24_dispatch_wg.cuh").read_text(), "DASS24_WG_CASE")
     assert sorted(wg) == sorted(cu.WG_CONFIGS) and len(set(wg)) == len(wg)
+    wgs = _cases((CUDA_DIR / "nm24_dispatch_wgs.cuh").read_text(), "DASS24_WGS_CASE")
+    assert sorted(wgs) == sorted(cu.WGS_CONFIGS) and len(set(wgs)) == len(wgs)
+    assert all(nt >= 2 for _, _, nt, _ in cu.WGS_CONFIGS)  # wgmma's N is 16 at least
 
 
 def test_wgmma_wrappers_are_generated_for_every_width():
@@ -170,6 +173,12 @@ def test_wgmma_wrappers_are_generated_for_every_width():
             assert text.count(f"m64n{n}k16.f32.{dt}") == 1
     body = "".join(gen.wrapper(n, "bf16", "__nv_bfloat16") for n in gen.WIDTHS)
     assert body.split("template <>")[1] in text
+    for n in {nt * 8 for _, _, nt, _ in cu.WGS_CONFIGS}:  # the sparse ones, both selectors
+        assert n in gen.WIDTHS
+        for dt in ("bf16", "f16"):
+            assert text.count(f"wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{dt}.{dt} ") == 2
+    sparse = gen.sparse_wrapper(16, "f16", "__half")
+    assert sparse in text and ", 0, p, 1, 1, 0;" in sparse and ", 1, p, 1, 1, 0;" in sparse
 
 
 def test_every_source_and_header_is_listed():
@@ -202,12 +211,18 @@ def test_candidates_fit_the_bucket(orientation, NK):
         assert d in cands and d["kind"] == "reg"
         with_wg = cu.candidates(orientation, T, N, K, wg=True)
         wgs = [c for c in with_wg if c["kind"] == "wg"]
+        sps = [c for c in with_wg if c["kind"] == "wgs"]
         assert with_wg[:len(cands)] == cands
         if orientation == "input" or nt == 1:
             assert not wgs
         else:
             assert wgs and all((c["mt"], c["wg"], c["ts"], nt, c["ks"]) in cu.WG_CONFIGS for c in wgs)
             assert all((K // 32) // c["splits"] >= 2 * c["ks"] for c in wgs)
+        if orientation == "output" or nt == 1:
+            assert not sps
+        else:  # the sparse-wgmma kernel: input orientation from 9 tokens on
+            assert sps and all((c["mt"], c["wg"], nt, c["ks"]) in cu.WGS_CONFIGS for c in sps)
+            assert all((K // 32) // c["splits"] >= 2 * c["ks"] for c in sps) and any(c["splits"] == 1 for c in sps)
     assert cu.candidates(orientation, 8, N, 32 * 3) == []  # K/32 = 3: no ks divides it
 
 
@@ -272,6 +287,7 @@ def test_gpu_kernels_config_names():
         sys.path.pop(0)
     assert config_name({"kind": "smem", "mt": 2, "wn": 4, "ks": 2, "splits": 3}) == "smem-mt2-wn4-ks2-s3"
     assert config_name({"mt": 1, "ks": 4, "splits": 1}) == "reg-mt1-ks4-s1"
+    assert config_name({"kind": "wgs", "mt": 2, "wg": 1, "ks": 4, "splits": 8}) == "wgs-mt2-wg1-ks4-s8"
 
 
 @pytest.fixture
@@ -380,3 +396,35 @@ def test_smem_kernel_can_be_turned_off_alone(monkeypatch):
     monkeypatch.setenv("DASS_CUDA_SMEM", "0")
     off = cu.candidates("output", T, N, K, wg=True)
     assert off == [c for c in full if c["kind"] != "smem"]
+
+
+def test_sparse_wgmma_kernel_can_be_turned_off_alone(monkeypatch):
+    """DASS_CUDA_WGS=0 drops only the sparse-wgmma kernel's candidates (input orientation):
+    the register and shared-memory ones stay, and the output orientation is untouched."""
+    monkeypatch.setattr(cu, "wg_supported", lambda: True)  # as on an H100 / H200
+    N, K, T = 4096, 4096, 64
+    full = cu.candidates("input", T, N, K)
+    assert {c["kind"] for c in full} == {"reg", "smem", "wgs"}
+    out_full = cu.candidates("output", T, N, K)
+    monkeypatch.setenv("DASS_CUDA_WGS", "0")
+    assert cu.candidates("input", T, N, K) == [c for c in full if c["kind"] != "wgs"]
+    assert cu.candidates("output", T, N, K) == out_full
+
+
+def test_sparse_wgmma_runner_binds_its_arguments(monkeypatch):
+    """cu.runner for a "wgs" configuration calls the extension's mm_wgs with the module's
+    operands and the configuration's (mt, wg, ks, splits), and refuses the output orientation."""
+    calls = []
+
+    class Ext:
+        def mm_wgs(self, *args):
+            calls.append(args)
+            return "y"
+
+    monkeypatch.setattr(cu, "load", lambda: Ext())
+    cfg = {"kind": "wgs", "mt": 2, "wg": 1, "ks": 4, "splits": 3}
+    run = cu.runner("V", "M", None, 4096, "input", cfg)
+    assert run("x") == "y"
+    assert calls == [("x", "V", "M", None, 4096, 2, 1, 4, 3, cu.WG_SWAP)]
+    with pytest.raises(ValueError, match="input orientation only"):
+        cu.runner("V", "M", None, 4096, "output", cfg)

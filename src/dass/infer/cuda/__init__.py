@@ -24,7 +24,12 @@ launch configuration. Two kernels share the packed layout:
 - ``"wg"`` (nm24_wg.cuh, ``{"kind", "mt", "wg", "ts", "ks", "splits"}``, output orientation on
   compute capability 9.0): ``wg`` x ``ts`` warpgroups a block (``ts`` along the tokens); the weight expanded in registers is
   the A operand of Hopper's warpgroup MMA (wgmma), the tokens its B operand in shared
-  memory; made for 32-128 tokens, where dense ``mma.sync`` cannot issue fast enough.
+  memory; made for 32-128 tokens, where dense ``mma.sync`` cannot issue fast enough;
+- ``"wgs"`` (nm24_wgs.cuh, ``{"kind", "mt", "wg", "ks", "splits"}``, input orientation on
+  compute capability 9.0): ``wg`` warpgroups a block, ``mt`` m64 tiles each; the packed weight
+  streamed into registers is the sparse A operand of ``wgmma.mma_async.sp``, the tokens its
+  B operand in shared memory (read once per warpgroup, not once per warp); made for 16-128
+  tokens, where the register kernel's ``ldmatrix`` + ``mma.sp`` per warp run out of issue rate.
 
 ``mt`` is warp tiles a warp, ``ks`` K-steps of 32 a pipeline stage, ``splits`` K-slices of the
 grid. :func:`candidates` lists the configurations worth timing for a (shape, token bucket)
@@ -61,6 +66,8 @@ __all__ = [
     "WG_CONFIGS",
     "runner",
     "wg_supported",
+    "WGS_CONFIGS",
+    "wgs_supported",
     "unpack",
 ]
 
@@ -69,9 +76,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.cu", "nm24_out_f16.cu",
            "nm24s_in_bf16.cu", "nm24s_in_f16.cu", "nm24s_out_bf16.cu", "nm24s_out_f16.cu",
-           "nm24w_out_bf16.cu", "nm24w_out_f16.cu", "nm24_unpack.cu")
+           "nm24w_out_bf16.cu", "nm24w_out_f16.cu", "nm24g_in_bf16.cu", "nm24g_in_f16.cu", "nm24_unpack.cu")
 HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h",
-           "nm24_wg.cuh", "nm24_dispatch_wg.cuh", "nm24_wgmma_ops.cuh")
+           "nm24_wg.cuh", "nm24_dispatch_wg.cuh", "nm24_wgmma_ops.cuh", "nm24_wgs.cuh", "nm24_dispatch_wgs.cuh")
 MAX_TOKENS = 128  # tokens of one launch
 # A call with more tokens runs as equal slices of at most MAX_TOKENS (each re-reads the
 # weight, from L2 where the slices run close together): a candidate up to this many tokens,
@@ -117,6 +124,15 @@ WG_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (1, 1, 1, 8, 2), (1, 1, 1, 8, 4), (1, 2, 1, 8, 2), (1, 2, 1, 8, 4), (2, 1, 2, 8, 2),
     (1, 2, 1, 4, 2), (1, 2, 1, 4, 4), (2, 1, 1, 4, 2), (2, 1, 1, 4, 4), (2, 2, 1, 4, 2),
     (2, 1, 1, 2, 2), (2, 1, 1, 2, 4), (2, 2, 1, 2, 2),
+)
+# (mt, wg, nt, ks) of the sparse-wgmma kernel (input orientation, compute capability 9.0
+# only): must equal nm24_dispatch_wgs.cuh's DASS24_WGS_CASE list. mt = m64 tiles a warpgroup,
+# wg = warpgroups a block, nt = token tiles of 8 (the wgmma's N is nt * 8, 16 at least).
+WGS_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 1, 16, 2), (1, 1, 16, 4), (1, 2, 16, 2), (1, 2, 16, 4), (2, 1, 16, 2), (2, 2, 16, 2),
+    (1, 1, 8, 4), (1, 2, 8, 4), (2, 1, 8, 2), (2, 1, 8, 4), (2, 2, 8, 2), (2, 2, 8, 4),
+    (2, 1, 4, 4), (2, 2, 4, 4), (1, 2, 4, 4),
+    (2, 1, 2, 4), (2, 2, 2, 4),
 )
 # 1 when a GPU probe (benchmarks/gpu_kernels.py) found the wgmma descriptor's two byte
 # offsets the other way round from the PTX ISA's description; 0 as documented.
@@ -273,6 +289,24 @@ def wg_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
+def wgs_supported() -> bool:
+    """True on a GPU where the sparse-wgmma kernel runs (compute capability 9.0);
+    ``DASS_CUDA_WGS=0`` turns it off alone (``DASS_CUDA_WG=0`` turns off both wgmma kernels)."""
+    if os.environ.get("DASS_CUDA_WGS", "1") == "0":
+        return False
+    return wg_supported()
+
+
+def wgs_blocks_per_sm(mt: int, wg: int, nt: int) -> int:
+    """Blocks an SM runs of a sparse-wgmma configuration (nm24_wgs.cuh WgsShape::MINB)."""
+    return 2 if (wg == 1 and mt * nt * 4 <= 64) else 1
+
+
+def _wgs_splits(N: int, K: int, mt: int, wg: int, nt: int, ks: int, sms: int) -> list[int]:
+    blocks = math.ceil((N // 16) / (wg * 4 * mt))
+    return _wave_splits(blocks, sms * wgs_blocks_per_sm(mt, wg, nt), K, ks)
+
+
 def wg_blocks_per_sm(mt: int, wg: int, ts: int, nt: int, ks: int) -> int:
     """Blocks an SM runs of a wgmma configuration (nm24_wg.cuh WgShape::MINB)."""
     stage = 16 * (nt * 8 * ks * 4 + wg * 4 * mt * ks * 72)
@@ -286,7 +320,7 @@ def _wg_splits(N: int, K: int, mt: int, wg: int, ts: int, nt: int, ks: int, sms:
 def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
                wg: bool | None = None) -> list[dict[str, Any]]:
     """Launch configurations worth timing for a [N, K] matrix at T tokens (every kernel;
-    ``wg``: include the wgmma kernel, default: when this machine's GPU runs it)."""
+    ``wg``: include the two wgmma kernels, default: each when this machine's GPU runs it)."""
     if T > CHUNKED_MAX_TOKENS:
         return []
     sliced = T > MAX_TOKENS  # only the register kernel runs slices (its nt_min)
@@ -315,6 +349,12 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
                 continue
             for s in _wg_splits(N, K, mt, nwg, ts, nt, ks, sms):
                 out.append({"kind": "wg", "mt": mt, "wg": nwg, "ts": ts, "ks": ks, "splits": s})
+    if orientation == "input" and (wgs_supported() if wg is None else wg):
+        for mt, nwg, cnt, ks in WGS_CONFIGS:
+            if cnt != nt or not _ksteps_ok(K, ks):
+                continue
+            for s in _wgs_splits(N, K, mt, nwg, nt, ks, sms):
+                out.append({"kind": "wgs", "mt": mt, "wg": nwg, "ks": ks, "splits": s})
     return out
 
 
@@ -360,7 +400,15 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
     ori = 0 if orientation == "input" else 1
     mt, ks, splits = int(config["mt"]), int(config["ks"]), int(config["splits"])
     kind = config.get("kind", "reg")
-    if kind == "wg":
+    if kind == "wgs":
+        if orientation != "input":
+            raise ValueError("the sparse-wgmma kernel runs the input orientation only")
+        fn, nwg = ext.mm_wgs, int(config["wg"])
+        swap = int(config.get("swap", WG_SWAP))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return fn(x, values, meta, bias, N, mt, nwg, ks, splits, swap)
+    elif kind == "wg":
         if orientation != "output":
             raise ValueError("the wgmma kernel runs the output orientation only")
         fn, nwg, ts = ext.mm_wg, int(config["wg"]), int(config.get("ts", 1))

@@ -230,6 +230,78 @@ torch::Tensor mm_wg(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10
   return mm_staged(1, x, vals, meta, bias, N, 1, mt, wg, ks, splits, wg_swap, ts);
 }
 
+// The input-orientation product by the sparse-wgmma kernel (nm24_wgs.cuh, sm_90a): wg
+// warpgroups a block, mt m64 tiles a warpgroup, all the call's tokens (16-128) the wgmma's N;
+// split-K as in mm() (atomics into a zeroed fp32 workspace, then the finish kernel).
+torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
+                     int64_t N, int64_t mt, int64_t wg, int64_t ks, int64_t splits, int64_t wg_swap) {
+  TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
+              "dass nm24 cuda: x must be bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(vals.scalar_type() == torch::kInt && meta.scalar_type() == torch::kInt && vals.is_contiguous() &&
+                  meta.is_contiguous(),
+              "dass nm24 cuda: packed values and metadata must be contiguous int32");
+  TORCH_CHECK(wg == 1 || wg == 2, "dass nm24 cuda: wg (warpgroups a block) must be 1 or 2");
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
+  TORCH_CHECK(major == 9 && minor == 0, "dass nm24 cuda: the sparse-wgmma kernel needs compute capability 9.0, got ",
+              major, ".", minor);
+  x = x.contiguous();
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
+  TORCH_CHECK(N % 16 == 0 && K % 64 == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % 16 == 0 and K % 64 == 0");
+  TORCH_CHECK(vals.numel() * 4 == N * K && meta.numel() * 32 == N * K,
+              "dass nm24 cuda: packed tensors do not hold a [", N, ", ", K, "] matrix");
+  const int64_t ksteps = K / 32;
+  TORCH_CHECK(ks == 2 || ks == 4, "dass nm24 cuda: ks must be 2 or 4");
+  TORCH_CHECK(ksteps % ks == 0, "dass nm24 cuda: K / 32 = ", ksteps, " is not a multiple of ks = ", ks);
+  TORCH_CHECK(splits >= 1, "dass nm24 cuda: splits must be >= 1");
+  int64_t sps = (ksteps + splits - 1) / splits;
+  sps = (sps + ks - 1) / ks * ks;
+  const int64_t nsplit = (ksteps + sps - 1) / sps;
+  const int nt = std::max(2, pow2_at_least((int)((T + 7) / 8)));  // wgmma N >= 16
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto y = torch::empty({T, N}, x.options());
+  torch::Tensor ws;
+  dass24::Params p;
+  p.vals = reinterpret_cast<const uint4*>(vals.data_ptr<int>());
+  p.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int>());
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.ws = nullptr;
+  p.bias = nullptr;
+  p.counters = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
+                "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
+    p.bias = bias->contiguous().data_ptr();
+  }
+  if (nsplit > 1) {
+    ws = torch::zeros({T, N}, x.options().dtype(torch::kFloat));
+    p.ws = ws.data_ptr<float>();
+  }
+  p.N = (int)N;
+  p.K = (int)K;
+  p.T = (int)T;
+  p.steps_per_split = (int)sps;
+  p.wg_swap = (int)wg_swap;
+  const bool bf = x.scalar_type() == torch::kBFloat16;
+  cudaError_t err = bf ? dass24::run_wgs_in_bf16(mt, wg, nt, ks, p, nsplit, stream)
+                       : dass24::run_wgs_in_f16(mt, wg, nt, ks, p, nsplit, stream);
+  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (sparse-wgmma kernel, mt=", mt, " wg=", wg,
+              " nt=", nt, " ks=", ks, "; a configuration that is not compiled answers 'invalid argument'): ",
+              cudaGetErrorString(err));
+  if (nsplit > 1) {
+    err = bf ? dass24::finish_bf16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream)
+             : dass24::finish_f16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream);
+    TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: finish failed: ", cudaGetErrorString(err));
+  }
+  return y;
+}
+
 // The dense [N, K] matrix of dtype x_like's dtype from the packed layout (pruned places +0).
 torch::Tensor unpack(torch::Tensor vals, torch::Tensor meta, int64_t N, int64_t K, int64_t orientation,
                      torch::Tensor like) {
@@ -265,6 +337,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_wg", &mm_wg, "the output-orientation product by the wgmma kernel (sm_90a, 16-128 tokens)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("mt"), py::arg("wg"), py::arg("ts"), py::arg("ks"),
         py::arg("splits"), py::arg("wg_swap") = 0);
+  m.def("mm_wgs", &mm_wgs, "the input-orientation product by the sparse-wgmma kernel (sm_90a, 16-128 tokens)",
+        py::arg("x"), py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("mt"), py::arg("wg"),
+        py::arg("ks"), py::arg("splits"), py::arg("wg_swap") = 0);
   m.def("unpack", &unpack, "the dense matrix from the packed layout", py::arg("vals"), py::arg("meta"), py::arg("N"),
         py::arg("K"), py::arg("orientation"), py::arg("like"));
 }
