@@ -45,6 +45,14 @@ int* counters_for(const torch::Tensor& like, int64_t blocks) {
   return per_device[dev].data_ptr<int>() + (int64_t)r * kRegionSize;
 }
 
+// The kernels read x in 16-byte pieces (cp.async): a contiguous x whose storage starts off a
+// 16-byte boundary (a view at an odd offset) is copied to an aligned tensor first.
+torch::Tensor aligned_tokens(const torch::Tensor& x) {
+  torch::Tensor c = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
 int pow2_at_least(int v) {
   int p = 1;
   while (p < v) p <<= 1;
@@ -62,7 +70,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
               "dass nm24 cuda: packed values and metadata must be int32");
   TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "dass nm24 cuda: packed tensors must be contiguous");
   TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
-  x = x.contiguous();
+  x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
   const int64_t rows = orientation == 0 ? 16 : 32;
@@ -154,7 +162,7 @@ torch::Tensor mm_staged(int kind, torch::Tensor x, torch::Tensor vals, torch::Te
     TORCH_CHECK(major == 9 && minor == 0, "dass nm24 cuda: the wgmma kernel needs compute capability 9.0, got ", major,
                 ".", minor);
   }
-  x = x.contiguous();
+  x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
   const int64_t rows = orientation == 0 ? 16 : 32;
@@ -248,7 +256,7 @@ torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c1
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
   TORCH_CHECK(major == 9 && minor == 0, "dass nm24 cuda: the sparse-wgmma kernel needs compute capability 9.0, got ",
               major, ".", minor);
-  x = x.contiguous();
+  x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
   TORCH_CHECK(N % 16 == 0 && K % 64 == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % 16 == 0 and K % 64 == 0");
