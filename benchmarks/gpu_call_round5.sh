@@ -13,6 +13,8 @@
 #                                                        then the fast decode loop at batch 1,
 #                                                        16, 4, 64 (carry .gpu/g2)
 #   PART=C OUT=/dir bash benchmarks/gpu_call_round5.sh   greedy agreement on the pruned model
+#                                                        (right after A or D with .gpu/g2 carried:
+#                                                        then B no longer has to sit between)
 #   PART=D OUT=/dir bash benchmarks/gpu_call_round5.sh   where a decoding step's time goes
 #                                                        (gpu_step_profile.py, batch 1 and 16;
 #                                                        with .gpu/g1 carried it can replace A
@@ -55,6 +57,9 @@ elif [ "$PART" = D ]; then
         echo "step profile B=$b rc=$?"; grep -v "USDT\|warn" $OUT/step_profile_b$b.log | tail -16 | cut -c1-200
     done
 else
+    # C may also follow A (or D) directly, with .gpu/g2 carried itself
+    mkdir -p out/gpu
+    [ -f .gpu/g2/smollm2.gguf.part01 ] && cp .gpu/g2/smollm2.gguf.part01 out/gpu/
     if [ -f out/gpu/smollm2.gguf.part00 ] && [ -f out/gpu/smollm2.gguf.part01 ]; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/site out/gpu/whl/gguf-*.whl
         cat out/gpu/smollm2.gguf.part00 out/gpu/smollm2.gguf.part01 > out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf
