@@ -62,7 +62,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def config_name(c: dict) -> str:
     """A short name of a launch configuration, e.g. ``smem-mt2-wn2-ks4-s3``."""
     if c.get("kind") == "wgs":
-        return f"wgs-mt{c['mt']}-wg{c['wg']}-ks{c['ks']}-s{c['splits']}"
+        return f"wgs-mt{c['mt']}-wg{c['wg']}-ks{c['ks']}{'-ws' if c.get('ws') else ''}-s{c['splits']}"
     wn = f"-wn{c['wn']}" if "wn" in c else (f"-wg{c['wg']}x{c.get('ts', 1)}" if "wg" in c else
                                            (f"-w{c['wr']}x{c['wt']}" if "wt" in c else ""))
     return f"{c.get('kind', 'reg')}-mt{c['mt']}{wn}-ks{c['ks']}-s{c['splits']}"

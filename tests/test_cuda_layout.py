@@ -154,7 +154,8 @@ def test_python_configs_equal_the_compiled_ones():
     assert sorted(wg) == sorted(cu.WG_CONFIGS) and len(set(wg)) == len(wg)
     wgs = _cases((CUDA_DIR / "nm24_dispatch_wgs.cuh").read_text(), "DASS24_WGS_CASE")
     assert sorted(wgs) == sorted(cu.WGS_CONFIGS) and len(set(wgs)) == len(wgs)
-    assert all(nt >= 2 for _, _, nt, _ in cu.WGS_CONFIGS)  # wgmma's N is 16 at least
+    assert all(nt >= 2 for _, _, nt, _, _ in cu.WGS_CONFIGS)  # wgmma's N is 16 at least
+    assert all(cu.wgs_stages(*c) >= 3 for c in cu.WGS_CONFIGS)  # the kernel's static_assert
 
 
 def test_wgmma_wrappers_are_generated_for_every_width():
@@ -173,7 +174,7 @@ def test_wgmma_wrappers_are_generated_for_every_width():
             assert text.count(f"m64n{n}k16.f32.{dt}") == 1
     body = "".join(gen.wrapper(n, "bf16", "__nv_bfloat16") for n in gen.WIDTHS)
     assert body.split("template <>")[1] in text
-    for n in {nt * 8 for _, _, nt, _ in cu.WGS_CONFIGS}:  # the sparse ones, both selectors
+    for n in {nt * 8 for _, _, nt, _, _ in cu.WGS_CONFIGS}:  # the sparse ones, both selectors
         assert n in gen.WIDTHS
         for dt in ("bf16", "f16"):
             assert text.count(f"wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{dt}.{dt} ") == 2
@@ -221,7 +222,7 @@ def test_candidates_fit_the_bucket(orientation, NK):
         if orientation == "output" or nt == 1:
             assert not sps
         else:  # the sparse-wgmma kernel: input orientation from 9 tokens on
-            assert sps and all((c["mt"], c["wg"], nt, c["ks"]) in cu.WGS_CONFIGS for c in sps)
+            assert sps and all((c["mt"], c["wg"], nt, c["ks"], c["ws"]) in cu.WGS_CONFIGS for c in sps)
             assert all((K // 32) // c["splits"] >= 2 * c["ks"] for c in sps) and any(c["splits"] == 1 for c in sps)
     assert cu.candidates(orientation, 8, N, 32 * 3) == []  # K/32 = 3: no ks divides it
 
@@ -287,7 +288,8 @@ def test_gpu_kernels_config_names():
         sys.path.pop(0)
     assert config_name({"kind": "smem", "mt": 2, "wn": 4, "ks": 2, "splits": 3}) == "smem-mt2-wn4-ks2-s3"
     assert config_name({"mt": 1, "ks": 4, "splits": 1}) == "reg-mt1-ks4-s1"
-    assert config_name({"kind": "wgs", "mt": 2, "wg": 1, "ks": 4, "splits": 8}) == "wgs-mt2-wg1-ks4-s8"
+    assert config_name({"kind": "wgs", "mt": 2, "wg": 1, "ks": 4, "ws": 0, "splits": 8}) == "wgs-mt2-wg1-ks4-s8"
+    assert config_name({"kind": "wgs", "mt": 1, "wg": 2, "ks": 2, "ws": 1, "splits": 1}) == "wgs-mt1-wg2-ks2-ws-s1"
 
 
 @pytest.fixture
@@ -422,9 +424,9 @@ def test_sparse_wgmma_runner_binds_its_arguments(monkeypatch):
             return "y"
 
     monkeypatch.setattr(cu, "load", lambda: Ext())
-    cfg = {"kind": "wgs", "mt": 2, "wg": 1, "ks": 4, "splits": 3}
+    cfg = {"kind": "wgs", "mt": 2, "wg": 1, "ks": 4, "ws": 1, "splits": 3}
     run = cu.runner("V", "M", None, 4096, "input", cfg)
     assert run("x") == "y"
-    assert calls == [("x", "V", "M", None, 4096, 2, 1, 4, 3, cu.WG_SWAP)]
+    assert calls == [("x", "V", "M", None, 4096, 2, 1, 4, 1, 3, cu.WG_SWAP)]
     with pytest.raises(ValueError, match="input orientation only"):
         cu.runner("V", "M", None, 4096, "output", cfg)

@@ -25,11 +25,12 @@ launch configuration. Two kernels share the packed layout:
   compute capability 9.0): ``wg`` x ``ts`` warpgroups a block (``ts`` along the tokens); the weight expanded in registers is
   the A operand of Hopper's warpgroup MMA (wgmma), the tokens its B operand in shared
   memory; made for 32-128 tokens, where dense ``mma.sync`` cannot issue fast enough;
-- ``"wgs"`` (nm24_wgs.cuh, ``{"kind", "mt", "wg", "ks", "splits"}``, input orientation on
-  compute capability 9.0): ``wg`` warpgroups a block, ``mt`` m64 tiles each; the packed weight
-  streamed into registers is the sparse A operand of ``wgmma.mma_async.sp``, the tokens its
-  B operand in shared memory (read once per warpgroup, not once per warp); made for 16-128
-  tokens, where the register kernel's ``ldmatrix`` + ``mma.sp`` per warp run out of issue rate.
+- ``"wgs"`` (nm24_wgs.cuh, ``{"kind", "mt", "wg", "ks", "ws", "splits"}``, input orientation
+  on compute capability 9.0): ``wg`` warpgroups a block, ``mt`` m64 tiles each; the packed
+  weight (streamed into registers, or with ``ws`` = 1 staged in the shared-memory ring) is the
+  sparse A operand of ``wgmma.mma_async.sp``, the tokens its B operand in shared memory (read
+  once per warpgroup, not once per warp); made for 16-128 tokens, where the register kernel's
+  ``ldmatrix`` + ``mma.sp`` per warp run out of issue rate.
 
 ``mt`` is warp tiles a warp, ``ks`` K-steps of 32 a pipeline stage, ``splits`` K-slices of the
 grid. :func:`candidates` lists the configurations worth timing for a (shape, token bucket)
@@ -125,15 +126,20 @@ WG_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (1, 2, 1, 4, 2), (1, 2, 1, 4, 4), (2, 1, 1, 4, 2), (2, 1, 1, 4, 4), (2, 2, 1, 4, 2),
     (2, 1, 1, 2, 2), (2, 1, 1, 2, 4), (2, 2, 1, 2, 2),
 )
-# (mt, wg, nt, ks) of the sparse-wgmma kernel (input orientation, compute capability 9.0
+# (mt, wg, nt, ks, ws) of the sparse-wgmma kernel (input orientation, compute capability 9.0
 # only): must equal nm24_dispatch_wgs.cuh's DASS24_WGS_CASE list. mt = m64 tiles a warpgroup,
-# wg = warpgroups a block, nt = token tiles of 8 (the wgmma's N is nt * 8, 16 at least).
-WGS_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
+# wg = warpgroups a block, nt = token tiles of 8 (the wgmma's N is nt * 8, 16 at least),
+# ws = 1: the weight staged in shared memory (0: straight into registers).
+WGS_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = tuple((*c, 0) for c in (
     (1, 1, 16, 2), (1, 1, 16, 4), (1, 2, 16, 2), (1, 2, 16, 4), (2, 1, 16, 2), (2, 2, 16, 2),
     (1, 1, 8, 4), (1, 2, 8, 4), (2, 1, 8, 2), (2, 1, 8, 4), (2, 2, 8, 2), (2, 2, 8, 4),
     (2, 1, 4, 4), (2, 2, 4, 4), (1, 2, 4, 4),
     (2, 1, 2, 4), (2, 2, 2, 4),
-)
+)) + tuple((*c, 1) for c in (
+    (1, 1, 16, 2), (1, 2, 16, 2), (2, 1, 16, 2), (2, 2, 16, 2),
+    (1, 2, 8, 4), (2, 1, 8, 2), (2, 2, 8, 2), (2, 2, 8, 4),
+    (2, 2, 4, 4),
+))
 # 1 when a GPU probe (benchmarks/gpu_kernels.py) found the wgmma descriptor's two byte
 # offsets the other way round from the PTX ISA's description; 0 as documented.
 WG_SWAP = int(os.environ.get("DASS_WG_SWAP", "0"))
@@ -302,6 +308,14 @@ def wgs_blocks_per_sm(mt: int, wg: int, nt: int) -> int:
     return 2 if (wg == 1 and mt * nt * 4 <= 64) else 1
 
 
+def wgs_stages(mt: int, wg: int, nt: int, ks: int, ws: int) -> int:
+    """Ring slots of a sparse-wgmma configuration (nm24_wgs.cuh WgsShape::STAGES)."""
+    tiles = wg * 4 * mt
+    stage = 16 * (nt * 8 * ks * 4 + (tiles * ks * 32 + tiles * (ks // 2) * 8 if ws else 0))
+    budget = (110 if wgs_blocks_per_sm(mt, wg, nt) == 2 else 220) * 1024
+    return min(8, budget // stage)
+
+
 def _wgs_splits(N: int, K: int, mt: int, wg: int, nt: int, ks: int, sms: int) -> list[int]:
     blocks = math.ceil((N // 16) / (wg * 4 * mt))
     return _wave_splits(blocks, sms * wgs_blocks_per_sm(mt, wg, nt), K, ks)
@@ -350,11 +364,11 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
             for s in _wg_splits(N, K, mt, nwg, ts, nt, ks, sms):
                 out.append({"kind": "wg", "mt": mt, "wg": nwg, "ts": ts, "ks": ks, "splits": s})
     if orientation == "input" and (wgs_supported() if wg is None else wg):
-        for mt, nwg, cnt, ks in WGS_CONFIGS:
+        for mt, nwg, cnt, ks, ws in WGS_CONFIGS:
             if cnt != nt or not _ksteps_ok(K, ks):
                 continue
             for s in _wgs_splits(N, K, mt, nwg, nt, ks, sms):
-                out.append({"kind": "wgs", "mt": mt, "wg": nwg, "ks": ks, "splits": s})
+                out.append({"kind": "wgs", "mt": mt, "wg": nwg, "ks": ks, "ws": ws, "splits": s})
     return out
 
 
@@ -403,11 +417,11 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
     if kind == "wgs":
         if orientation != "input":
             raise ValueError("the sparse-wgmma kernel runs the input orientation only")
-        fn, nwg = ext.mm_wgs, int(config["wg"])
+        fn, nwg, wsm = ext.mm_wgs, int(config["wg"]), int(config.get("ws", 0))
         swap = int(config.get("swap", WG_SWAP))
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            return fn(x, values, meta, bias, N, mt, nwg, ks, splits, swap)
+            return fn(x, values, meta, bias, N, mt, nwg, ks, wsm, splits, swap)
     elif kind == "wg":
         if orientation != "output":
             raise ValueError("the wgmma kernel runs the output orientation only")

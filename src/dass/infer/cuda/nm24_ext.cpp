@@ -242,7 +242,7 @@ torch::Tensor mm_wg(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10
 // warpgroups a block, mt m64 tiles a warpgroup, all the call's tokens (16-128) the wgmma's N;
 // split-K as in mm() (atomics into a zeroed fp32 workspace, then the finish kernel).
 torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                     int64_t N, int64_t mt, int64_t wg, int64_t ks, int64_t splits, int64_t wg_swap) {
+                     int64_t N, int64_t mt, int64_t wg, int64_t ks, int64_t wsmem, int64_t splits, int64_t wg_swap) {
   TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
   TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
@@ -251,6 +251,7 @@ torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c1
                   meta.is_contiguous(),
               "dass nm24 cuda: packed values and metadata must be contiguous int32");
   TORCH_CHECK(wg == 1 || wg == 2, "dass nm24 cuda: wg (warpgroups a block) must be 1 or 2");
+  TORCH_CHECK(wsmem == 0 || wsmem == 1, "dass nm24 cuda: ws (weight through shared memory) must be 0 or 1");
   int major = 0, minor = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
@@ -297,10 +298,10 @@ torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c1
   p.steps_per_split = (int)sps;
   p.wg_swap = (int)wg_swap;
   const bool bf = x.scalar_type() == torch::kBFloat16;
-  cudaError_t err = bf ? dass24::run_wgs_in_bf16(mt, wg, nt, ks, p, nsplit, stream)
-                       : dass24::run_wgs_in_f16(mt, wg, nt, ks, p, nsplit, stream);
+  cudaError_t err = bf ? dass24::run_wgs_in_bf16(mt, wg, nt, ks, wsmem, p, nsplit, stream)
+                       : dass24::run_wgs_in_f16(mt, wg, nt, ks, wsmem, p, nsplit, stream);
   TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (sparse-wgmma kernel, mt=", mt, " wg=", wg,
-              " nt=", nt, " ks=", ks, "; a configuration that is not compiled answers 'invalid argument'): ",
+              " nt=", nt, " ks=", ks, " ws=", wsmem, "; a configuration that is not compiled answers 'invalid argument'): ",
               cudaGetErrorString(err));
   if (nsplit > 1) {
     err = bf ? dass24::finish_bf16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream)
@@ -347,7 +348,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("splits"), py::arg("wg_swap") = 0);
   m.def("mm_wgs", &mm_wgs, "the input-orientation product by the sparse-wgmma kernel (sm_90a, 16-128 tokens)",
         py::arg("x"), py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("mt"), py::arg("wg"),
-        py::arg("ks"), py::arg("splits"), py::arg("wg_swap") = 0);
+        py::arg("ks"), py::arg("ws"), py::arg("splits"), py::arg("wg_swap") = 0);
   m.def("unpack", &unpack, "the dense matrix from the packed layout", py::arg("vals"), py::arg("meta"), py::arg("N"),
         py::arg("K"), py::arg("orientation"), py::arg("like"));
 }

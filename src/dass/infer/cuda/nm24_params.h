@@ -31,8 +31,8 @@ cudaError_t run_smem_out_f16(int mt, int wn, int nt, int ks, const Params& p, in
 cudaError_t run_wg_out_bf16(int mt, int wg, int ts, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_wg_out_f16(int mt, int wg, int ts, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 // The sparse-wgmma kernel (nm24_wgs.cuh, input orientation, sm_90a only).
-cudaError_t run_wgs_in_bf16(int mt, int wg, int nt, int ks, const Params& p, int splits, cudaStream_t s);
-cudaError_t run_wgs_in_f16(int mt, int wg, int nt, int ks, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_wgs_in_bf16(int mt, int wg, int nt, int ks, int ws, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_wgs_in_f16(int mt, int wg, int nt, int ks, int ws, const Params& p, int splits, cudaStream_t s);
 // The dense matrix (16-bit patterns) from the packed layout (nm24_unpack.cu).
 cudaError_t unpack(const void* vals, const void* meta, void* out, int N, int K, int orientation, cudaStream_t s);
 cudaError_t finish_bf16(const float* ws, const void* bias, void* y, int N, long total, cudaStream_t s);

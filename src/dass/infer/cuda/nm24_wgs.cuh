@@ -16,7 +16,8 @@
 //   fragment as mma.sp.m16n8k32's; the metadata word of a K-step pair serves both steps,
 //   sparsity selector 0 for the even step, 1 for the odd one);
 // - the weight goes global -> registers (double-buffered by stage: stage s + 1's loads are
-//   issued as soon as stage s's wgmmas are, once stage s - 1's have been waited);
+//   issued as soon as stage s's wgmmas are, once stage s - 1's have been waited), or (WS)
+//   through the shared-memory ring with the tokens;
 // - the tokens sit in shared memory as [16-byte K chunk][token] (wgmma's K-major, unswizzled
 //   core matrices, as in nm24_wg.cuh), a cp.async ring of STAGES slots filled STAGES - 2
 //   ahead, so a slot is refilled only after the wgmmas that read it were waited;
@@ -27,19 +28,26 @@
 
 namespace dass24 {
 
-template <int MT, int NTOK, int KS, int WG>
+// WS = 0: the weight goes global -> registers; WS = 1: it joins the tokens in the ring
+// (16-byte cp.async copies of the fragment-ordered layout, each lane reading its own fragment
+// back with one shared load just before the wgmma), so the bytes in flight are set by the
+// ring's depth rather than by the registers left beside the accumulators.
+template <int MT, int NTOK, int KS, int WG, int WS>
 struct WgsShape {
   static constexpr int THREADS = WG * 128;
   static constexpr int TILES = WG * 4 * MT;   // 16-row tiles of a block
   static constexpr int CH = KS * 4;           // 16-byte K chunks of a token row per stage
   static constexpr int X_U4 = NTOK * CH;      // one stage of tokens
+  static constexpr int V_U4 = WS ? TILES * KS * 32 : 0;      // one stage of values
+  static constexpr int M_U4 = WS ? TILES * (KS / 2) * 8 : 0;  // one stage of metadata
+  static constexpr int STAGE_U4 = X_U4 + V_U4 + M_U4;
   static constexpr int ACC = MT * NTOK / 2;   // fp32 accumulators per thread
   // One-warpgroup blocks with few accumulators run two an SM.
   static constexpr int MINB = (WG == 1 && ACC <= 64) ? 2 : 1;
   static constexpr int BUDGET = (MINB == 2 ? 110 : 220) * 1024;
-  static constexpr int STAGES_FIT = BUDGET / (X_U4 * 16);
-  static constexpr int STAGES = STAGES_FIT > 6 ? 6 : STAGES_FIT;
-  static constexpr int SMEM = STAGES * X_U4 * 16;
+  static constexpr int STAGES_FIT = BUDGET / (STAGE_U4 * 16);
+  static constexpr int STAGES = STAGES_FIT > 8 ? 8 : STAGES_FIT;
+  static constexpr int SMEM = STAGES * STAGE_U4 * 16;
   static_assert(STAGES >= 3, "a 3-stage token ring of this configuration does not fit in shared memory");
   static_assert(KS % 2 == 0, "metadata comes in pairs of K-steps");
   static_assert(NTOK % 8 == 0 && NTOK >= 8 && NTOK <= 256, "wgmma N: a multiple of 8 up to 256");
@@ -73,10 +81,10 @@ __device__ __forceinline__ void fence_regs(WgsRegs<MT, KS>& r) {
   }
 }
 
-template <typename E, int MT, int NTOK, int KS, int WG>
-__global__ void __launch_bounds__(WG * 128, (WgsShape<MT, NTOK, KS, WG>::MINB)) nm24_wgs_kernel(Params p) {
+template <typename E, int MT, int NTOK, int KS, int WG, int WS>
+__global__ void __launch_bounds__(WG * 128, (WgsShape<MT, NTOK, KS, WG, WS>::MINB)) nm24_wgs_kernel(Params p) {
 #if DASS24_HAS_WGMMA
-  using S = WgsShape<MT, NTOK, KS, WG>;
+  using S = WgsShape<MT, NTOK, KS, WG, WS>;
   constexpr int STAGES = S::STAGES;
   constexpr int PRE = STAGES - 2;  // token stages in flight ahead of the one computed
   extern __shared__ uint4 smem[];
@@ -92,10 +100,30 @@ __global__ void __launch_bounds__(WG * 128, (WgsShape<MT, NTOK, KS, WG>::MINB)) 
   const int nstage = (s_end - s_begin) / KS;
   const E* __restrict__ X = reinterpret_cast<const E*>(p.x);
 
+  const uint4* __restrict__ M4 = reinterpret_cast<const uint4*>(p.meta);
+  const int btile0 = blockIdx.x * S::TILES;
   auto load_x = [&](int st) {
     if (st < nstage) {
-      uint4* xs = smem + (st % STAGES) * S::X_U4;
-      const int kcol0 = (s_begin + st * KS) * 32;
+      uint4* xs = smem + (st % STAGES) * S::STAGE_U4;
+      const int s0 = s_begin + st * KS;
+      const int kcol0 = s0 * 32;
+      if constexpr (WS) {
+        // a tile's KS K-steps of values are KS * 512 contiguous bytes, its metadata KS * 64
+        uint4* vs = xs + S::X_U4;
+        uint4* ms = vs + S::V_U4;
+#pragma unroll
+        for (int i = tid; i < S::V_U4; i += S::THREADS) {
+          const int j = i / (KS * 32), o = i % (KS * 32);
+          const bool ok = btile0 + j < ntile;
+          cp_async16(vs + i, ok ? p.vals + ((size_t)(btile0 + j) * ksteps + s0) * 32 + o : p.vals, ok);
+        }
+#pragma unroll
+        for (int i = tid; i < S::M_U4; i += S::THREADS) {
+          const int j = i / (KS * 4), o = i % (KS * 4);
+          const bool ok = btile0 + j < ntile;
+          cp_async16(ms + i, ok ? M4 + ((size_t)(btile0 + j) * (ksteps / 2) + s0 / 2) * 8 + o : M4, ok);
+        }
+      }
       // lane -> (token lane % 8, chunk lane / 8 % 4): 4 lanes read 64 contiguous bytes of a
       // row, 8 lanes of one chunk write one 128-byte core matrix
 #pragma unroll
@@ -117,6 +145,7 @@ __global__ void __launch_bounds__(WG * 128, (WgsShape<MT, NTOK, KS, WG>::MINB)) 
   const size_t wtile = (size_t)4 * ksteps * 32;        // uint4 between this warp's tiles m, m + 1
   const size_t mtile = (size_t)4 * (ksteps / 2) * 32;  // metadata words between them
   auto load_w = [&](WgsRegs<MT, KS>& r, int st) {
+    if constexpr (WS) return;  // read from the ring in compute
     if (st >= nstage) return;
     const uint4* ws = wsrc + st * (KS * 32);
     const uint32_t* ms = msrc + st * (KS / 2) * 32;
@@ -145,7 +174,19 @@ __global__ void __launch_bounds__(WG * 128, (WgsShape<MT, NTOK, KS, WG>::MINB)) 
       for (int c = 0; c < NTOK / 2; ++c) fence_reg(acc[m][c]);
   };
   auto compute = [&](WgsRegs<MT, KS>& r, int st) {
-    const uint4* xs = smem + (st % STAGES) * S::X_U4;
+    const uint4* xs = smem + (st % STAGES) * S::STAGE_U4;
+    if constexpr (WS) {
+      const uint4* vs = xs + S::X_U4;
+      const uint32_t* ms = reinterpret_cast<const uint32_t*>(vs + S::V_U4);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const int j = (wgi * MT + m) * 4 + w;  // this warp's tile m within the block
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) r.a[m][kk] = lds128(vs + (j * KS + kk) * 32 + lane);
+#pragma unroll
+        for (int kp = 0; kp < KS / 2; ++kp) r.e[m][kp] = lds32(ms + (j * (KS / 2) + kp) * 32 + lane);
+      }
+    }
     fence_regs(r);
     fence_acc();
     wgmma_fence();
@@ -232,10 +273,10 @@ __global__ void __launch_bounds__(WG * 128, (WgsShape<MT, NTOK, KS, WG>::MINB)) 
 #endif
 }
 
-template <typename E, int MT, int NTOK, int KS, int WG>
+template <typename E, int MT, int NTOK, int KS, int WG, int WS>
 cudaError_t launch_wgs(const Params& p, int splits, cudaStream_t stream) {
-  using S = WgsShape<MT, NTOK, KS, WG>;
-  auto kern = nm24_wgs_kernel<E, MT, NTOK, KS, WG>;
+  using S = WgsShape<MT, NTOK, KS, WG, WS>;
+  auto kern = nm24_wgs_kernel<E, MT, NTOK, KS, WG, WS>;
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM);
   if (err != cudaSuccess) return err;
   dim3 grid((p.N / 16 + S::TILES - 1) / S::TILES, splits);
