@@ -26,12 +26,18 @@ mkdir -p "$OUT"
 export PYTHONPATH=src DASS_CACHE=/tmp/dass_cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export DASS_TUNING_CACHE=/tmp/dass_cache/tuning.json
 nvidia-smi --query-gpu=name --format=csv,noheader
+[ -f out/gpu/wgs_off ] && export DASS_CUDA_WGS=0 && echo "sparse-wgmma kernel off (part A's probe failed)"
 if [ "$PART" = A ]; then
     mkdir -p out/gpu
     [ -f .gpu/g1/smollm2.gguf.part00 ] && cp .gpu/g1/smollm2.gguf.part00 out/gpu/ && cp -r .gpu/g1/whl out/gpu/
     timeout -k 5 ${KTIME:-300} python3 benchmarks/gpu_kernels.py --out $OUT/kernels.json --shapes ${SHAPES:-7b} \
         --tokens ${KTOKENS:-1,2,4,8,16,32,64,128,256} --budget-s ${KBUDGET:-240} > $OUT/kernels.log 2>&1
-    echo "kernels rc=$?"; grep -v "^ *[0-9]*b " $OUT/kernels.log | tail -8 | cut -c1-300; grep "T=" $OUT/kernels.log | cut -c1-190
+    echo "kernels rc=$?"; grep -v "^ *[0-9]*b " $OUT/kernels.log | tail -8 | cut -c1-300; grep "T=" $OUT/kernels.log | cut -c1-220
+    grep "probe" $OUT/kernels.log | cut -c1-400
+    # the sparse-wgmma kernel stays off in the later processes (and parts) unless its probe passed
+    if ! python3 -c "import json,sys; p=json.load(open('$OUT/kernels.json')).get('wgs_probe',{}); sys.exit(0 if (p.get('max_err') is not None and p['max_err'] < 1e-2) else 1)"; then
+        export DASS_CUDA_WGS=0; touch out/gpu/wgs_off; echo "sparse-wgmma kernel OFF for the rest of the session"
+    fi
     timeout -k 5 ${DTIME:-170} python3 -m dass bench --what dispatch --shapes 7b \
         --tokens ${DTOKENS:-1,2,4,8,16,32,64,128,256,1024,4096,16384} --reps 5 --target-ms 4 \
         --out $OUT/dispatch.json > $OUT/dispatch.log 2>&1
