@@ -15,6 +15,10 @@
 #   PART=C OUT=/dir bash benchmarks/gpu_call_round5.sh   greedy agreement on the pruned model
 #                                                        (right after A or D with .gpu/g2 carried:
 #                                                        then B no longer has to sit between)
+#   PART=E OUT=/dir bash benchmarks/gpu_call_round5.sh   one call when machines are scarce: the
+#                                                        kernels at 16-128 tokens (build, probes,
+#                                                        correctness, a short sweep), then B's
+#                                                        pretuning and decoding at batch 1, 16, 4
 #   PART=D OUT=/dir bash benchmarks/gpu_call_round5.sh   where a decoding step's time goes
 #                                                        (gpu_step_profile.py, batch 1 and 16;
 #                                                        with .gpu/g1 carried it can replace A
@@ -42,6 +46,21 @@ if [ "$PART" = A ]; then
         --tokens ${DTOKENS:-1,2,4,8,16,32,64,128,256,1024,4096,16384} --reps 5 --target-ms 4 \
         --out $OUT/dispatch.json > $OUT/dispatch.log 2>&1
     echo "dispatch rc=$?"; tail -30 $OUT/dispatch.log | cut -c1-250
+    cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true
+elif [ "$PART" = E ]; then
+    timeout -k 5 ${KTIME:-230} python3 benchmarks/gpu_kernels.py --out $OUT/kernels.json --shapes 7b \
+        --tokens ${KTOKENS:-16,32,64,128} --budget-s ${KBUDGET:-170} > $OUT/kernels.log 2>&1
+    echo "kernels rc=$?"; grep -v "^ *[0-9]*b " $OUT/kernels.log | grep -v "^  " | tail -14 | cut -c1-400
+    grep "T=" $OUT/kernels.log | cut -c1-220
+    if ! python3 -c "import json,sys; p=json.load(open('$OUT/kernels.json')).get('wgs_probe',{}); sys.exit(0 if (p.get('max_err') is not None and p['max_err'] < 1e-2) else 1)"; then
+        export DASS_CUDA_WGS=0; echo "sparse-wgmma kernel OFF for the decoding runs"
+    fi
+    timeout -k 5 ${PTIME:-80} python3 benchmarks/gpu_pretune.py --tokens ${PTOKENS:-1,4,16,64,256,1024} \
+        > $OUT/pretune.log 2>&1
+    echo "pretune rc=$?"; tail -3 $OUT/pretune.log | cut -c1-200
+    timeout -k 5 ${GTIME:-280} python3 benchmarks/gpu_generate.py --out $OUT/generate.json --budget-s ${GBUDGET:-260} \
+        --batches ${BATCHES:-1,16,4} > $OUT/generate.log 2>&1
+    echo "generate rc=$?"; grep -v "warn" $OUT/generate.log | tail -16 | cut -c1-300
     cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true
 elif [ "$PART" = B ]; then
     mkdir -p out/gpu
