@@ -59,9 +59,9 @@ int pow2_at_least(int v) {
   return p;
 }
 
-torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                 int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits, int64_t wr, int64_t wt,
-                 int64_t nt_min) {
+// The checks every product shares: x is [T, K], 16-bit, on the GPU; the packed operands are
+// contiguous int32 there too.
+void check_operands(const torch::Tensor& x, const torch::Tensor& vals, const torch::Tensor& meta) {
   TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
   TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
@@ -69,6 +69,66 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   TORCH_CHECK(vals.scalar_type() == torch::kInt && meta.scalar_type() == torch::kInt,
               "dass nm24 cuda: packed values and metadata must be int32");
   TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "dass nm24 cuda: packed tensors must be contiguous");
+}
+
+// The wgmma kernels run on compute capability 9.0 only (sm_90a).
+void check_sm90(const torch::Tensor& x, const char* what) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
+  TORCH_CHECK(major == 9 && minor == 0, "dass nm24 cuda: ", what, " needs compute capability 9.0, got ", major, ".",
+              minor);
+}
+
+// K-steps of 32 a K-slice (a multiple of ks) and the number of slices when a call asks for
+// `splits` of them (fewer where the K-steps run out).
+std::pair<int64_t, int64_t> k_slices(int64_t K, int64_t ks, int64_t splits) {
+  const int64_t ksteps = K / 32;
+  TORCH_CHECK(ks == 2 || ks == 4, "dass nm24 cuda: ks must be 2 or 4");
+  TORCH_CHECK(ksteps % ks == 0, "dass nm24 cuda: K / 32 = ", ksteps, " is not a multiple of ks = ", ks);
+  TORCH_CHECK(splits >= 1, "dass nm24 cuda: splits must be >= 1");
+  int64_t sps = (ksteps + splits - 1) / splits;
+  sps = (sps + ks - 1) / ks * ks;
+  const int64_t nsplit = (ksteps + sps - 1) / sps;
+  return {sps, nsplit};
+}
+
+// The launch arguments every kernel takes (the caller adds the split-K workspace and counters).
+dass24::Params params_for(const torch::Tensor& x, const torch::Tensor& vals, const torch::Tensor& meta,
+                          const torch::Tensor& y, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t sps,
+                          int64_t wg_swap) {
+  dass24::Params p;
+  p.vals = reinterpret_cast<const uint4*>(vals.data_ptr<int>());
+  p.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int>());
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.ws = nullptr;
+  p.bias = nullptr;
+  p.counters = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
+                "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
+    p.bias = bias->contiguous().data_ptr();
+  }
+  p.N = (int)N;
+  p.K = (int)x.size(1);
+  p.T = (int)x.size(0);
+  p.steps_per_split = (int)sps;
+  p.wg_swap = (int)wg_swap;
+  return p;
+}
+
+// y = ws (+ bias): the end of a product whose K-slices added into the fp32 workspace.
+void finish(const dass24::Params& p, bool bf, cudaStream_t stream) {
+  const cudaError_t err = bf ? dass24::finish_bf16(p.ws, p.bias, p.y, p.N, (long)p.T * p.N, stream)
+                             : dass24::finish_f16(p.ws, p.bias, p.y, p.N, (long)p.T * p.N, stream);
+  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: finish failed: ", cudaGetErrorString(err));
+}
+
+torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
+                 int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits, int64_t wr, int64_t wt,
+                 int64_t nt_min) {
+  check_operands(x, vals, meta);
   TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
   x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
@@ -81,13 +141,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
               "] needs ", N * K);
   TORCH_CHECK(meta.numel() * 32 == N * K, "dass nm24 cuda: metadata holds ", meta.numel() * 4, " bytes, [", N, ", ",
               K, "] needs ", N * K / 8);
-  const int64_t ksteps = K / 32;
-  TORCH_CHECK(ks == 2 || ks == 4, "dass nm24 cuda: ks must be 2 or 4");
-  TORCH_CHECK(ksteps % ks == 0, "dass nm24 cuda: K / 32 = ", ksteps, " is not a multiple of ks = ", ks);
-  TORCH_CHECK(splits >= 1, "dass nm24 cuda: splits must be >= 1");
-  int64_t sps = (ksteps + splits - 1) / splits;
-  sps = (sps + ks - 1) / ks * ks;
-  const int64_t nsplit = (ksteps + sps - 1) / sps;
+  const auto [sps, nsplit] = k_slices(K, ks, splits);
   // nt_min: the slices of a longer call all run the configuration of its first slice
   TORCH_CHECK(nt_min >= 0 && nt_min <= 16, "dass nm24 cuda: nt_min must be 0 to 16");
   const int nt = pow2_at_least(std::max((int)((T + 7) / 8), (int)nt_min));
@@ -95,28 +149,11 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto y = torch::empty({T, N}, x.options());
   torch::Tensor ws;
-  dass24::Params p;
-  p.vals = reinterpret_cast<const uint4*>(vals.data_ptr<int>());
-  p.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int>());
-  p.x = x.data_ptr();
-  p.y = y.data_ptr();
-  p.ws = nullptr;
-  p.bias = nullptr;
-  p.counters = nullptr;
-  p.wg_swap = 0;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
-                "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
-    p.bias = bias->contiguous().data_ptr();
-  }
+  dass24::Params p = params_for(x, vals, meta, y, bias, N, sps, 0);
   if (nsplit > 1) {
     ws = torch::zeros({T, N}, x.options().dtype(torch::kFloat));
     p.ws = ws.data_ptr<float>();
   }
-  p.N = (int)N;
-  p.K = (int)K;
-  p.T = (int)T;
-  p.steps_per_split = (int)sps;
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err;
   if (orientation == 0)
@@ -129,11 +166,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
               " nt=", nt, " ks=", ks, " wr=", wr, " wt=", wt,
               "; a configuration that is not compiled answers 'invalid argument'): ",
               cudaGetErrorString(err));
-  if (nsplit > 1) {
-    err = bf ? dass24::finish_bf16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream)
-             : dass24::finish_f16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream);
-    TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: finish failed: ", cudaGetErrorString(err));
-  }
+  if (nsplit > 1) finish(p, bf, stream);
   return y;
 }
 
@@ -143,24 +176,14 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
 torch::Tensor mm_staged(int kind, torch::Tensor x, torch::Tensor vals, torch::Tensor meta,
                         c10::optional<torch::Tensor> bias, int64_t N, int64_t orientation, int64_t mt, int64_t wn,
                         int64_t ks, int64_t splits, int64_t wg_swap, int64_t ts = 1) {
-  TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
-  TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
-              "dass nm24 cuda: x must be bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(vals.scalar_type() == torch::kInt && meta.scalar_type() == torch::kInt,
-              "dass nm24 cuda: packed values and metadata must be int32");
-  TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "dass nm24 cuda: packed tensors must be contiguous");
+  check_operands(x, vals, meta);
   TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
   if (kind == 0) {
     TORCH_CHECK(wn == 1 || wn == 2 || wn == 4, "dass nm24 cuda: wn must be 1, 2 or 4");
   } else {
     TORCH_CHECK(orientation == 1, "dass nm24 cuda: the wgmma kernel runs the output orientation only");
     TORCH_CHECK(wn == 1 || wn == 2, "dass nm24 cuda: wg (warpgroups a block) must be 1 or 2");
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
-    TORCH_CHECK(major == 9 && minor == 0, "dass nm24 cuda: the wgmma kernel needs compute capability 9.0, got ", major,
-                ".", minor);
+    check_sm90(x, "the wgmma kernel");
   }
   x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
@@ -171,13 +194,7 @@ torch::Tensor mm_staged(int kind, torch::Tensor x, torch::Tensor vals, torch::Te
               " == 0 and K % ", kmul, " == 0");
   TORCH_CHECK(vals.numel() * 4 == N * K && meta.numel() * 32 == N * K,
               "dass nm24 cuda: packed tensors do not hold a [", N, ", ", K, "] matrix");
-  const int64_t ksteps = K / 32;
-  TORCH_CHECK(ks == 2 || ks == 4, "dass nm24 cuda: ks must be 2 or 4");
-  TORCH_CHECK(ksteps % ks == 0, "dass nm24 cuda: K / 32 = ", ksteps, " is not a multiple of ks = ", ks);
-  TORCH_CHECK(splits >= 1, "dass nm24 cuda: splits must be >= 1");
-  int64_t sps = (ksteps + splits - 1) / splits;
-  sps = (sps + ks - 1) / ks * ks;
-  const int64_t nsplit = (ksteps + sps - 1) / sps;
+  const auto [sps, nsplit] = k_slices(K, ks, splits);
   const int nt = pow2_at_least((int)((T + 7) / 8));
   TORCH_CHECK(kind == 1 || nt % wn == 0, "dass nm24 cuda: ", nt, " token tiles cannot be split over wn = ", wn, " warps");
   const int64_t tiles = kind == 0 ? (8 / wn) * mt : wn * 4 * mt;  // row tiles of a block
@@ -187,29 +204,12 @@ torch::Tensor mm_staged(int kind, torch::Tensor x, torch::Tensor vals, torch::Te
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto y = torch::empty({T, N}, x.options());
   torch::Tensor ws;
-  dass24::Params p;
-  p.vals = reinterpret_cast<const uint4*>(vals.data_ptr<int>());
-  p.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int>());
-  p.x = x.data_ptr();
-  p.y = y.data_ptr();
-  p.ws = nullptr;
-  p.bias = nullptr;
-  p.counters = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
-                "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
-    p.bias = bias->contiguous().data_ptr();
-  }
+  dass24::Params p = params_for(x, vals, meta, y, bias, N, sps, wg_swap);
   if (nsplit > 1) {
     ws = torch::empty({nsplit * blocks * block_rows * nt * 8}, x.options().dtype(torch::kFloat));
     p.ws = ws.data_ptr<float>();
     p.counters = counters_for(x, blocks);
   }
-  p.N = (int)N;
-  p.K = (int)K;
-  p.T = (int)T;
-  p.steps_per_split = (int)sps;
-  p.wg_swap = (int)wg_swap;
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err;
   if (kind == 1)
@@ -243,71 +243,34 @@ torch::Tensor mm_wg(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10
 // split-K as in mm() (atomics into a zeroed fp32 workspace, then the finish kernel).
 torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
                      int64_t N, int64_t mt, int64_t wg, int64_t ks, int64_t wsmem, int64_t splits, int64_t wg_swap) {
-  TORCH_CHECK(x.is_cuda() && vals.is_cuda() && meta.is_cuda(), "dass nm24 cuda: tensors must be on a CUDA device");
-  TORCH_CHECK(x.dim() == 2, "dass nm24 cuda: x must be [T, K], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
-              "dass nm24 cuda: x must be bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(vals.scalar_type() == torch::kInt && meta.scalar_type() == torch::kInt && vals.is_contiguous() &&
-                  meta.is_contiguous(),
-              "dass nm24 cuda: packed values and metadata must be contiguous int32");
+  check_operands(x, vals, meta);
   TORCH_CHECK(wg == 1 || wg == 2, "dass nm24 cuda: wg (warpgroups a block) must be 1 or 2");
   TORCH_CHECK(wsmem == 0 || wsmem == 1, "dass nm24 cuda: ws (weight through shared memory) must be 0 or 1");
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device());
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device());
-  TORCH_CHECK(major == 9 && minor == 0, "dass nm24 cuda: the sparse-wgmma kernel needs compute capability 9.0, got ",
-              major, ".", minor);
+  check_sm90(x, "the sparse-wgmma kernel");
   x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
   TORCH_CHECK(N % 16 == 0 && K % 64 == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % 16 == 0 and K % 64 == 0");
   TORCH_CHECK(vals.numel() * 4 == N * K && meta.numel() * 32 == N * K,
               "dass nm24 cuda: packed tensors do not hold a [", N, ", ", K, "] matrix");
-  const int64_t ksteps = K / 32;
-  TORCH_CHECK(ks == 2 || ks == 4, "dass nm24 cuda: ks must be 2 or 4");
-  TORCH_CHECK(ksteps % ks == 0, "dass nm24 cuda: K / 32 = ", ksteps, " is not a multiple of ks = ", ks);
-  TORCH_CHECK(splits >= 1, "dass nm24 cuda: splits must be >= 1");
-  int64_t sps = (ksteps + splits - 1) / splits;
-  sps = (sps + ks - 1) / ks * ks;
-  const int64_t nsplit = (ksteps + sps - 1) / sps;
+  const auto [sps, nsplit] = k_slices(K, ks, splits);
   const int nt = std::max(2, pow2_at_least((int)((T + 7) / 8)));  // wgmma N >= 16
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto y = torch::empty({T, N}, x.options());
   torch::Tensor ws;
-  dass24::Params p;
-  p.vals = reinterpret_cast<const uint4*>(vals.data_ptr<int>());
-  p.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int>());
-  p.x = x.data_ptr();
-  p.y = y.data_ptr();
-  p.ws = nullptr;
-  p.bias = nullptr;
-  p.counters = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_cuda(),
-                "dass nm24 cuda: bias must be [N] of x's dtype on the GPU");
-    p.bias = bias->contiguous().data_ptr();
-  }
+  dass24::Params p = params_for(x, vals, meta, y, bias, N, sps, wg_swap);
   if (nsplit > 1) {
     ws = torch::zeros({T, N}, x.options().dtype(torch::kFloat));
     p.ws = ws.data_ptr<float>();
   }
-  p.N = (int)N;
-  p.K = (int)K;
-  p.T = (int)T;
-  p.steps_per_split = (int)sps;
-  p.wg_swap = (int)wg_swap;
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err = bf ? dass24::run_wgs_in_bf16(mt, wg, nt, ks, wsmem, p, nsplit, stream)
                        : dass24::run_wgs_in_f16(mt, wg, nt, ks, wsmem, p, nsplit, stream);
   TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (sparse-wgmma kernel, mt=", mt, " wg=", wg,
               " nt=", nt, " ks=", ks, " ws=", wsmem, "; a configuration that is not compiled answers 'invalid argument'): ",
               cudaGetErrorString(err));
-  if (nsplit > 1) {
-    err = bf ? dass24::finish_bf16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream)
-             : dass24::finish_f16(p.ws, p.bias, p.y, p.N, (long)(T * N), stream);
-    TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: finish failed: ", cudaGetErrorString(err));
-  }
+  if (nsplit > 1) finish(p, bf, stream);
   return y;
 }
 
