@@ -17,6 +17,8 @@ launch configuration. Two kernels share the packed layout:
   ``"wt"``): the weight streamed straight into registers; 4 warps a block along the rows,
   each with all the tokens (best at 1-32 tokens), or ``wr`` x ``wt`` warps, ``wt`` token
   groups sharing the rows (for 32-128 tokens: fewer shared-memory reads a weight byte);
+  split-K finished inside the kernel (the last K-slice of a row block adds the others'
+  partials), so a product is one launch;
 - ``"smem"`` (nm24_smem.cuh, ``{"kind", "mt", "wn", "ks", "splits"}``): 8 warps a block
   (``wn`` of them along the tokens), weight and tokens through a multi-stage shared-memory
   ring, split-K fixed up inside the kernel; made for 16-128 tokens, where the register
@@ -346,7 +348,12 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
             continue
         base = _auto_splits(orientation, N, K, mt, ks, sms, wr)
         shape = {} if (wr, wt) == (WARPS, 1) else {"wr": wr, "wt": wt}
-        for s in sorted({1, max(1, base // 2), base, base * 2}):
+        splits = {1, max(1, base // 2), base, base * 2}
+        if nt >= 8:  # 33-128 tokens: also slice counts that fill one or two blocks an SM evenly
+            blocks = math.ceil(N // (16 if orientation == "input" else 32) / (wr * mt))
+            for per_sm in (1, 2):
+                splits.update(_wave_splits(blocks, sms * per_sm, K, ks))
+        for s in sorted(splits):
             if (K // 32) // s >= ks:
                 out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s, **shape})
     if sliced:

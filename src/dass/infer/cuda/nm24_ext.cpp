@@ -13,7 +13,7 @@
 
 namespace {
 
-// Split-K arrival counters of the shared-memory kernel: zero between calls (each call's last
+// Split-K arrival counters of the register and shared-memory kernels: zero between calls (each call's last
 // block resets its own), so they are allocated and zeroed once per device and kept. Calls
 // take their counters round-robin from kRegions regions, so products that run at the same
 // time on different streams (or inside one CUDA graph) do not share counters unless more
@@ -151,8 +151,14 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   torch::Tensor ws;
   dass24::Params p = params_for(x, vals, meta, y, bias, N, sps, 0);
   if (nsplit > 1) {
-    ws = torch::zeros({T, N}, x.options().dtype(torch::kFloat));
+    // each K-slice of a block stores its partials (block rows x the block's nt * 8 tokens,
+    // fp32) and the last to arrive adds them up (nm24_kernels.cuh): nothing to zero first
+    TORCH_CHECK(wr >= 1 && mt >= 1 && nt >= 1, "dass nm24 cuda: bad warp shape");
+    const int64_t block_rows = wr * mt * rows;
+    const int64_t blocks = (N + block_rows - 1) / block_rows;
+    ws = torch::empty({nsplit * blocks * block_rows * nt * 8}, x.options().dtype(torch::kFloat));
     p.ws = ws.data_ptr<float>();
+    p.counters = counters_for(x, blocks);
   }
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err;
@@ -166,7 +172,6 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
               " nt=", nt, " ks=", ks, " wr=", wr, " wt=", wt,
               "; a configuration that is not compiled answers 'invalid argument'): ",
               cudaGetErrorString(err));
-  if (nsplit > 1) finish(p, bf, stream);
   return y;
 }
 

@@ -11,8 +11,14 @@
 // ORI 1 (output orientation): each lane expands its own 2:4 groups (it holds all 4 rows of
 // a group, see layout.py) into dense mma.m16n8k16 fragments with byte permutes and masks.
 //
-// Split-K (grid.y > 1) accumulates fp32 partials with atomics into a zeroed workspace and a
-// second kernel converts (and adds the bias); with one split the epilogue writes directly.
+// Split-K (grid.y > 1) is finished inside the kernel: every slice stores its fp32 partial
+// accumulators to a workspace in fragment order (each thread its own registers, one 16-byte
+// store per fragment, so the stores are coalesced and no workspace needs zeroing), then counts
+// itself in on its row block's arrival counter; the slice that arrives last adds up all the
+// slices' partials in slice order and runs the one-split epilogue (bias, 16-bit store),
+// and puts the counter back to zero for the next call. One launch per product: no zero fill
+// of a workspace before it and no conversion kernel after it, which at decode sizes cost as
+// much GPU time as the product's own tail.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -339,7 +345,54 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   }
   cp_async_wait<0>();
 
-  const bool split = gridDim.y > 1;
+  if (gridDim.y > 1) {
+    // this thread's partials: slot ((warp, m, f, nt), lane) of the slice's part of the block
+    constexpr int PB = WARPS * MT * NF * NT * 32;  // float4 slots of one slice of a block
+    float4* part = reinterpret_cast<float4*>(p.ws) + (size_t)blockIdx.x * gridDim.y * PB;
+    const int slot0 = warp * MT * NF * NT * 32 + lane;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          __stcg(part + (size_t)blockIdx.y * PB + slot0 + ((m * NF + f) * NT + nt) * 32,
+                 make_float4(acc[m][f][nt][0], acc[m][f][nt][1], acc[m][f][nt][2], acc[m][f][nt][3]));
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = atomicAdd(p.counters + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // all the slices' partials, in slice order (its own too, read back): the sum does not
+    // depend on which slice arrived last, so repeated calls give the same bits
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[m][f][nt][c] = 0.f;
+#pragma unroll 1
+    for (int s = 0; s < (int)gridDim.y; ++s) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int f = 0; f < NF; ++f)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const float4 v = __ldcg(part + (size_t)s * PB + slot0 + ((m * NF + f) * NT + nt) * 32);
+            acc[m][f][nt][0] += v.x;
+            acc[m][f][nt][1] += v.y;
+            acc[m][f][nt][2] += v.z;
+            acc[m][f][nt][3] += v.w;
+          }
+    }
+    if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next call
+  }
+
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     const int tt = tile0 + m;
@@ -355,28 +408,19 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
           for (int hi = 0; hi < 2; ++hi) {
             const int row = tt * 16 + g + 8 * hi;
             float v = acc[m][0][nt][2 * hi + c2];
-            if (split) {
-              atomicAdd(p.ws + (size_t)tok * p.N + row, v);
-            } else {
-              if (p.bias) v += Mma<E>::to_f(p.bias, row);
-              reinterpret_cast<uint16_t*>(p.y)[(size_t)tok * p.N + row] = Mma<E>::from_f(v);
-            }
+            if (p.bias) v += Mma<E>::to_f(p.bias, row);
+            reinterpret_cast<uint16_t*>(p.y)[(size_t)tok * p.N + row] = Mma<E>::from_f(v);
           }
         } else {
           const int row0 = tt * 32 + 4 * g;  // rows 4g + q, q = 0..3 (tile a: q 0,1; b: q 2,3)
           float v[4] = {acc[m][0][nt][c2], acc[m][0][nt][2 + c2], acc[m][1][nt][c2], acc[m][1][nt][2 + c2]};
-          if (split) {
+          uint16_t h[4];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) atomicAdd(p.ws + (size_t)tok * p.N + row0 + q, v[q]);
-          } else {
-            uint16_t h[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) h[q] = Mma<E>::from_f(p.bias ? v[q] + Mma<E>::to_f(p.bias, row0 + q) : v[q]);
-            uint2 out;
-            out.x = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
-            out.y = (uint32_t)h[2] | ((uint32_t)h[3] << 16);
-            *reinterpret_cast<uint2*>(reinterpret_cast<uint16_t*>(p.y) + (size_t)tok * p.N + row0) = out;
-          }
+          for (int q = 0; q < 4; ++q) h[q] = Mma<E>::from_f(p.bias ? v[q] + Mma<E>::to_f(p.bias, row0 + q) : v[q]);
+          uint2 out;
+          out.x = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+          out.y = (uint32_t)h[2] | ((uint32_t)h[3] << 16);
+          *reinterpret_cast<uint2*>(reinterpret_cast<uint16_t*>(p.y) + (size_t)tok * p.N + row0) = out;
         }
       }
     }

@@ -10,9 +10,10 @@ struct Params {
   const uint32_t* meta;  // packed metadata
   const void* x;         // [T, K] 16-bit, contiguous
   void* y;               // [T, N] 16-bit (written directly when there is one split)
-  float* ws;             // [T, N] fp32 zeroed workspace (split-K)
+  float* ws;             // split-K fp32 workspace: partials by slice (register and shared-memory
+                         // kernels) or a zeroed [T, N] for atomics (sparse-wgmma kernel)
   const void* bias;      // [N] 16-bit or nullptr
-  int* counters;         // split-K arrival counters of the shared-memory kernel (zero between calls)
+  int* counters;         // split-K arrival counters, one a row block (zero between calls)
   int N, K, T;
   int steps_per_split;   // K-steps of 32 per grid.y slice (a multiple of KS)
   int wg_swap;           // wgmma kernel: 1 swaps the descriptor's two byte offsets (a GPU probe)
