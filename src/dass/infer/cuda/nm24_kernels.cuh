@@ -360,10 +360,12 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
                  make_float4(acc[m][f][nt][0], acc[m][f][nt][1], acc[m][f][nt][2], acc[m][f][nt][3]));
     __threadfence();
     __syncthreads();
-    __shared__ int last;
-    if (threadIdx.x == 0) last = atomicAdd(p.counters + blockIdx.x, 1) == (int)gridDim.y - 1;
+    // the flag goes in the (now idle) token ring: a static __shared__ would push the 48 KB
+    // configurations past the default dynamic shared-memory limit and fail their launch
+    volatile int* last = reinterpret_cast<volatile int*>(smem);
+    if (threadIdx.x == 0) *last = atomicAdd(p.counters + blockIdx.x, 1) == (int)gridDim.y - 1;
     __syncthreads();
-    if (!last) return;
+    if (!*last) return;
     __threadfence();
     // all the slices' partials, in slice order (its own too, read back): the sum does not
     // depend on which slice arrived last, so repeated calls give the same bits
