@@ -377,20 +377,34 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int c = 0; c < 4; ++c) acc[m][f][nt][c] = 0.f;
+    // UNR slices' loads are issued before their adds: at 1-8 tokens a block's partials are a
+    // few registers a thread, and one slice at a time would put 8-16 L2 round trips in a row
+    // on the tail of the product
+    constexpr int FR = MT * NF * NT;  // float4 partials a thread and slice
+    constexpr int UNR = FR >= 8 ? 1 : 8 / FR;
+    const int S = (int)gridDim.y;
 #pragma unroll 1
-    for (int s = 0; s < (int)gridDim.y; ++s) {
+    for (int s0 = 0; s0 < S; s0 += UNR) {
+      float4 v[UNR][FR];
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
+      for (int u = 0; u < UNR; ++u)
 #pragma unroll
-        for (int f = 0; f < NF; ++f)
+        for (int i = 0; i < FR; ++i)
+          v[u][i] = s0 + u < S ? __ldcg(part + (size_t)(s0 + u) * PB + slot0 + i * 32) : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const float4 v = __ldcg(part + (size_t)s * PB + slot0 + ((m * NF + f) * NT + nt) * 32);
-            acc[m][f][nt][0] += v.x;
-            acc[m][f][nt][1] += v.y;
-            acc[m][f][nt][2] += v.z;
-            acc[m][f][nt][3] += v.w;
-          }
+      for (int u = 0; u < UNR; ++u)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int f = 0; f < NF; ++f)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              const float4 w = v[u][(m * NF + f) * NT + nt];
+              acc[m][f][nt][0] += w.x;
+              acc[m][f][nt][1] += w.y;
+              acc[m][f][nt][2] += w.z;
+              acc[m][f][nt][3] += w.w;
+            }
     }
     if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next call
   }
