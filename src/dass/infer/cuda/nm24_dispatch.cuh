@@ -26,13 +26,6 @@ cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, 
   DASS24_CASE(2, 8, 2, 4, 2) DASS24_CASE(4, 8, 2, 4, 2) DASS24_CASE(4, 8, 2, 2, 2)
   DASS24_CASE(2, 16, 2, 4, 2) DASS24_CASE(4, 16, 2, 4, 2) DASS24_CASE(4, 16, 2, 2, 2)
   DASS24_CASE(2, 16, 2, 8, 1) DASS24_CASE(2, 8, 2, 8, 1)
-  // one 16-row tile a warp and 8-16 warps a block along the rows, for 64-128 tokens: more warps
-  // a scheduler to overlap the tensor pipe's fixed issue latency, rows of a block unchanged
-  DASS24_CASE(1, 16, 2, 8, 1) DASS24_CASE(1, 16, 4, 8, 1) DASS24_CASE(1, 16, 2, 16, 1)
-  DASS24_CASE(1, 8, 2, 8, 1) DASS24_CASE(1, 8, 4, 8, 1) DASS24_CASE(1, 8, 2, 16, 1) DASS24_CASE(2, 8, 2, 16, 1)
-  // eight-warp blocks at 1-32 tokens: twice the weight bytes in flight a block, fewer K-slices
-  DASS24_CASE(1, 1, 4, 8, 1) DASS24_CASE(2, 1, 4, 8, 1) DASS24_CASE(1, 2, 4, 8, 1) DASS24_CASE(2, 2, 4, 8, 1)
-  DASS24_CASE(1, 4, 4, 8, 1) DASS24_CASE(2, 4, 4, 8, 1)
 #else
   // CONFIGS output
   DASS24_CASE(1, 1, 2, 4, 1) DASS24_CASE(1, 1, 4, 4, 1) DASS24_CASE(2, 1, 2, 4, 1)
@@ -43,8 +36,6 @@ cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, 
   // two token groups (WT = 2) and eight-warp blocks, for 32-128 tokens
   DASS24_CASE(2, 4, 2, 4, 2) DASS24_CASE(2, 8, 2, 4, 2) DASS24_CASE(1, 8, 4, 4, 2)
   DASS24_CASE(1, 16, 2, 4, 2) DASS24_CASE(1, 16, 2, 8, 1) DASS24_CASE(1, 8, 2, 8, 1)
-  DASS24_CASE(1, 8, 4, 8, 1)
-  DASS24_CASE(1, 1, 4, 8, 1) DASS24_CASE(1, 2, 4, 8, 1) DASS24_CASE(1, 4, 4, 8, 1)
 #endif
 #undef DASS24_CASE
   return cudaErrorInvalidValue;
