@@ -34,7 +34,7 @@ if [ "$PART" = 1 ]; then
     if ! python3 -c "import json,sys; p=json.load(open('$OUT/kernels.json')).get('wgs_probe',{}); sys.exit(0 if (p.get('max_err') is not None and p['max_err'] < 1e-2) else 1)"; then
         export DASS_CUDA_WGS=0; touch out/gpu/wgs_off; echo "sparse-wgmma kernel OFF for the rest of the session"
     fi
-    timeout -k 5 ${PTIME:-90} python3 benchmarks/gpu_pretune.py --tokens ${PTOKENS:-1,16,1024} > $OUT/pretune.log 2>&1
+    timeout -k 5 ${PTIME:-90} python3 benchmarks/gpu_pretune.py --tokens ${PTOKENS:-1,16,64,1024} > $OUT/pretune.log 2>&1
     echo "pretune rc=$? at $(( $(date +%s) - t0 )) s"; tail -3 $OUT/pretune.log | cut -c1-200
     timeout -k 5 ${GTIME:-220} python3 benchmarks/gpu_generate.py --out $OUT/generate.json --budget-s ${GBUDGET:-200} \
         --batches ${BATCHES:-1,16} > $OUT/generate.log 2>&1
