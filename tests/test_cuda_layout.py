@@ -227,6 +227,19 @@ def test_candidates_fit_the_bucket(orientation, NK):
     assert cu.candidates(orientation, 8, N, 32 * 3) == []  # K/32 = 3: no ks divides it
 
 
+def test_register_kernel_offers_wave_balanced_slices_from_33_tokens():
+    """With split-K finished inside the kernel a slice is cheap, so at 33-128 tokens the
+    register kernel is also timed with slice counts that fill one or two blocks an SM evenly
+    (7B gate+up, mt2: 172 row blocks on 132 SMs -> 2 and 3 slices); below, only powers of two."""
+    sms = 132
+    for T, want in ((128, {2, 3}), (64, {2, 3})):
+        got = {c["splits"] for c in cu.candidates("input", T, 22016, 4096, sms, wg=False)
+               if c["kind"] == "reg" and c["mt"] == 2 and "wr" not in c}
+        assert want <= got, (T, got)
+    small = {c["splits"] for c in cu.candidates("input", 16, 22016, 4096, sms, wg=False) if c["kind"] == "reg"}
+    assert all(s & (s - 1) == 0 for s in small), small
+
+
 def test_smem_occupancy_rule_matches_the_kernel():
     """The Python mirror of SmemShape::MINB: two blocks an SM only with few accumulators."""
     assert cu.smem_blocks_per_sm("input", 4, 4, 16, 4) == 1   # 64 accumulators a thread
