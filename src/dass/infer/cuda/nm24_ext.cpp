@@ -245,7 +245,7 @@ torch::Tensor mm_wg(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10
 
 // The input-orientation product by the sparse-wgmma kernel (nm24_wgs.cuh, sm_90a): wg
 // warpgroups a block, mt m64 tiles a warpgroup, all the call's tokens (16-128) the wgmma's N;
-// split-K as in mm() (atomics into a zeroed fp32 workspace, then the finish kernel).
+// split-K with atomics into a zeroed fp32 workspace, then the finish kernel (the register kernel now finishes inside itself).
 torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
                      int64_t N, int64_t mt, int64_t wg, int64_t ks, int64_t wsmem, int64_t splits, int64_t wg_swap) {
   check_operands(x, vals, meta);

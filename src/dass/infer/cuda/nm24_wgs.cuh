@@ -22,7 +22,8 @@
 //   core matrices, as in nm24_wg.cuh), a cp.async ring of STAGES slots filled STAGES - 2
 //   ahead, so a slot is refilled only after the wgmmas that read it were waited;
 // - split-K (grid.y > 1) adds fp32 partials with atomics into a zeroed workspace and the
-//   finish kernel converts, as in the register kernel.
+//   finish kernel converts (the register kernel's in-kernel finish is not ported here: this
+//   kernel wins no bucket yet).
 #pragma once
 #include "nm24_wg.cuh"
 
