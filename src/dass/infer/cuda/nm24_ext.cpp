@@ -13,36 +13,47 @@
 
 namespace {
 
-// Split-K arrival counters of the register and shared-memory kernels: zero between calls (each call's last
-// block resets its own), so they are allocated and zeroed once per device and kept. Calls
-// take their counters round-robin from kRegions regions, so products that run at the same
-// time on different streams (or inside one CUDA graph) do not share counters unless more
-// than kRegions are in flight at once.
+// Split-K arrival counters of the register and shared-memory kernels: zero between calls (each
+// call's last block resets its own), so they are allocated and zeroed once per device and kept
+// for the life of the process. Calls take their counters round-robin from kRegions regions, so
+// products that run at the same time on different streams (or inside one CUDA graph) do not
+// share counters unless more than kRegions are in flight at once.
+//
+// They are a raw cudaMalloc, not a torch tensor: a tensor made by the first split-K call lands
+// in whatever memory pool PyTorch's allocator is routing to at that moment, which inside a
+// compiled step's CUDA-graph warm-up is Inductor's graph pool; the pool does not know the
+// tensor is alive, may hand its bytes to other tensors, and frees them with the graphs.
 constexpr int kRegions = 64;
 constexpr int kRegionSize = 4096;  // row blocks one split-K call may have
 
 int* counters_for(const torch::Tensor& like, int64_t blocks) {
   static std::mutex mu;
-  static std::vector<torch::Tensor> per_device;
+  static std::vector<int*> per_device;
   static std::vector<int> next;
   TORCH_CHECK(blocks <= kRegionSize, "dass nm24 cuda: ", blocks, " row blocks need more split-K counters than ",
               kRegionSize, " (use splits=1)");
   std::lock_guard<std::mutex> lock(mu);
   const int dev = like.get_device();
   if ((int)per_device.size() <= dev) {
-    per_device.resize(dev + 1);
+    per_device.resize(dev + 1, nullptr);
     next.resize(dev + 1, 0);
   }
-  if (!per_device[dev].defined()) {
-    // Allocated here they would be zeroed only when a graph is replayed, not now.
+  if (per_device[dev] == nullptr) {
+    // cudaMalloc and a synchronous zeroing are not allowed while a stream is being captured
     TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
                 "dass nm24 cuda: the first split-K call on a device must run outside CUDA-graph capture "
                 "(run the product once eagerly first)");
-    per_device[dev] = torch::zeros({kRegions * kRegionSize}, like.options().dtype(torch::kInt));
+    const c10::cuda::CUDAGuard guard(like.device());
+    const size_t bytes = sizeof(int) * (size_t)kRegions * kRegionSize;
+    int* ptr = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(&ptr, bytes));
+    C10_CUDA_CHECK(cudaMemset(ptr, 0, bytes));
+    C10_CUDA_CHECK(cudaDeviceSynchronize());  // zero before any stream's first use
+    per_device[dev] = ptr;
   }
   const int r = next[dev];
   next[dev] = (r + 1) % kRegions;
-  return per_device[dev].data_ptr<int>() + (int64_t)r * kRegionSize;
+  return per_device[dev] + (int64_t)r * kRegionSize;
 }
 
 // The kernels read x in 16-byte pieces (cp.async): a contiguous x whose storage starts off a
