@@ -12,6 +12,13 @@
 #                                                        embedded model, Nsight Compute over the
 #                                                        64-128-token kernels, decoding at batch
 #                                                        4 and 64
+#   PART=3 OUT=/dir bash benchmarks/gpu_call_round7.sh   the next session's first call: build,
+#                                                        every register configuration one product
+#                                                        at a time (the raw-cudaMalloc counters),
+#                                                        where a batch-1 decode step's time goes,
+#                                                        then round 7's faulting run again (batch
+#                                                        1 then 16, MLP scope, pretuning without
+#                                                        the 64-token bucket)
 # Environment knobs: KTOKENS/KBUDGET/KTIME (kernel sweep), PTOKENS/PTIME (pretuning),
 # BATCHES/GBUDGET/GTIME (decoding), PCASES/NTIME (ncu), RTIME (greedy).
 set -u
@@ -23,7 +30,19 @@ export DASS_TUNING_CACHE=/tmp/dass_cache/tuning.json
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 t0=$(date +%s)
 [ -f out/gpu/wgs_off ] && export DASS_CUDA_WGS=0 && echo "sparse-wgmma kernel off (part 1's probe failed)"
-if [ "$PART" = 1 ]; then
+if [ "$PART" = 3 ]; then
+    timeout -k 5 ${CTIME:-120} python3 -X faulthandler benchmarks/gpu_splitk_check.py \
+        --shapes 256x1024,4096x1408,1408x4096 --tokens 1,9,16,64,128 > $OUT/splitk_check.log 2>&1
+    echo "split-K check rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "^call" $OUT/splitk_check.log | tail -5 | cut -c1-300
+    timeout -k 5 ${STIME:-220} python3 benchmarks/gpu_step_profile.py --batch 1 --scopes dense,mlp,all \
+        --out $OUT/step_profile_b1.json > $OUT/step_profile_b1.log 2>&1
+    echo "step profile rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "USDT\|warn" $OUT/step_profile_b1.log | tail -24 | cut -c1-220
+    timeout -k 5 ${PTIME:-90} python3 benchmarks/gpu_pretune.py --tokens 1,16,1024 > $OUT/pretune.log 2>&1
+    echo "pretune rc=$? at $(( $(date +%s) - t0 )) s"
+    timeout -k 5 ${GTIME:-200} python3 benchmarks/gpu_generate.py --out $OUT/generate_fault.json --budget-s ${GBUDGET:-180} \
+        --batches 1,16 --scopes mlp > $OUT/generate_fault.log 2>&1
+    echo "generate rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate_fault.log | tail -10 | cut -c1-300
+elif [ "$PART" = 1 ]; then
     mkdir -p out/gpu
     [ -f .gpu/g1/smollm2.gguf.part00 ] && cp .gpu/g1/smollm2.gguf.part00 out/gpu/ && cp -r .gpu/g1/whl out/gpu/
     timeout -k 5 ${KTIME:-250} python3 benchmarks/gpu_kernels.py --out $OUT/kernels.json --shapes 7b \
