@@ -269,14 +269,15 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   };
 
   float acc[MT][NF][NT][4];
+  // the accumulators as FR fragments of 4, fragment (m * NF + f) * NT + nt: the order of the
+  // split-K partials' slots (compile-time indices after unrolling, so they stay in registers)
+  constexpr int FR = MT * NF * NT;
+  float* const frag = &acc[0][0][0][0];
+  auto zero_acc = [&] {
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int f = 0; f < NF; ++f)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[m][f][nt][c] = 0.f;
+    for (int i = 0; i < FR * 4; ++i) frag[i] = 0.f;
+  };
+  zero_acc();
 
   auto compute = [&](const WeightRegs<ORI, MT, KS>& r, int st) {
     const uint4* buf = smem + (st % STAGES) * STAGE_U4;
@@ -347,17 +348,13 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
 
   if (gridDim.y > 1) {
     // this thread's partials: slot ((warp, m, f, nt), lane) of the slice's part of the block
-    constexpr int PB = WARPS * MT * NF * NT * 32;  // float4 slots of one slice of a block
+    constexpr int PB = WARPS * FR * 32;  // float4 slots of one slice of a block
     float4* part = reinterpret_cast<float4*>(p.ws) + (size_t)blockIdx.x * gridDim.y * PB;
-    const int slot0 = warp * MT * NF * NT * 32 + lane;
+    const int slot0 = warp * FR * 32 + lane;
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int f = 0; f < NF; ++f)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          __stcg(part + (size_t)blockIdx.y * PB + slot0 + ((m * NF + f) * NT + nt) * 32,
-                 make_float4(acc[m][f][nt][0], acc[m][f][nt][1], acc[m][f][nt][2], acc[m][f][nt][3]));
+    for (int i = 0; i < FR; ++i)
+      __stcg(part + (size_t)blockIdx.y * PB + slot0 + i * 32,
+             make_float4(frag[4 * i], frag[4 * i + 1], frag[4 * i + 2], frag[4 * i + 3]));
     __threadfence();
     __syncthreads();
     // the flag goes in the (now idle) token ring: a static __shared__ would push the 48 KB
@@ -369,18 +366,10 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
     __threadfence();
     // all the slices' partials, in slice order (its own too, read back): the sum does not
     // depend on which slice arrived last, so repeated calls give the same bits
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int f = 0; f < NF; ++f)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[m][f][nt][c] = 0.f;
+    zero_acc();
     // UNR slices' loads are issued before their adds: at 1-8 tokens a block's partials are a
     // few registers a thread, and one slice at a time would put 8-16 L2 round trips in a row
     // on the tail of the product
-    constexpr int FR = MT * NF * NT;  // float4 partials a thread and slice
     constexpr int UNR = FR >= 8 ? 1 : 8 / FR;
     const int S = (int)gridDim.y;
 #pragma unroll 1
@@ -394,17 +383,12 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
 #pragma unroll
       for (int u = 0; u < UNR; ++u)
 #pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-          for (int f = 0; f < NF; ++f)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-              const float4 w = v[u][(m * NF + f) * NT + nt];
-              acc[m][f][nt][0] += w.x;
-              acc[m][f][nt][1] += w.y;
-              acc[m][f][nt][2] += w.z;
-              acc[m][f][nt][3] += w.w;
-            }
+        for (int i = 0; i < FR; ++i) {
+          frag[4 * i] += v[u][i].x;
+          frag[4 * i + 1] += v[u][i].y;
+          frag[4 * i + 2] += v[u][i].z;
+          frag[4 * i + 3] += v[u][i].w;
+        }
     }
     if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next call
   }
