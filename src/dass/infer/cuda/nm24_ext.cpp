@@ -82,6 +82,21 @@ void check_operands(const torch::Tensor& x, const torch::Tensor& vals, const tor
   TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "dass nm24 cuda: packed tensors must be contiguous");
 }
 
+// The packed operands hold an [N, K] matrix of this orientation (0 input, 1 output) and the
+// shape fits its tiles (16 rows and groups of 64 along K, or 32 rows and 32 along K);
+// returns the rows of one tile.
+int64_t packed_rows(const torch::Tensor& vals, const torch::Tensor& meta, int64_t N, int64_t K, int64_t orientation) {
+  const int64_t rows = orientation == 0 ? 16 : 32;
+  const int64_t kmul = orientation == 0 ? 64 : 32;
+  TORCH_CHECK(N % rows == 0 && K % kmul == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % ", rows,
+              " == 0 and K % ", kmul, " == 0");
+  TORCH_CHECK(vals.numel() * 4 == N * K, "dass nm24 cuda: values hold ", vals.numel() * 4, " bytes, [", N, ", ", K,
+              "] needs ", N * K);
+  TORCH_CHECK(meta.numel() * 32 == N * K, "dass nm24 cuda: metadata holds ", meta.numel() * 4, " bytes, [", N, ", ",
+              K, "] needs ", N * K / 8);
+  return rows;
+}
+
 // The wgmma kernels run on compute capability 9.0 only (sm_90a).
 void check_sm90(const torch::Tensor& x, const char* what) {
   int major = 0, minor = 0;
@@ -144,14 +159,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
-  const int64_t rows = orientation == 0 ? 16 : 32;
-  const int64_t kmul = orientation == 0 ? 64 : 32;
-  TORCH_CHECK(N % rows == 0 && K % kmul == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % ", rows,
-              " == 0 and K % ", kmul, " == 0");
-  TORCH_CHECK(vals.numel() * 4 == N * K, "dass nm24 cuda: values hold ", vals.numel() * 4, " bytes, [", N, ", ", K,
-              "] needs ", N * K);
-  TORCH_CHECK(meta.numel() * 32 == N * K, "dass nm24 cuda: metadata holds ", meta.numel() * 4, " bytes, [", N, ", ",
-              K, "] needs ", N * K / 8);
+  const int64_t rows = packed_rows(vals, meta, N, K, orientation);
   const auto [sps, nsplit] = k_slices(K, ks, splits);
   // nt_min: the slices of a longer call all run the configuration of its first slice
   TORCH_CHECK(nt_min >= 0 && nt_min <= 16, "dass nm24 cuda: nt_min must be 0 to 16");
@@ -204,12 +212,7 @@ torch::Tensor mm_staged(int kind, torch::Tensor x, torch::Tensor vals, torch::Te
   x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
-  const int64_t rows = orientation == 0 ? 16 : 32;
-  const int64_t kmul = orientation == 0 ? 64 : 32;
-  TORCH_CHECK(N % rows == 0 && K % kmul == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % ", rows,
-              " == 0 and K % ", kmul, " == 0");
-  TORCH_CHECK(vals.numel() * 4 == N * K && meta.numel() * 32 == N * K,
-              "dass nm24 cuda: packed tensors do not hold a [", N, ", ", K, "] matrix");
+  const int64_t rows = packed_rows(vals, meta, N, K, orientation);
   const auto [sps, nsplit] = k_slices(K, ks, splits);
   const int nt = pow2_at_least((int)((T + 7) / 8));
   TORCH_CHECK(kind == 1 || nt % wn == 0, "dass nm24 cuda: ", nt, " token tiles cannot be split over wn = ", wn, " warps");
@@ -266,9 +269,7 @@ torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c1
   x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
-  TORCH_CHECK(N % 16 == 0 && K % 64 == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % 16 == 0 and K % 64 == 0");
-  TORCH_CHECK(vals.numel() * 4 == N * K && meta.numel() * 32 == N * K,
-              "dass nm24 cuda: packed tensors do not hold a [", N, ", ", K, "] matrix");
+  packed_rows(vals, meta, N, K, 0);  // the input orientation's layout
   const auto [sps, nsplit] = k_slices(K, ks, splits);
   const int nt = std::max(2, pow2_at_least((int)((T + 7) / 8)));  // wgmma N >= 16
   const c10::cuda::CUDAGuard guard(x.device());
@@ -299,11 +300,7 @@ torch::Tensor unpack(torch::Tensor vals, torch::Tensor meta, int64_t N, int64_t 
               "dass nm24 cuda: packed values and metadata must be contiguous int32");
   TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
   TORCH_CHECK(like.element_size() == 2, "dass nm24 cuda: the dense matrix is 16-bit");
-  const int64_t rows = orientation == 0 ? 16 : 32, kmul = orientation == 0 ? 64 : 32;
-  TORCH_CHECK(N % rows == 0 && K % kmul == 0, "dass nm24 cuda: shape [", N, ", ", K, "] needs N % ", rows,
-              " == 0 and K % ", kmul, " == 0");
-  TORCH_CHECK(vals.numel() * 4 == N * K && meta.numel() * 32 == N * K,
-              "dass nm24 cuda: packed tensors do not hold a [", N, ", ", K, "] matrix");
+  packed_rows(vals, meta, N, K, orientation);
   const c10::cuda::CUDAGuard guard(vals.device());
   auto out = torch::empty({N, K}, vals.options().dtype(like.scalar_type()));
   cudaError_t err = dass24::unpack(vals.data_ptr(), meta.data_ptr(), out.data_ptr(), (int)N, (int)K, (int)orientation,
