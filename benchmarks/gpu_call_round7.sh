@@ -60,18 +60,8 @@ elif [ "$PART" = 1 ]; then
     echo "generate rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate.log | tail -16 | cut -c1-300
     cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true
 else
-    mkdir -p out/gpu
-    [ -f .gpu/g2/smollm2.gguf.part01 ] && cp .gpu/g2/smollm2.gguf.part01 out/gpu/
-    if [ -f out/gpu/smollm2.gguf.part00 ] && [ -f out/gpu/smollm2.gguf.part01 ]; then
-        python3 -m pip install -q --no-index --no-deps --target /tmp/site out/gpu/whl/gguf-*.whl
-        cat out/gpu/smollm2.gguf.part00 out/gpu/smollm2.gguf.part01 > out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf
-        PYTHONPATH=/tmp/site:src timeout -k 5 ${RTIME:-200} python3 benchmarks/gpu_generate.py --check-greedy \
-            --model out/gpu/SmolLM2-135M-Instruct.Q4_1.gguf --prompts ${PROMPTS:-2} --out $OUT/greedy.json \
-            > $OUT/greedy.log 2>&1
-        echo "greedy rc=$? at $(( $(date +%s) - t0 )) s"; tail -20 $OUT/greedy.log | cut -c1-300
-    else
-        echo "greedy skipped: model pieces missing (run part 1 then part 2 back to back on one machine)"
-    fi
+    # the greedy check is round 5's part C (it takes .gpu/g2 itself and finds part 1's stash)
+    PART=C OUT=$OUT RTIME=${RTIME:-200} bash benchmarks/gpu_call_round5.sh
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     if [ -n "$NCU" ] && [ "${NTIME:-150}" -gt 0 ]; then
         SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \

@@ -243,9 +243,13 @@ def _ksteps_ok(K: int, ks: int) -> bool:
     return (K // 32) % ks == 0
 
 
+def _reg_blocks(orientation: str, N: int, mt: int, wr: int = WARPS) -> int:
+    """Row blocks of the register kernel's grid for an [N, K] matrix."""
+    return math.ceil(N // (16 if orientation == "input" else 32) / (wr * mt))
+
+
 def _auto_splits(orientation: str, N: int, K: int, mt: int, ks: int, sms: int, wr: int = WARPS) -> int:
-    rows = 16 if orientation == "input" else 32
-    blocks = math.ceil(N // rows / (wr * mt))
+    blocks = _reg_blocks(orientation, N, mt, wr)
     ksteps = K // 32
     s = 1
     while blocks * s < 4 * sms and ksteps // (2 * s) >= 2 * ks:
@@ -350,9 +354,8 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
         shape = {} if (wr, wt) == (WARPS, 1) else {"wr": wr, "wt": wt}
         splits = {1, max(1, base // 2), base, base * 2}
         if nt >= 8:  # 33-128 tokens: also slice counts that fill one or two blocks an SM evenly
-            blocks = math.ceil(N // (16 if orientation == "input" else 32) / (wr * mt))
             for per_sm in (1, 2):
-                splits.update(_wave_splits(blocks, sms * per_sm, K, ks))
+                splits.update(_wave_splits(_reg_blocks(orientation, N, mt, wr), sms * per_sm, K, ks))
         for s in sorted(splits):
             if (K // 32) // s >= ks:
                 out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s, **shape})
