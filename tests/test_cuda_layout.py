@@ -140,14 +140,28 @@ def _split_by_orientation(text: str, macro: str) -> dict[str, list[tuple[int, ..
     return {"input": _cases(a, macro), "output": _cases(b.split("#endif")[0], macro)}
 
 
+def _marked(text: str, marker: str, macro: str) -> list[tuple[int, ...]]:
+    """The ``macro(...)`` uses from the comment line ``// {marker}`` to the next preprocessor line."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"// {marker}")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("#"))
+    return _cases("\n".join(lines[start:end]), macro)
+
+
 def test_python_configs_equal_the_compiled_ones():
     """cu.CONFIGS / cu.SMEM_CONFIGS list exactly what the .cuh dispatch switches compile: a
     configuration offered but not compiled would fail at launch; one compiled but not offered
     is dead code."""
-    reg = _split_by_orientation((CUDA_DIR / "nm24_dispatch.cuh").read_text(), "DASS24_CASE")
+    text = (CUDA_DIR / "nm24_dispatch.cuh").read_text()
+    reg = {o: _marked(text, f"CONFIGS {o}", "DASS24_CASE") for o in ("input", "output")}
+    glu = {o: _marked(text, f"GLU_CONFIGS {o}", "DASS24_GLU_CASE") for o in ("input", "output")}
+    assert len(_cases(text, "DASS24_CASE")) == sum(map(len, reg.values()))  # every use under a marker
+    assert len(_cases(text, "DASS24_GLU_CASE")) == sum(map(len, glu.values()))
     smem = _split_by_orientation((CUDA_DIR / "nm24_dispatch_smem.cuh").read_text(), "DASS24_SMEM_CASE")
     for ori in ("input", "output"):
         assert sorted(reg[ori]) == sorted(cu.CONFIGS[ori]) and len(set(reg[ori])) == len(reg[ori])
+        assert sorted(glu[ori]) == sorted(cu.GLU_CONFIGS[ori]) and len(set(glu[ori])) == len(glu[ori])
+        assert glu[ori] and all(c in cu.CONFIGS[ori] and c[0] % 2 == 0 for c in glu[ori])  # GLU: even mt
         assert sorted(smem[ori]) == sorted(cu.SMEM_CONFIGS[ori]) and len(set(smem[ori])) == len(smem[ori])
         assert all(nt % wn == 0 for _, wn, nt, _ in cu.SMEM_CONFIGS[ori])
     wg = _cases((CUDA_DIR / "nm24_dispatch_wg.cuh").read_text(), "DASS24_WG_CASE")

@@ -51,8 +51,9 @@ def clear_decisions() -> None:
 
 
 def _key_str(key: tuple) -> str:
-    o, N, K, dtype, _dev, b, cands = key
-    return f"{o} {N}x{K} {str(dtype).replace('torch.', '')} T={b} [{','.join(cands)}]"
+    o, N, K, dtype, _dev, b, cands, glu = key
+    tail = f" glu={glu}" if glu else ""
+    return f"{o} {N}x{K} {str(dtype).replace('torch.', '')} T={b} [{','.join(cands)}]{tail}"
 
 
 def tuning_log() -> dict[str, dict[str, Any]]:
@@ -82,7 +83,9 @@ def decide(mod, T: int) -> Decision:
     measured (CUDA, not while capturing), or the static rule."""
     b = bucket(T)
     cands = tuple(mod.candidates(b))
-    key = (mod.orientation, mod.out_features, mod.in_features, mod.weight_dtype, mod.weight_device.index, b, cands)
+    # a stacked [gate; up] matrix (glu_act set) also times the GLU epilogue: its own entry
+    key = (mod.orientation, mod.out_features, mod.in_features, mod.weight_dtype, mod.weight_device.index, b, cands,
+           getattr(mod, "glu_act", None))
     d = _DECISIONS.get(key)
     if d is not None:
         return d
@@ -185,8 +188,46 @@ def _tune_cuda(mod, x: torch.Tensor) -> tuple[dict | None, float, list[str]]:
         t = gpu_time(lambda i, c=c: cu.mm(x, ops[i][0], ops[i][1], mod.bias, N, mod.orientation, c), nc)
         if t < best_t:
             best, best_t = c, t
+    act = getattr(mod, "glu_act", None)
+    if best is not None and act is not None:
+        g = _tune_glu(mod, x, ref, ops, nc, act, best_t, notes)
+        if g is not None:
+            best = {**best, "glu": g}
     del ops
     return best, best_t, notes
+
+
+def _tune_glu(mod, x: torch.Tensor, ref: torch.Tensor, ops: list, nc: int, act: str, best_t: float,
+              notes: list[str]) -> dict | None:
+    """For a stacked [gate; up] matrix: the fastest register configuration with the GLU
+    epilogue (act(g) * u in the product's own launch), kept only if it beats the best plain
+    product plus the separate activation kernel it replaces (checked against cuBLAS first)."""
+    from dass.infer import cuda as cu
+    from dass.infer.kernels import glu_act_mul
+
+    N, K, T = mod.out_features, mod.in_features, x.shape[0]
+    D = N // 2
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    cands = cu.glu_candidates(mod.orientation, T, N, K, sms)
+    if not cands:
+        return None
+    gu = ref.to(x.dtype)
+    h_ref = glu_act_mul(gu, D, act).float()
+    t_act = gpu_time(lambda i: glu_act_mul(gu, D, act), 1)
+    best, best_g = None, best_t + t_act
+    for c in cands:
+        h = cu.glu_runner(mod.cu_values, mod.cu_meta, mod.bias, N, mod.orientation, c, act)(x).float()
+        err = float((h - h_ref).norm() / h_ref.norm().clamp_min(1e-30))
+        if not err < 2e-2:
+            notes.append(f"cuda GLU {c} wrong (rel. error {err:.2e}): not used")
+            continue
+        runs = [cu.glu_runner(ops[i][0], ops[i][1], mod.bias, N, mod.orientation, c, act) for i in range(nc)]
+        t = gpu_time(lambda i: runs[i](x), nc)
+        if t < best_g:
+            best, best_g = {**c, "us": round(t * 1e3, 2)}, t
+    notes.append(f"GLU epilogue: {'%.2f us' % (best_g * 1e3) if best else 'not faster'} vs "
+                 f"{best_t * 1e3:.2f} + {t_act * 1e3:.2f} us (product + activation kernel)")
+    return best
 
 
 def _time_path(mod, x: torch.Tensor, path: str) -> float:

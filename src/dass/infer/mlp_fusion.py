@@ -72,20 +72,14 @@ def fuse_gate_up(mlp: nn.Module, kids: GLUChildren, config: AccelerateConfig) ->
     with torch.no_grad():
         fused = NM24Linear(torch.cat([g.dense_weight(), u.dense_weight()]), None, g.orientation, config)
     kind = _fused_act(act, D, dev, dtype)
-    from dass.infer.kernels import (
-        glu_act_mul,  # imported here, not per call: the forward is host-bound at 1 token
-    )
+    if kind is not None:
+        fused.glu_act = kind  # the tuner also times the kernel's GLU epilogue (NM24Linear.glu)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if kind is not None:  # act(g) * u: one launch where tuned, else product + activation kernel
+            return down(fused.glu(x))
         gu = fused(x)
-        if kind is not None:
-            if torch.compiler.is_compiling():  # Dynamo sees the kernel as one operator (dass.infer.ops)
-                h = torch.ops.dass.glu_act_mul(gu.reshape(-1, 2 * D), D, kind).view(*x.shape[:-1], D)
-            else:
-                h = glu_act_mul(gu.reshape(-1, 2 * D), D, kind).view(*x.shape[:-1], D)
-        else:
-            h = act(gu[..., :D]) * gu[..., D:]
-        return down(h)
+        return down(act(gu[..., :D]) * gu[..., D:])
 
     with torch.no_grad():
         x = torch.randn(5, d, device=dev, dtype=dtype)

@@ -73,7 +73,11 @@ class NM24Linear(nn.Module):
         self._triton = triton_ok() and self.values is not None
         self._dtype = w.dtype
         self._runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._glu_runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._launchers: dict[tuple, Any] = {}
+        #: the GLU activation when this is a stacked [gate; up] matrix (dass.infer.mlp_fusion):
+        #: then the tuner also times the kernel's GLU epilogue and :meth:`glu` may run it
+        self.glu_act: str | None = None
         self._graph = GraphCache(self._plain, K, N, self.config.max_graphs_per_module)
 
     def _pack_cuda(self, w: torch.Tensor, keep: torch.Tensor | None) -> str | None:
@@ -180,6 +184,7 @@ class NM24Linear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # moved or cast: runners and launchers hold the old buffers
         self._runners.clear()
+        self._glu_runners.clear()
         self._launchers.clear()
         return super()._apply(fn, *args, **kwargs)
 
@@ -187,6 +192,7 @@ class NM24Linear(nn.Module):
         """Free the dense copy (``keep_dense``) and forget runners that used it."""
         self.dense = None
         self._runners.clear()
+        self._glu_runners.clear()
 
     # ------------------------------------------------------------------ running
     def _launcher(self, T: int, config: dict | None):
@@ -299,6 +305,58 @@ class NM24Linear(nn.Module):
             run = self._make_runner(T)
             self._register_op()
         return run(x2).view(*x.shape[:-1], self.out_features)
+
+    # ------------------------------------------------------------------ GLU
+    def glu(self, x: torch.Tensor) -> torch.Tensor:
+        """``act(g) * u`` of ``[g | u] = self(x)`` for a stacked [gate; up] matrix (``glu_act``
+        set): one launch where the tuner found the register kernel's GLU epilogue fastest,
+        else the product and then the Triton activation kernel."""
+        act = self.glu_act
+        if act is None:
+            raise RuntimeError("NM24Linear.glu needs glu_act (a stacked [gate; up] matrix)")
+        D = self.out_features // 2
+        if torch.compiler.is_compiling():
+            h = self.__dict__.get("_dass_handle")
+            if h is None:
+                raise RuntimeError("NM24Linear under torch.compile needs a handle: call "
+                                   "dass.infer.ops.prepare_compile(model, tokens) (or run the model once) before compiling")
+            return torch.ops.dass.nm24_glu(x, h, D, act)
+        x2 = x.reshape(-1, self.in_features)
+        T = x2.shape[0]
+        if T == 0:
+            return x.new_empty(*x.shape[:-1], D)
+        run = self._glu_runners.get(T)
+        if run is None:
+            run = self._make_glu_runner(T, act)
+            self._register_op()
+        return run(x2).view(*x.shape[:-1], D)
+
+    def glu_fused(self, T: int) -> bool:
+        """Whether a call of :meth:`glu` with T tokens runs the kernel's GLU epilogue."""
+        d = self.decision(T)
+        return d.path == "cuda" and isinstance(d.config, dict) and "glu" in d.config and T <= _CUDA_STATIC_MAX_TOKENS
+
+    def _make_glu_runner(self, T: int, act: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        from dass.infer.kernels import glu_act_mul
+
+        d = self.decision(T)
+        D = self.out_features // 2
+        if self.glu_fused(T):
+            from dass.infer import cuda as cu
+
+            cu_run = cu.glu_runner(self.cu_values, self.cu_meta, self.bias, self.out_features, self.orientation,
+                                   d.config["glu"], act)
+
+            def run(x2):
+                return cu_run(x2 if x2.is_contiguous() else x2.contiguous())
+        else:
+            def run(x2):
+                return glu_act_mul(self.forward(x2), D, act)
+        if d.source != "static" or not self.config.autotune:
+            if len(self._glu_runners) > 256:
+                self._glu_runners.clear()
+            self._glu_runners[T] = run
+        return run
 
     # ------------------------------------------------------------------ torch.compile
     def _register_op(self) -> None:

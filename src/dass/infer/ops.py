@@ -11,6 +11,8 @@ calls the module's existing eager path; the fake implementation (for tracing) re
 empty tensor of the right shape and dtype.
 
 - ``dass::nm24_linear(x, handle, out_features)``: ``NM24Linear`` forward;
+- ``dass::nm24_glu(x, handle, D, act)``: a stacked [gate; up] ``NM24Linear``'s ``act(g) * u``
+  (:meth:`~dass.infer.nm24_linear.NM24Linear.glu`: the kernel's GLU epilogue where tuned);
 - ``dass::glu_act_mul(gu, D, act)``: the fused GLU activation (:func:`dass.infer.kernels.glu_act_mul`).
 
 The operators are used only while compiling (``torch.compiler.is_compiling()``): eager calls
@@ -34,7 +36,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-__all__ = ["nm24_linear", "glu_act_mul", "register", "module_of", "prepare_compile", "use_ops"]
+__all__ = ["nm24_linear", "nm24_glu", "glu_act_mul", "register", "module_of", "prepare_compile", "use_ops"]
 
 _LOCK = threading.Lock()
 _REGISTRY: dict[int, "weakref.ref[nn.Module]"] = {}
@@ -80,6 +82,21 @@ def nm24_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor
 @nm24_linear.register_fake
 def _nm24_linear_fake(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("dass::nm24_glu", mutates_args=())
+def nm24_glu(x: torch.Tensor, handle: int, D: int, act: str) -> torch.Tensor:
+    """``act(g) * u`` of the stacked [gate; up] NM24Linear with ``handle`` (:meth:`NM24Linear.glu`)."""
+    from dass.infer.graphs import raw_mode
+
+    mod = module_of(handle)
+    with raw_mode():
+        return mod.glu(x)
+
+
+@nm24_glu.register_fake
+def _nm24_glu_fake(x: torch.Tensor, handle: int, D: int, act: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], D)
 
 
 @torch.library.custom_op("dass::glu_act_mul", mutates_args=())

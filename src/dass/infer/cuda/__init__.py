@@ -72,6 +72,11 @@ __all__ = [
     "WGS_CONFIGS",
     "wgs_supported",
     "unpack",
+    "GLU_CONFIGS",
+    "GLU_ACTS",
+    "glu_candidates",
+    "glu_runner",
+    "pdl_enabled",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.cu", "nm24_out_f16.cu",
            "nm24s_in_bf16.cu", "nm24s_in_f16.cu", "nm24s_out_bf16.cu", "nm24s_out_f16.cu",
-           "nm24w_out_bf16.cu", "nm24w_out_f16.cu", "nm24g_in_bf16.cu", "nm24g_in_f16.cu", "nm24_unpack.cu")
+           "nm24w_out_bf16.cu", "nm24w_out_f16.cu", "nm24g_in_bf16.cu", "nm24g_in_f16.cu", "nm24_unpack.cu",
+           "nm24_glu_in_bf16.cu", "nm24_glu_in_f16.cu", "nm24_glu_out_bf16.cu", "nm24_glu_out_f16.cu")
 HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h",
            "nm24_wg.cuh", "nm24_dispatch_wg.cuh", "nm24_wgmma_ops.cuh", "nm24_wgs.cuh", "nm24_dispatch_wgs.cuh")
 MAX_TOKENS = 128  # tokens of one launch
@@ -106,6 +112,15 @@ _WIDE = {
                (1, 8, 2, 8, 1)),
 }
 CONFIGS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {o: _CLASSIC[o] + _WIDE[o] for o in _CLASSIC}
+# (mt, nt, ks, wr, wt) of the register kernel compiled with the GLU epilogue (a stacked
+# [gate; up] matrix in, act(gate) * up out; half a warp's tiles gate, half up, so mt is even):
+# must equal nm24_dispatch.cuh's DASS24_GLU_CASE lists.
+GLU_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {
+    "input": tuple(c for c in CONFIGS["input"] if c[0] == 2 and c[4] == 1),
+    "output": tuple(c for c in CONFIGS["output"] if c[0] == 2 and c[4] == 1),
+}
+#: GLU activation codes of the kernel's epilogue (dass.infer.kernels.glu has the same two)
+GLU_ACTS = {"silu": 0, "gelu_tanh": 1}
 
 # (mt, wn, nt, ks) of the shared-memory kernel: must equal nm24_dispatch_smem.cuh's
 # DASS24_SMEM_CASE lists (the configurations that compile without spilling on sm_90).
@@ -415,6 +430,51 @@ def unpack(values: torch.Tensor, meta: torch.Tensor, N: int, K: int, orientation
     return ext.unpack(values, meta, N, K, 0 if orientation == "input" else 1, like)
 
 
+def pdl_enabled() -> bool:
+    """Whether register-kernel launches use programmatic dependent launch (nm24_kernels.cuh):
+    ``DASS_CUDA_PDL=1`` on a GPU of compute capability 9.0. Off by default until measured
+    in decoding on the GPU (docs/speed.md)."""
+    return (os.environ.get("DASS_CUDA_PDL", "0") == "1" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (9, 0))
+
+
+def glu_candidates(orientation: str, T: int, N: int, K: int, sms: int = 132) -> list[dict[str, Any]]:
+    """Register-kernel configurations that run a stacked ``[gate; up]`` [N, K] matrix with the
+    GLU epilogue at T tokens (1-128; [] where the shape has no whole gate tiles)."""
+    rows = 16 if orientation == "input" else 32
+    if T > MAX_TOKENS or N % (2 * rows):
+        return []
+    allowed = {(mt, ks, wr, wt) for mt, nt, ks, wr, wt in GLU_CONFIGS[orientation] if nt == nt_for(T)}
+    out = []
+    for c in candidates(orientation, T, N, K, sms, wg=False):
+        if c["kind"] == "reg" and (c["mt"], c["ks"], c.get("wr", WARPS), c.get("wt", 1)) in allowed:
+            out.append(c)
+    return out
+
+
+def glu_runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, N: int, orientation: str,
+               config: dict[str, Any], act: str):
+    """``f(x) = act(g) * u`` where ``[g | u] = x @ W.T (+ bias)`` for a stacked [gate; up] W of
+    N = 2 D rows: one register-kernel launch, [T, D] out (1-128 tokens)."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
+    if act not in GLU_ACTS:
+        raise ValueError(f"act must be one of {sorted(GLU_ACTS)}, got {act!r}")
+    if config.get("kind", "reg") != "reg":
+        raise ValueError(f"the GLU epilogue runs on the register kernel only, got {config}")
+    ori = 0 if orientation == "input" else 1
+    mt, ks, splits = int(config["mt"]), int(config["ks"]), int(config["splits"])
+    wr, wt, code, pdl = int(config.get("wr", WARPS)), int(config.get("wt", 1)), GLU_ACTS[act], int(pdl_enabled())
+    fn = ext.mm
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > MAX_TOKENS:
+            raise ValueError(f"dass nm24 cuda: the GLU epilogue runs 1-{MAX_TOKENS} tokens a call, got {x.shape[0]}")
+        return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt, 0, code, pdl)
+    return run
+
+
 def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, N: int, orientation: str,
            config: dict[str, Any]):
     """``f(x) = x @ W.T (+ bias)`` bound to one configuration (no per-call dict lookups)."""
@@ -446,10 +506,10 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
         def run(x: torch.Tensor) -> torch.Tensor:
             return fn(x, values, meta, bias, N, ori, mt, wn, ks, splits)
     else:
-        fn, wr, wt = ext.mm, int(config.get("wr", WARPS)), int(config.get("wt", 1))
+        fn, wr, wt, pdl = ext.mm, int(config.get("wr", WARPS)), int(config.get("wt", 1)), int(pdl_enabled())
 
         def run(x: torch.Tensor, nt_min: int = 0) -> torch.Tensor:
-            return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt, nt_min)
+            return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt, nt_min, -1, pdl)
     if kind != "reg":
         return run
 

@@ -6,11 +6,31 @@
 // warps along the rows and along the tokens (nm24_kernels.cuh).
 // The configurations listed here are the ones ptxas compiles without spilling on sm_90;
 // dass/infer/cuda/__init__.py's CONFIGS must list the same (a CPU test compares them).
+//
+// With DASS24_GLU defined (nm24_glu_*.cu) the unit holds the GLU instantiations instead: the
+// DASS24_GLU_CASE lists, which dass/infer/cuda/__init__.py's GLU_CONFIGS must equal.
 #include "nm24_kernels.cuh"
 
 namespace dass24 {
 
 cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s) {
+#ifdef DASS24_GLU
+#define DASS24_GLU_CASE(MT, NT, KS, WR, WT)                      \
+  if (mt == MT && nt == NT && ks == KS && wr == WR && wt == WT) \
+    return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT, true>(p, splits, s);
+#if DASS24_ORI == 0
+  // GLU_CONFIGS input
+  DASS24_GLU_CASE(2, 1, 2, 4, 1) DASS24_GLU_CASE(2, 1, 4, 4, 1) DASS24_GLU_CASE(2, 2, 2, 4, 1)
+  DASS24_GLU_CASE(2, 2, 4, 4, 1) DASS24_GLU_CASE(2, 4, 2, 4, 1) DASS24_GLU_CASE(2, 4, 4, 4, 1)
+  DASS24_GLU_CASE(2, 8, 2, 4, 1) DASS24_GLU_CASE(2, 8, 4, 4, 1) DASS24_GLU_CASE(2, 16, 2, 4, 1)
+  DASS24_GLU_CASE(2, 16, 2, 8, 1) DASS24_GLU_CASE(2, 8, 2, 8, 1)
+#else
+  // GLU_CONFIGS output
+  DASS24_GLU_CASE(2, 1, 2, 4, 1) DASS24_GLU_CASE(2, 2, 2, 4, 1) DASS24_GLU_CASE(2, 4, 2, 4, 1)
+#endif
+#undef DASS24_GLU_CASE
+  return cudaErrorInvalidValue;
+#else
 #define DASS24_CASE(MT, NT, KS, WR, WT)                          \
   if (mt == MT && nt == NT && ks == KS && wr == WR && wt == WT) \
     return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT>(p, splits, s);
@@ -39,6 +59,7 @@ cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, 
 #endif
 #undef DASS24_CASE
   return cudaErrorInvalidValue;
+#endif
 }
 
 #ifdef DASS24_FINISH

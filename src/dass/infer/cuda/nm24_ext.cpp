@@ -141,6 +141,8 @@ dass24::Params params_for(const torch::Tensor& x, const torch::Tensor& vals, con
   p.T = (int)x.size(0);
   p.steps_per_split = (int)sps;
   p.wg_swap = (int)wg_swap;
+  p.act = -1;
+  p.pdl = 0;
   return p;
 }
 
@@ -151,24 +153,33 @@ void finish(const dass24::Params& p, bool bf, cudaStream_t stream) {
   TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: finish failed: ", cudaGetErrorString(err));
 }
 
+// act >= 0: the matrix is a stacked [gate; up] (N = 2 D) and the result is act(gate) * up,
+// [T, D] (act 0 silu, 1 gelu tanh; even mt, compiled GLU configurations only). pdl = 1: the
+// launch lets the kernel start while the one before it finishes (compute capability 9.0).
 torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
                  int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits, int64_t wr, int64_t wt,
-                 int64_t nt_min) {
+                 int64_t nt_min, int64_t act, int64_t pdl) {
   check_operands(x, vals, meta);
   TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
   x = aligned_tokens(x);
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(T >= 1 && T <= 128, "dass nm24 cuda: 1 to 128 tokens per call, got ", T);
   const int64_t rows = packed_rows(vals, meta, N, K, orientation);
+  TORCH_CHECK(act >= -1 && act <= 1, "dass nm24 cuda: act must be -1 (none), 0 (silu) or 1 (gelu tanh)");
+  const bool glu = act >= 0;
+  TORCH_CHECK(!glu || (N % (2 * rows) == 0 && mt % 2 == 0), "dass nm24 cuda: the GLU epilogue needs N % ", 2 * rows,
+              " == 0 (a whole number of gate tiles) and an even mt, got N=", N, " mt=", mt);
   const auto [sps, nsplit] = k_slices(K, ks, splits);
   // nt_min: the slices of a longer call all run the configuration of its first slice
   TORCH_CHECK(nt_min >= 0 && nt_min <= 16, "dass nm24 cuda: nt_min must be 0 to 16");
   const int nt = pow2_at_least(std::max((int)((T + 7) / 8), (int)nt_min));
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto y = torch::empty({T, N}, x.options());
+  auto y = torch::empty({T, glu ? N / 2 : N}, x.options());
   torch::Tensor ws;
   dass24::Params p = params_for(x, vals, meta, y, bias, N, sps, 0);
+  p.act = (int)act;
+  p.pdl = (int)pdl;
   if (nsplit > 1) {
     // each K-slice of a block stores its partials (block rows x the block's nt * 8 tokens,
     // fp32) and the last to arrive adds them up (nm24_kernels.cuh): nothing to zero first
@@ -181,14 +192,20 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   }
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err;
-  if (orientation == 0)
+  if (glu && orientation == 0)
+    err = bf ? dass24::run_glu_in_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
+             : dass24::run_glu_in_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
+  else if (glu)
+    err = bf ? dass24::run_glu_out_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
+             : dass24::run_glu_out_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
+  else if (orientation == 0)
     err = bf ? dass24::run_in_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
              : dass24::run_in_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
   else
     err = bf ? dass24::run_out_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
              : dass24::run_out_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
-  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (orientation ", orientation, ", mt=", mt,
-              " nt=", nt, " ks=", ks, " wr=", wr, " wt=", wt,
+  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (orientation ", orientation, glu ? ", GLU" : "",
+              ", mt=", mt, " nt=", nt, " ks=", ks, " wr=", wr, " wt=", wt,
               "; a configuration that is not compiled answers 'invalid argument'): ",
               cudaGetErrorString(err));
   return y;
@@ -315,7 +332,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dass 2:4 sparse CUDA kernels for 1-128 tokens";
   m.def("mm", &mm, "y[T, N] = x[T, K] @ W^T from a packed 2:4 W (dass.infer.cuda.layout)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
-        py::arg("ks"), py::arg("splits"), py::arg("wr") = 4, py::arg("wt") = 1, py::arg("nt_min") = 0);
+        py::arg("ks"), py::arg("splits"), py::arg("wr") = 4, py::arg("wt") = 1, py::arg("nt_min") = 0,
+        py::arg("act") = -1, py::arg("pdl") = 0);
   m.def("mm_smem", &mm_smem, "the same product by the shared-memory kernel (16-128 tokens)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
         py::arg("wn"), py::arg("ks"), py::arg("splits"));

@@ -19,6 +19,20 @@
 // and puts the counter back to zero for the next call. One launch per product: no zero fill
 // of a workspace before it and no conversion kernel after it, which at decode sizes cost as
 // much GPU time as the product's own tail.
+//
+// GLU (a stacked [gate; up] matrix, N = 2 D): a warp's MT tiles are MT / 2 gate tiles and the
+// up tiles of the same rows (D / ROWS tiles further on), so every thread holds the gate and
+// up accumulators of the same rows and tokens; the epilogue writes h = act(g) * u, [T, D].
+// One kernel fewer a GLU MLP, and the down product that follows can start on its weights at
+// once (programmatic dependent launch, below).
+//
+// Programmatic dependent launch (Params::pdl, compute capability 9.0): launched with
+// programmatic stream serialization, a product starts while the kernel before it finishes.
+// Nothing that kernel writes is touched before griddepcontrol.wait: before it a block only
+// issues its first weight loads and L2 prefetches of the next ones (the weights are never
+// written by anyone). A block lets the next kernel launch (griddepcontrol.launch_dependents)
+// once its main loop is done, so a dependent never takes an SM slot before all of this
+// grid's blocks have one. Without the launch attribute both instructions do nothing.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -78,6 +92,28 @@ __device__ __forceinline__ uint32_t ldg_stream(const uint32_t* p) {
   asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
   return v;
 }
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+// Programmatic dependent launch (no-ops below compute capability 9.0 and without the attribute)
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
+
+// The GLU activations (Params::act): 0 silu, 1 gelu with the tanh approximation, both as
+// g * sigmoid(.) like dass.infer.kernels.glu (gelu_tanh: 0.5 g (1 + tanh z) = g sigmoid(2 z)).
+__device__ __forceinline__ float glu_act(int act, float g) {
+  const float z = act == 0 ? g : 1.5957691216057308f * (g + 0.044715f * g * g * g);
+  return g / (1.f + __expf(-z));
+}
+
 template <bool SHARED, typename P>
 __device__ __forceinline__ auto ldg_w(const P* p) {
   if constexpr (SHARED) return ldg_shared(p);
@@ -109,6 +145,7 @@ template <> struct Mma<__nv_bfloat16> {
     __nv_bfloat16 h = __float2bfloat16_rn(v);
     return *reinterpret_cast<uint16_t*>(&h);
   }
+  __device__ __forceinline__ static float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 };
 
 template <> struct Mma<__half> {
@@ -134,6 +171,7 @@ template <> struct Mma<__half> {
     __half h = __float2half_rn(v);
     return *reinterpret_cast<uint16_t*>(&h);
   }
+  __device__ __forceinline__ static float round(float v) { return __half2float(__float2half_rn(v)); }
 };
 
 // Expand one 16-K half of an output-orientation step into the A fragments of the two m16
@@ -179,7 +217,7 @@ template <int MT, int KS> struct WeightRegs<1, MT, KS> {
 // token fragments are reused MT-fold, not once) and a block's token tile serve more rows,
 // at the price of each weight byte being loaded by WT warps (the first from DRAM, the
 // others from L1/L2).
-template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, int STAGES>
+template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, int STAGES, bool GLU>
 __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   extern __shared__ uint4 smem[];
   constexpr int WARPS = WR * WT;
@@ -191,11 +229,14 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   constexpr int NF = ORI == 0 ? 1 : 2;  // m16 fragments per warp tile
   static_assert(CH % 8 == 0, "the shared-memory swizzle needs KS >= 2");
   static_assert(KS % 2 == 0, "metadata comes in pairs of K-steps");
+  static_assert(!GLU || MT % 2 == 0, "GLU: half a warp's tiles are gate tiles, half up tiles");
+  constexpr int MH = GLU ? MT / 2 : MT;  // a warp's tiles of output rows
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int ntile = p.N / ROWS;
-  const int tile0 = (blockIdx.x * WR + warp % WR) * MT;
+  const int otile = GLU ? ntile / 2 : ntile;  // tiles of output rows (the gate tiles)
+  const int tile0 = (blockIdx.x * WR + warp % WR) * MH;
   const int tok0 = (warp / WR) * NT * 8;  // this warp's first token
   const int ksteps = p.K / 32;
   const int s_begin = blockIdx.y * p.steps_per_split;
@@ -234,13 +275,16 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   // The weight loads, strength-reduced too: one pointer a warp, row tiles ksteps steps apart.
   // Tiles past the matrix (the last block) and the stage after the last are not loaded:
   // their registers feed only rows that are never written, or no product at all.
-  const int tclamp = ntile - 1 - tile0;  // row tiles of this warp that exist: m <= tclamp
+  const int tclamp = otile - 1 - tile0;  // row tiles of this warp that exist: m % MH <= tclamp
   constexpr int VSTEP = ORI == 0 ? 32 : 64;  // uint4 of values a K-step and tile
   const uint4* wsrc = p.vals + ((size_t)tile0 * ksteps + s_begin) * VSTEP + lane;
   const uint32_t* msrc = ORI == 0 ? p.meta + ((size_t)tile0 * (ksteps / 2) + s_begin / 2) * 32 + lane
                                   : p.meta + ((size_t)tile0 * ksteps + s_begin) * 32 + lane;
   const size_t wtile = (size_t)ksteps * VSTEP;                      // values of one row tile
   const size_t mtile = (size_t)(ORI == 0 ? ksteps / 2 : ksteps) * 32;  // metadata of one row tile
+  // GLU: tile m >= MH is the up tile of gate tile m - MH, otile - MH tiles further on
+  const int ushift = GLU ? otile - MH : 0;
+  auto tile_of = [&](int m) { return m + (GLU && m >= MH ? ushift : 0); };
 
   auto load_w = [&](WeightRegs<ORI, MT, KS>& r, int st) {
     if (st >= nstage) return;
@@ -248,9 +292,13 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
     const uint32_t* ms = msrc + st * (ORI == 0 ? KS / 2 : KS) * 32;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      if (m > tclamp) break;
-      const uint4* wm = ws + m * wtile;
-      const uint32_t* mm = ms + m * mtile;
+      if constexpr (GLU) {
+        if (m % MH > tclamp) continue;
+      } else {
+        if (m > tclamp) break;  // (break, not continue: 15-30 registers fewer in some shapes)
+      }
+      const uint4* wm = ws + tile_of(m) * wtile;
+      const uint32_t* mm = ms + tile_of(m) * mtile;
 #pragma unroll
       for (int kk = 0; kk < KS; ++kk) {
         if constexpr (ORI == 0) {
@@ -327,9 +375,21 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   };
 
   WeightRegs<ORI, MT, KS> ra, rb;
+  // Before the wait for the kernel ahead (PDL): the first stage's weights into registers and
+  // (decode sizes, up to 64 tokens) up to 32 lines a tile of the next stages' into L2, lane l
+  // fetching line l; at 128 tokens the registers are needed elsewhere
+  load_w(ra, 0);
+  if constexpr (NT * WT <= 8) {
+    const int lines = min(32, (nstage - 1) * KS * VSTEP / 8);  // 128-byte lines past stage 0
+    if (lane < lines) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        if (m % MH <= tclamp) prefetch_l2(wsrc - lane + tile_of(m) * wtile + KS * VSTEP + lane * 8);
+    }
+  }
+  grid_dep_wait();
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) load_x(st);
-  load_w(ra, 0);
 #pragma unroll 1
   for (int st = 0; st < nstage; st += 2) {
     load_w(rb, st + 1);
@@ -345,6 +405,7 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
     compute(rb, st + 1);
   }
   cp_async_wait<0>();
+  grid_dep_launch();
 
   if (gridDim.y > 1) {
     // this thread's partials: slot ((warp, m, f, nt), lane) of the slice's part of the block
@@ -391,6 +452,61 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
         }
     }
     if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next call
+  }
+
+  if constexpr (GLU) {
+    // h[tok, r] = act(g) * u, g and u rounded to 16 bits first (as the unfused path stores
+    // them), bias rows r and D + r
+    const int D = otile * ROWS;
+#pragma unroll
+    for (int m = 0; m < MH; ++m) {
+      const int tt = tile0 + m;
+      if (tt >= otile) continue;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int c2 = 0; c2 < 2; ++c2) {
+          const int tok = tok0 + nt * 8 + 2 * t + c2;
+          if (tok >= p.T) continue;
+          if constexpr (ORI == 0) {
+#pragma unroll
+            for (int hi = 0; hi < 2; ++hi) {
+              const int row = tt * 16 + g + 8 * hi;
+              float gv = acc[m][0][nt][2 * hi + c2], uv = acc[m + MH][0][nt][2 * hi + c2];
+              if (p.bias) {
+                gv += Mma<E>::to_f(p.bias, row);
+                uv += Mma<E>::to_f(p.bias, D + row);
+              }
+              gv = Mma<E>::round(gv);
+              uv = Mma<E>::round(uv);
+              reinterpret_cast<uint16_t*>(p.y)[(size_t)tok * D + row] = Mma<E>::from_f(glu_act(p.act, gv) * uv);
+            }
+          } else {
+            const int row0 = tt * 32 + 4 * g;
+            const float gv[4] = {acc[m][0][nt][c2], acc[m][0][nt][2 + c2], acc[m][1][nt][c2], acc[m][1][nt][2 + c2]};
+            const float uv[4] = {acc[m + MH][0][nt][c2], acc[m + MH][0][nt][2 + c2], acc[m + MH][1][nt][c2],
+                                 acc[m + MH][1][nt][2 + c2]};
+            uint16_t h[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              float a = gv[q], b = uv[q];
+              if (p.bias) {
+                a += Mma<E>::to_f(p.bias, row0 + q);
+                b += Mma<E>::to_f(p.bias, D + row0 + q);
+              }
+              a = Mma<E>::round(a);
+              b = Mma<E>::round(b);
+              h[q] = Mma<E>::from_f(glu_act(p.act, a) * b);
+            }
+            uint2 out;
+            out.x = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+            out.y = (uint32_t)h[2] | ((uint32_t)h[3] << 16);
+            *reinterpret_cast<uint2*>(reinterpret_cast<uint16_t*>(p.y) + (size_t)tok * D + row0) = out;
+          }
+        }
+      }
+    }
+    return;
   }
 
 #pragma unroll
@@ -448,18 +564,33 @@ constexpr int smem_bytes() {
 }
 
 // Host-side launch of one instantiation (NT: the block's token tiles); returns a cudaError_t.
-template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT>
+// GLU: p.N is the stacked matrix's rows (2 D); the grid covers the D output rows.
+template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, bool GLU = false>
 cudaError_t launch(const Params& p, int splits, cudaStream_t stream) {
   static_assert(NT % WT == 0, "whole token tiles a warp");
-  auto kern = nm24_kernel<E, ORI, MT, NT / WT, KS, WR, WT, kStages>;
+  auto kern = nm24_kernel<E, ORI, MT, NT / WT, KS, WR, WT, kStages, GLU>;
   constexpr int smem = smem_bytes<E, ORI, MT, NT, KS, WT>();
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
   constexpr int ROWS = ORI == 0 ? 16 : 32;
-  const int ntile = p.N / ROWS;
-  dim3 grid((ntile + WR * MT - 1) / (WR * MT), splits);
+  constexpr int MH = GLU ? MT / 2 : MT;
+  const int otile = GLU ? p.N / ROWS / 2 : p.N / ROWS;
+  dim3 grid((otile + WR * MH - 1) / (WR * MH), splits);
+  if (p.pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(WR * WT * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kern, p);
+  }
   kern<<<grid, WR * WT * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -17,12 +17,19 @@ struct Params {
   int N, K, T;
   int steps_per_split;   // K-steps of 32 per grid.y slice (a multiple of KS)
   int wg_swap;           // wgmma kernel: 1 swaps the descriptor's two byte offsets (a GPU probe)
+  int act;               // GLU register kernel: 0 silu, 1 gelu (tanh); y is then [T, N / 2]
+  int pdl;               // register kernel: 1 launches with programmatic stream serialization
 };
 
 cudaError_t run_in_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_in_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_out_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_out_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+// The register kernel on a stacked [gate; up] matrix, writing act(gate) * up (nm24_kernels.cuh, GLU).
+cudaError_t run_glu_in_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_glu_in_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_glu_out_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_glu_out_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
 // The shared-memory kernel (nm24_smem.cuh): wn = warps along the tokens (8 / wn along rows).
 cudaError_t run_smem_in_bf16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_smem_in_f16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);

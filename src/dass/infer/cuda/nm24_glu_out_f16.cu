@@ -1,0 +1,6 @@
+// Instantiations: GLU epilogue, orientation out, f16 (see nm24_dispatch.cuh).
+#define DASS24_E __half
+#define DASS24_ORI 1
+#define DASS24_GLU
+#define DASS24_RUN run_glu_out_f16
+#include "nm24_dispatch.cuh"
