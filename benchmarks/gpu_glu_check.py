@@ -153,6 +153,9 @@ def timing(tokens, budget_s: float, log) -> list[dict]:
             reg = [c for c in cu.candidates(orientation, T, 2 * D, d, wg=False) if c["kind"] == "reg"]
             pk, pt = _best({config_name(c): plain(c) for c in reg}, nc)
             gk_cands = cu.glu_candidates(orientation, T, 2 * D, d)
+            if not gk_cands:
+                log(f"{orientation} T={T}: no GLU configuration compiled for this bucket")
+                continue
             gk, gt = _best({config_name(c): fused(c) for c in gk_cands}, nc)
             gu_out = torch.empty(T, 2 * D, device="cuda", dtype=torch.bfloat16)
             at = gpu_time(lambda i: glu_act_mul(gu_out, D, "silu"), 1) * 1e3
