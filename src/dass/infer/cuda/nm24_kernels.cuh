@@ -454,65 +454,25 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
     if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next call
   }
 
-  if constexpr (GLU) {
-    // h[tok, r] = act(g) * u, g and u rounded to 16 bits first (as the unfused path stores
-    // them), bias rows r and D + r
-    const int D = otile * ROWS;
-#pragma unroll
-    for (int m = 0; m < MH; ++m) {
-      const int tt = tile0 + m;
-      if (tt >= otile) continue;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int c2 = 0; c2 < 2; ++c2) {
-          const int tok = tok0 + nt * 8 + 2 * t + c2;
-          if (tok >= p.T) continue;
-          if constexpr (ORI == 0) {
-#pragma unroll
-            for (int hi = 0; hi < 2; ++hi) {
-              const int row = tt * 16 + g + 8 * hi;
-              float gv = acc[m][0][nt][2 * hi + c2], uv = acc[m + MH][0][nt][2 * hi + c2];
-              if (p.bias) {
-                gv += Mma<E>::to_f(p.bias, row);
-                uv += Mma<E>::to_f(p.bias, D + row);
-              }
-              gv = Mma<E>::round(gv);
-              uv = Mma<E>::round(uv);
-              reinterpret_cast<uint16_t*>(p.y)[(size_t)tok * D + row] = Mma<E>::from_f(glu_act(p.act, gv) * uv);
-            }
-          } else {
-            const int row0 = tt * 32 + 4 * g;
-            const float gv[4] = {acc[m][0][nt][c2], acc[m][0][nt][2 + c2], acc[m][1][nt][c2], acc[m][1][nt][2 + c2]};
-            const float uv[4] = {acc[m + MH][0][nt][c2], acc[m + MH][0][nt][2 + c2], acc[m + MH][1][nt][c2],
-                                 acc[m + MH][1][nt][2 + c2]};
-            uint16_t h[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              float a = gv[q], b = uv[q];
-              if (p.bias) {
-                a += Mma<E>::to_f(p.bias, row0 + q);
-                b += Mma<E>::to_f(p.bias, D + row0 + q);
-              }
-              a = Mma<E>::round(a);
-              b = Mma<E>::round(b);
-              h[q] = Mma<E>::from_f(glu_act(p.act, a) * b);
-            }
-            uint2 out;
-            out.x = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
-            out.y = (uint32_t)h[2] | ((uint32_t)h[3] << 16);
-            *reinterpret_cast<uint2*>(reinterpret_cast<uint16_t*>(p.y) + (size_t)tok * D + row0) = out;
-          }
-        }
-      }
+  // The epilogue: one 16-bit value a (fragment m / f, slot i) and output row; under GLU
+  // act(g) * u with the up partner m + MH, g and u rounded to 16 bits first (as the unfused
+  // path stores them), bias rows r and D + r
+  const int OUTN = GLU ? otile * ROWS : p.N;  // columns of y: N, or D under GLU
+  auto value = [&](int m, int f, int nt, int i, int row) -> uint16_t {
+    float v = acc[m][f][nt][i];
+    if (p.bias) v += Mma<E>::to_f(p.bias, row);
+    if constexpr (!GLU) {
+      return Mma<E>::from_f(v);
+    } else {
+      float u = acc[m + MH][f][nt][i];
+      if (p.bias) u += Mma<E>::to_f(p.bias, OUTN + row);
+      return Mma<E>::from_f(glu_act(p.act, Mma<E>::round(v)) * Mma<E>::round(u));
     }
-    return;
-  }
-
+  };
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+  for (int m = 0; m < MH; ++m) {
     const int tt = tile0 + m;
-    if (tt >= ntile) continue;
+    if (tt >= otile) continue;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -523,20 +483,18 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
 #pragma unroll
           for (int hi = 0; hi < 2; ++hi) {
             const int row = tt * 16 + g + 8 * hi;
-            float v = acc[m][0][nt][2 * hi + c2];
-            if (p.bias) v += Mma<E>::to_f(p.bias, row);
-            reinterpret_cast<uint16_t*>(p.y)[(size_t)tok * p.N + row] = Mma<E>::from_f(v);
+            reinterpret_cast<uint16_t*>(p.y)[(size_t)tok * OUTN + row] = value(m, 0, nt, 2 * hi + c2, row);
           }
         } else {
-          const int row0 = tt * 32 + 4 * g;  // rows 4g + q, q = 0..3 (tile a: q 0,1; b: q 2,3)
-          float v[4] = {acc[m][0][nt][c2], acc[m][0][nt][2 + c2], acc[m][1][nt][c2], acc[m][1][nt][2 + c2]};
+          // rows 4g + q, q = 0..3 (tile a: q 0,1 -> fragment 0; b: q 2,3 -> fragment 1)
+          const int row0 = tt * 32 + 4 * g;
           uint16_t h[4];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) h[q] = Mma<E>::from_f(p.bias ? v[q] + Mma<E>::to_f(p.bias, row0 + q) : v[q]);
+          for (int q = 0; q < 4; ++q) h[q] = value(m, q >> 1, nt, (q & 1) * 2 + c2, row0 + q);
           uint2 out;
           out.x = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
           out.y = (uint32_t)h[2] | ((uint32_t)h[3] << 16);
-          *reinterpret_cast<uint2*>(reinterpret_cast<uint16_t*>(p.y) + (size_t)tok * p.N + row0) = out;
+          *reinterpret_cast<uint2*>(reinterpret_cast<uint16_t*>(p.y) + (size_t)tok * OUTN + row0) = out;
         }
       }
     }
