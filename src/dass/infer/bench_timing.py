@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from dass.infer.kernels.capture import graph_capture
+
 MIN_SET_BYTES = 200 * 2**20  # weights cycled per loop, > L2
 
 __all__ = ["Timer", "safe", "prune24", "ncopies"]
@@ -67,7 +69,7 @@ class Timer:
         probe = self._loop_ms(lambda: [fn(i) for i in range(ncopies)]) / ncopies
         inner = int(min(self.max_inner, max(ncopies, math.ceil(self.target_ms / max(probe, 1e-3)))))
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with graph_capture(g):
             for i in range(inner):
                 fn(i)
         g.replay()

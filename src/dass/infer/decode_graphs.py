@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from dass.infer.kernels.capture import graph_capture
+
 __all__ = ["DecodeGraphs", "cuda_capture"]
 
 
@@ -42,7 +44,7 @@ def cuda_capture(fn: Callable[[], Any]) -> Callable[[], None]:
             fn()
     cur.wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with graph_capture(g):
         fn()
     return g.replay
 

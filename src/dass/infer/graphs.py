@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from dass.infer.kernels.capture import graph_capture
+
 __all__ = ["GraphCache", "graph_bucket", "capturing", "clear_graphs", "raw_mode"]
 
 _LOCK = threading.Lock()
@@ -147,6 +149,6 @@ class GraphCache:
                     self.fn(sin)
             cur.wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=_pool(device)):
+            with graph_capture(g, pool=_pool(device)):
                 sout.copy_(self.fn(sin))
         return g

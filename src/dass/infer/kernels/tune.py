@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from dass.infer.kernels.capture import graph_capture
+
 from dass.infer.kernels.launch import (
     Launcher,
     block_t,
@@ -113,7 +115,7 @@ def gpu_time(fn: Callable[[int], Any], ncopies: int = 1, calls: int | None = Non
             fn(i % ncopies)
     cur.wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with graph_capture(g):
         for i in range(calls):
             fn(i % ncopies)
     g.replay()

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The round-9 GPU calls (docs/speed.md, "round 9"), run from the repository root on the GPU
+# machine.
+#   PART=A OUT=/dir bash benchmarks/gpu_call_round9.sh   build, the GLU configurations against
+#                                                        cuBLAS (the merged epilogue's first GPU
+#                                                        run), tuning of 1, 16, 64 tokens in a
+#                                                        process of its own, then decoding at batch
+#                                                        1 and 16 (PDL off) with the 1024-token
+#                                                        prefill tuned in-process: the conditions
+#                                                        under which batch 16 faulted in rounds 5,
+#                                                        7 and 8, now with cuBLAS's workspaces
+#                                                        cleared around dass' captures. If it still
+#                                                        faults: tune 1024 in its own process and
+#                                                        run batch 16 again
+#   PART=B OUT=/dir bash benchmarks/gpu_call_round9.sh   where a batch-1 step's time goes, then
+#                                                        tuning of 4, 256, 4096 and decoding at 4, 64
+# Knobs: CTIME/CBUDGET (checks), PTOKENS/PTIME (pretuning), BATCHES/GBUDGET/GTIME (decoding),
+# STIME (step profile). A tuning cache at .gpu/tuning.json (carried from an earlier call of the
+# same session) is used and updated.
+set -u
+OUT=${OUT:-/tmp/gpu_round9}
+PART=${PART:-A}
+mkdir -p "$OUT" /tmp/dass_cache
+export PYTHONPATH=src DASS_CACHE=/tmp/dass_cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export DASS_TUNING_CACHE=/tmp/dass_cache/tuning.json
+[ -f .gpu/tuning.json ] && cp .gpu/tuning.json $DASS_TUNING_CACHE && echo "tuning cache carried in"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+t0=$(date +%s)
+faulted() { grep -q "unspecified launch failure\|illegal memory access\|CUDA error" "$1"; }
+if [ "$PART" = A ]; then
+    timeout -k 5 ${CTIME:-220} python3 -X faulthandler benchmarks/gpu_glu_check.py --out $OUT/glu_check.json \
+        --budget-s ${CBUDGET:-70} > $OUT/glu_check.log 2>&1
+    echo "GLU check rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "^BAD" $OUT/glu_check.log | tail -12 | cut -c1-300
+    grep -c "^BAD" $OUT/glu_check.log; grep "^BAD" $OUT/glu_check.log | head -5 | cut -c1-300
+    timeout -k 5 ${PTIME:-120} python3 benchmarks/gpu_pretune.py --tokens ${PTOKENS:-1,16,64} > $OUT/pretune.log 2>&1
+    echo "pretune rc=$? at $(( $(date +%s) - t0 )) s"; tail -3 $OUT/pretune.log | cut -c1-200
+    DASS_CUDA_PDL=0 timeout -k 5 ${GTIME:-250} python3 -X faulthandler benchmarks/gpu_generate.py --out $OUT/generate.json \
+        --budget-s ${GBUDGET:-230} --batches ${BATCHES:-1,16} > $OUT/generate.log 2>&1
+    echo "generate rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate.log | tail -14 | cut -c1-300
+    left=$(( ${TOTAL:-560} - ($(date +%s) - t0) ))
+    if faulted $OUT/generate.log && [ $left -gt 100 ]; then
+        echo "fault: tune 1024 in its own process, then batch 16 again ($left s left)"
+        timeout -k 5 60 python3 benchmarks/gpu_pretune.py --tokens 1024 > $OUT/pretune_1024.log 2>&1
+        left=$(( ${TOTAL:-560} - ($(date +%s) - t0) ))
+        DASS_CUDA_PDL=0 timeout -k 5 $(( left - 10 )) python3 -X faulthandler benchmarks/gpu_generate.py \
+            --out $OUT/generate_b16.json --budget-s $(( left - 25 )) --batches 16 > $OUT/generate_b16.log 2>&1
+        echo "batch 16 rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate_b16.log | tail -14 | cut -c1-300
+    fi
+else
+    DASS_CUDA_PDL=1 timeout -k 5 ${STIME:-200} python3 benchmarks/gpu_step_profile.py --batch 1 --scopes dense,mlp,all \
+        --out $OUT/step_profile_b1.json > $OUT/step_profile_b1.log 2>&1
+    echo "step profile rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "USDT\|warn" $OUT/step_profile_b1.log | tail -30 | cut -c1-220
+    if [ "${GTIME:-220}" -gt 0 ]; then
+        timeout -k 5 ${PTIME:-70} python3 benchmarks/gpu_pretune.py --tokens ${PTOKENS:-4,256,4096} > $OUT/pretune_b.log 2>&1
+        echo "pretune rc=$? at $(( $(date +%s) - t0 )) s"
+        DASS_CUDA_PDL=0 timeout -k 5 ${GTIME:-220} python3 -X faulthandler benchmarks/gpu_generate.py --out $OUT/generate_b.json \
+            --budget-s ${GBUDGET:-200} --batches ${BATCHES:-4,64} > $OUT/generate_b.log 2>&1
+        echo "generate rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate_b.log | tail -14 | cut -c1-300
+    fi
+fi
+cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true
+echo "part $PART total $(( $(date +%s) - t0 )) s"
