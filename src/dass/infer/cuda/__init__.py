@@ -156,7 +156,9 @@ WGS_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = tuple((*c, 0) for c in
     (1, 1, 16, 2), (1, 2, 16, 2), (2, 1, 16, 2), (2, 2, 16, 2),
     (1, 2, 8, 4), (2, 1, 8, 2), (2, 2, 8, 2), (2, 2, 8, 4),
     (2, 2, 4, 4),
-))
+)) + tuple((*c, ws) for ws in (0, 1) for c in (  # 3-4 warpgroups of one m64 tile: 192 / 256 rows a block
+    (1, 3, 16, 2), (1, 4, 16, 2), (1, 3, 8, 4), (1, 4, 8, 4),
+) if (c, ws) != ((1, 4, 16, 2), 1))  # that one spills (ptxas, sm_90a)
 # 1 when a GPU probe (benchmarks/gpu_kernels.py) found the wgmma descriptor's two byte
 # offsets the other way round from the PTX ISA's description; 0 as documented.
 WG_SWAP = int(os.environ.get("DASS_WG_SWAP", "0"))

@@ -24,6 +24,10 @@ cudaError_t DASS24_RUN_WGS(int mt, int wg, int nt, int ks, int ws, const Params&
   DASS24_WGS_CASE(1, 1, 16, 2, 1) DASS24_WGS_CASE(1, 2, 16, 2, 1) DASS24_WGS_CASE(2, 1, 16, 2, 1) DASS24_WGS_CASE(2, 2, 16, 2, 1)
   DASS24_WGS_CASE(1, 2, 8, 4, 1) DASS24_WGS_CASE(2, 1, 8, 2, 1) DASS24_WGS_CASE(2, 2, 8, 2, 1) DASS24_WGS_CASE(2, 2, 8, 4, 1)
   DASS24_WGS_CASE(2, 2, 4, 4, 1)
+  // three and four warpgroups a block of one m64 tile each (192 / 256 rows): at 64-128 tokens
+  // every block re-reads all the tokens, so rows a block set the token bytes through L2
+  DASS24_WGS_CASE(1, 3, 16, 2, 0) DASS24_WGS_CASE(1, 4, 16, 2, 0) DASS24_WGS_CASE(1, 3, 16, 2, 1)
+  DASS24_WGS_CASE(1, 3, 8, 4, 0) DASS24_WGS_CASE(1, 4, 8, 4, 0) DASS24_WGS_CASE(1, 3, 8, 4, 1) DASS24_WGS_CASE(1, 4, 8, 4, 1)
 #undef DASS24_WGS_CASE
   return cudaErrorInvalidValue;
 }

@@ -280,7 +280,7 @@ torch::Tensor mm_wg(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10
 torch::Tensor mm_wgs(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
                      int64_t N, int64_t mt, int64_t wg, int64_t ks, int64_t wsmem, int64_t splits, int64_t wg_swap) {
   check_operands(x, vals, meta);
-  TORCH_CHECK(wg == 1 || wg == 2, "dass nm24 cuda: wg (warpgroups a block) must be 1 or 2");
+  TORCH_CHECK(wg >= 1 && wg <= 4, "dass nm24 cuda: wg (warpgroups a block) must be 1 to 4");
   TORCH_CHECK(wsmem == 0 || wsmem == 1, "dass nm24 cuda: ws (weight through shared memory) must be 0 or 1");
   check_sm90(x, "the sparse-wgmma kernel");
   x = aligned_tokens(x);
