@@ -16,12 +16,12 @@
 #                                                        (with .gpu/g1 carried it also stashes the
 #                                                        first piece of the embedded model's GGUF)
 #   PART=B OUT=/dir bash benchmarks/gpu_call_round9.sh   right after A on the same machine, with
-#                                                        .gpu/g2 carried: greedy agreement of the
-#                                                        pruned embedded model (accelerated against
-#                                                        the same weights run dense), tuning of 4,
-#                                                        256, 4096, decoding at 4 and 64, then
-#                                                        where a batch-1 step's time goes if time
-#                                                        is left
+#                                                        .gpu/g2 carried: where a batch-1 step's
+#                                                        time goes (8 layers), greedy agreement of
+#                                                        the pruned embedded model (accelerated
+#                                                        against the same weights run dense), then
+#                                                        tuning of 4, 256, 4096 and decoding at 4
+#                                                        and 64 in the time left
 # Knobs: CTIME/CBUDGET (checks), PTOKENS/PTIME (pretuning), BATCHES/GBUDGET/GTIME (decoding),
 # STIME (step profile). A tuning cache at .gpu/tuning.json (carried from an earlier call of the
 # same session) is used and updated.
@@ -66,6 +66,10 @@ if [ "$PART" = A ]; then
         echo "batch 16 rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate_b16.log | tail -14 | cut -c1-300
     fi
 else
+    # where a batch-1 step's time goes (8 layers: the per-layer picture, a quarter of the compiling)
+    timeout -k 5 ${STIME:-150} python3 benchmarks/gpu_step_profile.py --batch 1 --layers ${SLAYERS:-8} \
+        --scopes dense,mlp,all --out $OUT/step_profile_b1.json > $OUT/step_profile_b1.log 2>&1
+    echo "step profile rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "USDT\|warn" $OUT/step_profile_b1.log | tail -30 | cut -c1-220
     [ -f .gpu/g2/smollm2.gguf.part01 ] && cp .gpu/g2/smollm2.gguf.part01 out/gpu/
     if [ -f out/gpu/smollm2.gguf.part00 ] && [ -f out/gpu/smollm2.gguf.part01 ]; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/site out/gpu/whl/gguf-*.whl
@@ -77,16 +81,14 @@ else
     else
         echo "greedy skipped: model pieces missing (run A with .gpu/g1, then B with .gpu/g2, on one machine)"
     fi
-    timeout -k 5 ${PTIME:-70} python3 benchmarks/gpu_pretune.py --tokens ${PTOKENS:-4,256,4096} > $OUT/pretune_b.log 2>&1
-    echo "pretune rc=$? at $(( $(date +%s) - t0 )) s"
-    DASS_CUDA_PDL=0 timeout -k 5 ${GTIME:-220} python3 -X faulthandler benchmarks/gpu_generate.py --out $OUT/generate_b.json \
-        --budget-s ${GBUDGET:-200} --batches ${BATCHES:-4,64} > $OUT/generate_b.log 2>&1
-    echo "generate rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate_b.log | tail -14 | cut -c1-300
     left=$(( ${TOTAL:-570} - ($(date +%s) - t0) ))
-    if [ $left -gt 90 ]; then
-        DASS_CUDA_PDL=0 timeout -k 5 $(( left - 10 )) python3 benchmarks/gpu_step_profile.py --batch 1 --scopes dense,mlp,all \
-            --out $OUT/step_profile_b1.json > $OUT/step_profile_b1.log 2>&1
-        echo "step profile rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "USDT\|warn" $OUT/step_profile_b1.log | tail -30 | cut -c1-220
+    if [ $left -gt 120 ]; then
+        timeout -k 5 60 python3 benchmarks/gpu_pretune.py --tokens ${PTOKENS:-4,256,4096} > $OUT/pretune_b.log 2>&1
+        echo "pretune rc=$? at $(( $(date +%s) - t0 )) s"
+        left=$(( ${TOTAL:-570} - ($(date +%s) - t0) ))
+        DASS_CUDA_PDL=0 timeout -k 5 $(( left - 5 )) python3 -X faulthandler benchmarks/gpu_generate.py --out $OUT/generate_b.json \
+            --budget-s $(( left - 20 )) --batches ${BATCHES:-4,64} > $OUT/generate_b.log 2>&1
+        echo "generate rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate_b.log | tail -14 | cut -c1-300
     fi
 fi
 cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true

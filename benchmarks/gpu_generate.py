@@ -208,9 +208,12 @@ def run_table(args, log=print) -> dict[str, Any]:
             res["skipped"].append("scope mlp after scope all: the model cannot be de-accelerated; list mlp first")
             continue
         t = time.perf_counter()
-        rep = accelerate(model, manifest=scope_manifest(model, want))
+        from dass.infer.accelerate import AccelerateConfig
+
+        rep = accelerate(model, manifest=scope_manifest(model, want), config=AccelerateConfig(fuse_qkv=args.fuse_qkv))
         res.setdefault("accelerate", {})[scope] = {"seconds": time.perf_counter() - t, "replaced": len(rep["replaced"]),
-                                                   "skipped": rep["skipped"], "fused_gate_up": len(rep["fused_gate_up"])}
+                                                   "skipped": rep["skipped"], "fused_gate_up": len(rep["fused_gate_up"]),
+                                                   "fused_qkv": len(rep["fused_qkv"])}
         log(f"scope {scope}: accelerated {len(rep['replaced'])} more matrices in {time.perf_counter() - t:.1f} s")
         sparse = _measure_phase(model, f"2:4 {scope}", batches, make_ids, args, bw, budget, phases - 1 - i,
                                 res["skipped"], set(dense), log)
@@ -377,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast loop, experimental: each decoder layer a torch.compiler.nested_compile_region "
                         "(shorter compiles; off by default)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--fuse-qkv", action="store_true", help="AccelerateConfig(fuse_qkv=True): attention q/k/v as one product")
     p.add_argument("--check-greedy", action="store_true", help="greedy agreement on a pruned real model instead")
     p.add_argument("--model", default="default", help="--check-greedy: a GGUF file or checkpoint directory")
     p.add_argument("--method", default="wanda", help="--check-greedy: pruning method (random-token calibration)")

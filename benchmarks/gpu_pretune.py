@@ -24,15 +24,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
     ap.add_argument("--size", default="7b")
+    ap.add_argument("--fuse-qkv", action="store_true", help="also the stacked q/k/v shape (AccelerateConfig(fuse_qkv=True))")
     a = ap.parse_args(argv)
-    from dass.infer.accelerate import accelerate, tuning_log
+    from dass.infer.accelerate import AccelerateConfig, accelerate, tuning_log
     from dass.infer.generate import prune_24, scope_manifest, synthetic_model
     from dass.infer.nm24_linear import NM24Linear
 
     t0 = time.time()
     model = synthetic_model(a.size, 1, torch.bfloat16, "cuda")
     prune_24(model, "all", "dass")
-    accelerate(model, manifest=scope_manifest(model, "all"))
+    accelerate(model, manifest=scope_manifest(model, "all"), config=AccelerateConfig(fuse_qkv=a.fuse_qkv))
     tokens = [int(t) for t in a.tokens.split(",")]
     seen = set()
     for m in model.modules():

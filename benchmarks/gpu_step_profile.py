@@ -144,7 +144,9 @@ def run(args) -> dict[str, Any]:
     for scope in scopes:
         if scope != "dense":
             want = "mlp" if scope == "mlp" else ("attn" if "mlp" in done else "all")
-            accelerate(model, manifest=scope_manifest(model, want))
+            from dass.infer.accelerate import AccelerateConfig
+
+            accelerate(model, manifest=scope_manifest(model, want), config=AccelerateConfig(fuse_qkv=args.fuse_qkv))
         state: dict[str, Any] = {"max_len": args.prompt_len + args.steps + 8, "backend": args.backend}
         r = profile_phase(model, ids, args.steps, args.reps, cuda, state)
         r["accelerated_modules"] = sum(isinstance(m, NM24Linear) for m in model.modules())
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed calls per length for the wall time (median)")
     ap.add_argument("--backend", default=None, help="torch.compile backend of the step (default: inductor on a GPU)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--fuse-qkv", action="store_true", help="AccelerateConfig(fuse_qkv=True): attention q/k/v as one product")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model: checks the code paths only")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -70,3 +70,14 @@ def test_dry_run_greedy_check(tmp_path):
             # a CPU GEMM of another width; a divergence must come with its explanation
             e = p[loop]
             assert (e["same"] and e["first_divergence"] is None) or ("why" in e and e["first_divergence"] >= 0)
+
+
+def test_dry_run_stacked_qkv(tmp_path):
+    """--fuse-qkv: every attention's 2:4 q, k, v become one product, and the compiled step
+    still has no graph break."""
+    out = tmp_path / "gen.json"
+    res = _run("--out", str(out), "--batches", "1", "--fuse-qkv")
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["accelerate"]["all"]["fused_qkv"] == 2 and data["accelerate"]["mlp"]["fused_qkv"] == 0
+    assert all(r["graph_breaks"] == 0 for r in data["rows"])

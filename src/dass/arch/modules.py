@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dass.arch.names import ATTN_NAMES, GLU_TRIPLES, LAYER_LIST_PATHS, MLP_FORMS, MLP_NAMES
+from dass.arch.names import ATTN_NAMES, GLU_TRIPLES, LAYER_LIST_PATHS, MLP_FORMS, MLP_NAMES, SHARED_QKV
 from dass.errors import UserValueError
 
 
@@ -117,6 +117,15 @@ def glu_children(mlp: nn.Module) -> GLUChildren | None:
     for g, u, d in GLU_TRIPLES:
         if all(_is_linear(getattr(mlp, n, None)) for n in (g, u, d)):
             return GLUChildren(g, u, d, _activation(mlp))
+    return None
+
+
+def qkv_children(attn: nn.Module) -> tuple[str, str, str] | None:
+    """The attribute names of ``attn``'s query, key and value linears when it has three
+    separate ones that its forward calls in that order on the same input (LLaMA, Mistral,
+    Qwen, Gemma: ``q_proj``/``k_proj``/``v_proj``), else None."""
+    if all(_is_linear(getattr(attn, n, None)) for n in SHARED_QKV):
+        return SHARED_QKV
     return None
 
 

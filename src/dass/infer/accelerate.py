@@ -8,6 +8,7 @@ This module is the model walk; the pieces live beside it:
 - :mod:`dass.infer.dispatch` -- which path runs each (shape, token bucket), measured, logged
   (:func:`tuning_log`) and remembered on disk (:mod:`dass.infer.tuning_cache`);
 - :mod:`dass.infer.mlp_fusion` -- stacked gate/up with a fused activation, whole-MLP graphs;
+- :mod:`dass.infer.attn_fusion` -- stacked q/k/v (``config.fuse_qkv``);
 - :mod:`dass.infer.graphs` -- CUDA-graph capture and replay;
 - :mod:`dass.infer.device` -- device checks, cuSPARSELt;
 - :mod:`dass.infer.config` -- :class:`AccelerateConfig`.
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from dass.arch import glu_children
+from dass.arch import glu_children, qkv_children
 from dass.infer.config import AccelerateConfig
 from dass.infer.device import (
     AccelerationError,
@@ -33,6 +34,7 @@ from dass.infer.device import (
 )
 from dass.infer.dispatch import clear_decisions, decide, tuning_log
 from dass.infer.graphs import clear_graphs
+from dass.infer.attn_fusion import stack_qkv
 from dass.infer.mlp_fusion import fuse_gate_up, graph_mlp
 from dass.infer.nm24_linear import NM24Linear
 from dass.io.nm_codec import detect_orientation, is_nm
@@ -130,7 +132,9 @@ def accelerate(
     (then, with ``config.keep_dense``, dense copies that no tuned count chose are freed).
 
     Returns ``{"replaced": {name: orientation}, "skipped": {name: reason},
-    "fused_gate_up": [mlp names], "graphed_mlps": [...], "tuned": {...}, "dense_kept": [...]}``.
+    "fused_gate_up": [mlp names], "graphed_mlps": [...], "fused_qkv": [attention names],
+    "tuned": {...}, "dense_kept": [...]}``. With ``config.fuse_qkv`` (off by default) an
+    attention's 2:4 q, k and v are stacked into one product (:mod:`dass.infer.attn_fusion`).
     """
     config = config or AccelerateConfig()
     if min_tokens is not None:
@@ -138,6 +142,7 @@ def accelerate(
     _check_model_device(model)
     mats = _matrices(manifest)
     glus = {name: kids for name, mod in model.named_modules() if (kids := glu_children(mod)) is not None}
+    qkvs = {name: kids for name, mod in model.named_modules() if (kids := qkv_children(mod)) is not None}
     replaced: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name, mod in list(model.named_modules()):
@@ -172,9 +177,27 @@ def accelerate(
         kids_now = [first, down] + ([] if hasattr(mlp, "dass_gate_up") else [getattr(mlp, kids.up)])
         if any(isinstance(k, NM24Linear) for k in kids_now) and graph_mlp(mlp, first.in_features, down.out_features, config):
             graphed.append(name)
+    fused_qkv = [name for name, kids in qkvs.items()
+                 if config.fuse_qkv and _fuse_qkv(model.get_submodule(name) if name else model, kids, config)]
     tuned, kept = _pretune(model, tune_tokens, config)
     return {"replaced": replaced, "skipped": skipped, "fused_gate_up": fused, "graphed_mlps": graphed,
-            "tuned": tuned, "dense_kept": kept}
+            "fused_qkv": fused_qkv, "tuned": tuned, "dense_kept": kept}
+
+
+def _fuse_qkv(attn: nn.Module, names: tuple[str, str, str], config: AccelerateConfig) -> bool:
+    """Stack an attention's three 2:4 projections into one ``NM24Linear`` (all three
+    replaced, one orientation and dtype, biases on all or none)."""
+    mods = [getattr(attn, n, None) for n in names]
+    if not all(isinstance(m, NM24Linear) for m in mods):
+        return False
+    m0 = mods[0]
+    if (any(m.orientation != m0.orientation or m.in_features != m0.in_features or m.weight_dtype != m0.weight_dtype
+            for m in mods) or len({m.bias is None for m in mods}) != 1):
+        return False
+    with torch.no_grad():
+        bias = None if m0.bias is None else torch.cat([m.bias for m in mods])
+        fused = NM24Linear(torch.cat([m.dense_weight() for m in mods]), bias, m0.orientation, config)
+    return stack_qkv(attn, names, fused)
 
 
 def _pretune(model: nn.Module, tune_tokens: Iterable[int] | None, config: AccelerateConfig):

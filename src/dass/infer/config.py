@@ -51,6 +51,9 @@ class AccelerateConfig:
     graph_paths: tuple[str, ...] = ("cslt",)
     # stack a GLU's 2:4 gate and up into one product (dass.infer.mlp_fusion)
     fuse_gate_up: bool = True
+    # stack attention's 2:4 q, k and v into one product (dass.infer.attn_fusion); off until
+    # measured on a GPU
+    fuse_qkv: bool = False
     # the CUDA C++ kernels for 1-128 tokens (dass.infer.cuda; built on first use, skipped with
     # the reason in NM24Linear.cuda_reason where they cannot be built); their packed copy of
     # the weight (56% of its dense bytes) is stored beside the Triton layout

@@ -430,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--device", default="cuda")
     p.add_argument("--keep-dense", action="store_true", help="AccelerateConfig(keep_dense=True): memory for speed")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="AccelerateConfig(fuse_qkv=True): attention's q, k, v as one 2:4 product (new, off by default)")
     p.add_argument("--max-seconds", type=float, default=None, help="skip the remaining cases after this long")
     p.add_argument("--out", default=None, help="write every number as JSON here")
     return p
@@ -474,7 +476,7 @@ def _main(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     info: dict[str, Any] = {"args": vars(args), "torch": torch.__version__,
                             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-    acc_kw: dict[str, Any] = {"config": AccelerateConfig(keep_dense=args.keep_dense)}
+    acc_kw: dict[str, Any] = {"config": AccelerateConfig(keep_dense=args.keep_dense, fuse_qkv=args.fuse_qkv)}
     if args.synthetic:
         model = synthetic_model(args.synthetic, args.layers, dtype, args.device)
         info["pruned_matrices"] = prune_24(model, args.scope, args.orientation)
