@@ -65,7 +65,7 @@ def config_name(c: dict) -> str:
         return f"wgs-mt{c['mt']}-wg{c['wg']}-ks{c['ks']}{'-ws' if c.get('ws') else ''}-s{c['splits']}"
     wn = f"-wn{c['wn']}" if "wn" in c else (f"-wg{c['wg']}x{c.get('ts', 1)}" if "wg" in c else
                                            (f"-w{c['wr']}x{c['wt']}" if "wt" in c else ""))
-    return f"{c.get('kind', 'reg')}-mt{c['mt']}{wn}-ks{c['ks']}-s{c['splits']}"
+    return f"{c.get('kind', 'reg')}{'-deep' if c.get('deep') else ''}-mt{c['mt']}{wn}-ks{c['ks']}-s{c['splits']}"
 
 
 def probe_wg(swaps=(0, 1)) -> dict:

@@ -157,11 +157,17 @@ def test_python_configs_equal_the_compiled_ones():
     glu = {o: _marked(text, f"GLU_CONFIGS {o}", "DASS24_GLU_CASE") for o in ("input", "output")}
     assert len(_cases(text, "DASS24_CASE")) == sum(map(len, reg.values()))  # every use under a marker
     assert len(_cases(text, "DASS24_GLU_CASE")) == sum(map(len, glu.values()))
+    deep = {o: _marked(text, f"DEEP_CONFIGS {o}", "DASS24_DEEP_CASE") for o in ("input", "output")}
+    assert len(_cases(text, "DASS24_DEEP_CASE")) == sum(map(len, deep.values()))
     smem = _split_by_orientation((CUDA_DIR / "nm24_dispatch_smem.cuh").read_text(), "DASS24_SMEM_CASE")
     for ori in ("input", "output"):
         assert sorted(reg[ori]) == sorted(cu.CONFIGS[ori]) and len(set(reg[ori])) == len(reg[ori])
         assert sorted(glu[ori]) == sorted(cu.GLU_CONFIGS[ori]) and len(set(glu[ori])) == len(glu[ori])
         assert glu[ori] and all(c in cu.CONFIGS[ori] and c[0] % 2 == 0 for c in glu[ori])  # GLU: even mt
+        # the deep variant: a 57-128-token twin of compiled configurations (5 stages of 16 KB at most)
+        assert sorted(deep[ori]) == sorted(cu.DEEP_CONFIGS[ori]) and len(set(deep[ori])) == len(deep[ori])
+        assert deep[ori] and all(c in cu.CONFIGS[ori] and c[1] >= 8 and c[1] * 8 * c[2] * 64 <= 16384
+                                 for c in deep[ori])
         assert sorted(smem[ori]) == sorted(cu.SMEM_CONFIGS[ori]) and len(set(smem[ori])) == len(smem[ori])
         assert all(nt % wn == 0 for _, wn, nt, _ in cu.SMEM_CONFIGS[ori])
     wg = _cases((CUDA_DIR / "nm24_dispatch_wg.cuh").read_text(), "DASS24_WG_CASE")
@@ -457,3 +463,19 @@ def test_sparse_wgmma_runner_binds_its_arguments(monkeypatch):
     assert calls == [("x", "V", "M", None, 4096, 2, 1, 4, 1, 3, cu.WG_SWAP)]
     with pytest.raises(ValueError, match="input orientation only"):
         cu.runner("V", "M", None, 4096, "output", cfg)
+
+
+def test_deep_variant_is_offered_only_when_asked(monkeypatch):
+    """DASS_CUDA_DEEP=1 adds the deep twin of each DEEP_CONFIGS configuration at 57-128 tokens
+    (same splits), and nothing below 57 tokens; without it, none."""
+    monkeypatch.delenv("DASS_CUDA_DEEP", raising=False)
+    assert not any(c.get("deep") for c in cu.candidates("input", 128, 22016, 4096, wg=False))
+    monkeypatch.setenv("DASS_CUDA_DEEP", "1")
+    for ori, N, K in (("input", 22016, 4096), ("output", 22016, 4096), ("input", 4096, 11008)):
+        for T in (64, 128):
+            cands = cu.candidates(ori, T, N, K, wg=False)
+            deep = [c for c in cands if c.get("deep")]
+            assert deep, (ori, T)
+            plain = {tuple(sorted(c.items())) for c in cands if not c.get("deep")}
+            assert all(tuple(sorted({k: v for k, v in c.items() if k != "deep"}.items())) in plain for c in deep)
+        assert not any(c.get("deep") for c in cu.candidates(ori, 16, N, K, wg=False))

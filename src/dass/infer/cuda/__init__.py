@@ -77,6 +77,8 @@ __all__ = [
     "glu_candidates",
     "glu_runner",
     "pdl_enabled",
+    "DEEP_CONFIGS",
+    "deep_enabled",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,8 @@ HERE = Path(__file__).resolve().parent
 SOURCES = ("nm24_ext.cpp", "nm24_in_bf16.cu", "nm24_in_f16.cu", "nm24_out_bf16.cu", "nm24_out_f16.cu",
            "nm24s_in_bf16.cu", "nm24s_in_f16.cu", "nm24s_out_bf16.cu", "nm24s_out_f16.cu",
            "nm24w_out_bf16.cu", "nm24w_out_f16.cu", "nm24g_in_bf16.cu", "nm24g_in_f16.cu", "nm24_unpack.cu",
-           "nm24_glu_in_bf16.cu", "nm24_glu_in_f16.cu", "nm24_glu_out_bf16.cu", "nm24_glu_out_f16.cu")
+           "nm24_glu_in_bf16.cu", "nm24_glu_in_f16.cu", "nm24_glu_out_bf16.cu", "nm24_glu_out_f16.cu",
+           "nm24d_in_bf16.cu", "nm24d_in_f16.cu", "nm24d_out_bf16.cu", "nm24d_out_f16.cu")
 HEADERS = ("nm24_kernels.cuh", "nm24_dispatch.cuh", "nm24_smem.cuh", "nm24_dispatch_smem.cuh", "nm24_params.h",
            "nm24_wg.cuh", "nm24_dispatch_wg.cuh", "nm24_wgmma_ops.cuh", "nm24_wgs.cuh", "nm24_dispatch_wgs.cuh")
 MAX_TOKENS = 128  # tokens of one launch
@@ -118,6 +121,14 @@ CONFIGS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {o: _CLASSIC[o]
 GLU_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {
     "input": tuple(c for c in CONFIGS["input"] if c[0] == 2 and c[4] == 1),
     "output": tuple(c for c in CONFIGS["output"] if c[0] == 2 and c[4] == 1),
+}
+# (mt, nt, ks, wr, wt) of the register kernel's deep variant for 57-128 tokens (a 5-stage
+# token ring and L2 prefetch of the weights 4 stages ahead): must equal nm24_dispatch.cuh's
+# DASS24_DEEP_CASE lists. Timed beside the rest only with DASS_CUDA_DEEP=1 (new in round 9,
+# not yet measured on a GPU).
+DEEP_CONFIGS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {
+    "input": ((2, 8, 2, 4, 1), (2, 8, 4, 4, 1), (2, 16, 2, 4, 1), (1, 16, 2, 4, 1), (1, 8, 4, 4, 1)),
+    "output": ((1, 8, 4, 4, 1), (1, 8, 2, 4, 1), (1, 16, 2, 4, 1)),
 }
 #: GLU activation codes of the kernel's epilogue (dass.infer.kernels.glu has the same two)
 GLU_ACTS = {"silu": 0, "gelu_tanh": 1}
@@ -373,9 +384,12 @@ def candidates(orientation: str, T: int, N: int, K: int, sms: int = 132,
         if nt >= 8:  # 33-128 tokens: also slice counts that fill one or two blocks an SM evenly
             for per_sm in (1, 2):
                 splits.update(_wave_splits(_reg_blocks(orientation, N, mt, wr), sms * per_sm, K, ks))
+        deep = deep_enabled() and (mt, cnt, ks, wr, wt) in DEEP_CONFIGS[orientation]
         for s in sorted(splits):
             if (K // 32) // s >= ks:
                 out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s, **shape})
+                if deep:
+                    out.append({"kind": "reg", "mt": mt, "ks": ks, "splits": s, **shape, "deep": 1})
     if sliced:
         return out
     smem = os.environ.get("DASS_CUDA_SMEM", "1") != "0"  # off alone, like DASS_CUDA_WG
@@ -430,6 +444,12 @@ def unpack(values: torch.Tensor, meta: torch.Tensor, N: int, K: int, orientation
         raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
     like = torch.empty(0, dtype=dtype)
     return ext.unpack(values, meta, N, K, 0 if orientation == "input" else 1, like)
+
+
+def deep_enabled() -> bool:
+    """Whether the register kernel's deep variant (DEEP_CONFIGS) is a candidate:
+    ``DASS_CUDA_DEEP=1``. Off by default until measured on a GPU (docs/speed.md, round 9)."""
+    return os.environ.get("DASS_CUDA_DEEP", "0") == "1"
 
 
 def pdl_enabled() -> bool:
@@ -509,9 +529,10 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
             return fn(x, values, meta, bias, N, ori, mt, wn, ks, splits)
     else:
         fn, wr, wt, pdl = ext.mm, int(config.get("wr", WARPS)), int(config.get("wt", 1)), int(pdl_enabled())
+        deep = int(config.get("deep", 0))
 
         def run(x: torch.Tensor, nt_min: int = 0) -> torch.Tensor:
-            return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt, nt_min, -1, pdl)
+            return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt, nt_min, -1, pdl, deep)
     if kind != "reg":
         return run
 

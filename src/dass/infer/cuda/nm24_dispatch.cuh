@@ -8,13 +8,29 @@
 // dass/infer/cuda/__init__.py's CONFIGS must list the same (a CPU test compares them).
 //
 // With DASS24_GLU defined (nm24_glu_*.cu) the unit holds the GLU instantiations instead: the
-// DASS24_GLU_CASE lists, which dass/infer/cuda/__init__.py's GLU_CONFIGS must equal.
+// DASS24_GLU_CASE lists, which dass/infer/cuda/__init__.py's GLU_CONFIGS must equal. With
+// DASS24_DEEP (nm24d_*.cu), the deep variant for 57-128 tokens (a 5-stage token ring and L2
+// prefetch of the weights 4 stages ahead): the DASS24_DEEP_CASE lists = DEEP_CONFIGS.
 #include "nm24_kernels.cuh"
 
 namespace dass24 {
 
 cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s) {
-#ifdef DASS24_GLU
+#if defined(DASS24_DEEP)
+#define DASS24_DEEP_CASE(MT, NT, KS, WR, WT)                     \
+  if (mt == MT && nt == NT && ks == KS && wr == WR && wt == WT) \
+    return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT, false, true>(p, splits, s);
+#if DASS24_ORI == 0
+  // DEEP_CONFIGS input
+  DASS24_DEEP_CASE(2, 8, 2, 4, 1) DASS24_DEEP_CASE(2, 8, 4, 4, 1) DASS24_DEEP_CASE(2, 16, 2, 4, 1)
+  DASS24_DEEP_CASE(1, 16, 2, 4, 1) DASS24_DEEP_CASE(1, 8, 4, 4, 1)
+#else
+  // DEEP_CONFIGS output
+  DASS24_DEEP_CASE(1, 8, 4, 4, 1) DASS24_DEEP_CASE(1, 8, 2, 4, 1) DASS24_DEEP_CASE(1, 16, 2, 4, 1)
+#endif
+#undef DASS24_DEEP_CASE
+  return cudaErrorInvalidValue;
+#elif defined(DASS24_GLU)
 #define DASS24_GLU_CASE(MT, NT, KS, WR, WT)                      \
   if (mt == MT && nt == NT && ks == KS && wr == WR && wt == WT) \
     return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT, true>(p, splits, s);

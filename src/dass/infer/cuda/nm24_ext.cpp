@@ -156,9 +156,10 @@ void finish(const dass24::Params& p, bool bf, cudaStream_t stream) {
 // act >= 0: the matrix is a stacked [gate; up] (N = 2 D) and the result is act(gate) * up,
 // [T, D] (act 0 silu, 1 gelu tanh; even mt, compiled GLU configurations only). pdl = 1: the
 // launch lets the kernel start while the one before it finishes (compute capability 9.0).
+// deep = 1: the deep variant (DEEP_CONFIGS, 57-128 tokens; no GLU).
 torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::optional<torch::Tensor> bias,
                  int64_t N, int64_t orientation, int64_t mt, int64_t ks, int64_t splits, int64_t wr, int64_t wt,
-                 int64_t nt_min, int64_t act, int64_t pdl) {
+                 int64_t nt_min, int64_t act, int64_t pdl, int64_t deep) {
   check_operands(x, vals, meta);
   TORCH_CHECK(orientation == 0 || orientation == 1, "dass nm24 cuda: orientation must be 0 (input) or 1 (output)");
   x = aligned_tokens(x);
@@ -167,6 +168,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   const int64_t rows = packed_rows(vals, meta, N, K, orientation);
   TORCH_CHECK(act >= -1 && act <= 1, "dass nm24 cuda: act must be -1 (none), 0 (silu) or 1 (gelu tanh)");
   const bool glu = act >= 0;
+  TORCH_CHECK(!(glu && deep), "dass nm24 cuda: the deep variant has no GLU epilogue");
   TORCH_CHECK(!glu || (N % (2 * rows) == 0 && mt % 2 == 0), "dass nm24 cuda: the GLU epilogue needs N % ", 2 * rows,
               " == 0 (a whole number of gate tiles) and an even mt, got N=", N, " mt=", mt);
   const auto [sps, nsplit] = k_slices(K, ks, splits);
@@ -192,7 +194,13 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   }
   const bool bf = x.scalar_type() == torch::kBFloat16;
   cudaError_t err;
-  if (glu && orientation == 0)
+  if (deep && orientation == 0)
+    err = bf ? dass24::run_deep_in_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
+             : dass24::run_deep_in_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
+  else if (deep)
+    err = bf ? dass24::run_deep_out_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
+             : dass24::run_deep_out_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
+  else if (glu && orientation == 0)
     err = bf ? dass24::run_glu_in_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
              : dass24::run_glu_in_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
   else if (glu)
@@ -204,7 +212,7 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
   else
     err = bf ? dass24::run_out_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
              : dass24::run_out_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
-  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (orientation ", orientation, glu ? ", GLU" : "",
+  TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (orientation ", orientation, glu ? ", GLU" : "", deep ? ", deep" : "",
               ", mt=", mt, " nt=", nt, " ks=", ks, " wr=", wr, " wt=", wt,
               "; a configuration that is not compiled answers 'invalid argument'): ",
               cudaGetErrorString(err));
@@ -333,7 +341,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &mm, "y[T, N] = x[T, K] @ W^T from a packed 2:4 W (dass.infer.cuda.layout)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
         py::arg("ks"), py::arg("splits"), py::arg("wr") = 4, py::arg("wt") = 1, py::arg("nt_min") = 0,
-        py::arg("act") = -1, py::arg("pdl") = 0);
+        py::arg("act") = -1, py::arg("pdl") = 0, py::arg("deep") = 0);
   m.def("mm_smem", &mm_smem, "the same product by the shared-memory kernel (16-128 tokens)", py::arg("x"),
         py::arg("vals"), py::arg("meta"), py::arg("bias"), py::arg("N"), py::arg("orientation"), py::arg("mt"),
         py::arg("wn"), py::arg("ks"), py::arg("splits"));

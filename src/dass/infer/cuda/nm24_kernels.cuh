@@ -217,7 +217,10 @@ template <int MT, int KS> struct WeightRegs<1, MT, KS> {
 // token fragments are reused MT-fold, not once) and a block's token tile serve more rows,
 // at the price of each weight byte being loaded by WT warps (the first from DRAM, the
 // others from L1/L2).
-template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, int STAGES, bool GLU>
+// PF > 0 (the deep variant, 57-128 tokens): each stage also prefetches into L2 the weight and
+// metadata lines of the stage PF ahead, so the register loads one stage ahead hit L2 rather
+// than wait on DRAM; with a deeper token ring (STAGES) beside it.
+template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, int STAGES, bool GLU, int PF = 0>
 __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
   extern __shared__ uint4 smem[];
   constexpr int WARPS = WR * WT;
@@ -387,18 +390,43 @@ __global__ void __launch_bounds__(WR * WT * 32) nm24_kernel(Params p) {
         if (m % MH <= tclamp) prefetch_l2(wsrc - lane + tile_of(m) * wtile + KS * VSTEP + lane * 8);
     }
   }
+  // the deep variant's L2 prefetch of stage s: a tile's values of a stage are KS * VSTEP * 16
+  // contiguous bytes (lane l takes line l), its metadata KS * 64 (input) or KS * 128 bytes
+  auto prefetch_w = [&](int s) {
+    if constexpr (PF > 0) {
+      if (s >= nstage) return;
+      constexpr int VLINES = KS * VSTEP / 8;          // 128-byte lines of values
+      constexpr int MWORDS = (ORI == 0 ? KS / 2 : KS) * 32;  // metadata words
+      constexpr int MLINES = MWORDS / 32;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m % MH > tclamp) continue;
+#pragma unroll
+        for (int l = lane; l < VLINES + MLINES; l += 32) {
+          if (l < VLINES) prefetch_l2(wsrc - lane + tile_of(m) * wtile + (size_t)s * (KS * VSTEP) + l * 8);
+          else prefetch_l2(msrc - lane + tile_of(m) * mtile + (size_t)s * MWORDS + (l - VLINES) * 32);
+        }
+      }
+    }
+  };
   grid_dep_wait();
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) load_x(st);
+  if constexpr (PF > 0) {
+#pragma unroll
+    for (int s = 1; s < PF; ++s) prefetch_w(s);
+  }
 #pragma unroll 1
   for (int st = 0; st < nstage; st += 2) {
     load_w(rb, st + 1);
+    prefetch_w(st + PF);
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     load_x(st + STAGES - 1);
     compute(ra, st);
     if (st + 1 >= nstage) break;
     load_w(ra, st + 2);
+    prefetch_w(st + 1 + PF);
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     load_x(st + STAGES);
@@ -514,20 +542,24 @@ __global__ void finish_kernel(const float* __restrict__ ws, const void* bias, vo
 }
 
 constexpr int kStages = 3;
+// the deep variant (DEEP_CONFIGS): a 5-stage token ring and L2 prefetch 4 stages ahead
+constexpr int kDeepStages = 5;
+constexpr int kDeepPrefetch = 4;
 
 // nt: token tiles of 8 of the whole block (WT * a warp's).
-template <typename E, int ORI, int MT, int NT, int KS, int WT>
+template <typename E, int ORI, int MT, int NT, int KS, int WT, int STG = kStages>
 constexpr int smem_bytes() {
-  return kStages * NT * 8 * KS * 4 * 16;
+  return STG * NT * 8 * KS * 4 * 16;
 }
 
 // Host-side launch of one instantiation (NT: the block's token tiles); returns a cudaError_t.
 // GLU: p.N is the stacked matrix's rows (2 D); the grid covers the D output rows.
-template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, bool GLU = false>
+template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, bool GLU = false, bool DEEP = false>
 cudaError_t launch(const Params& p, int splits, cudaStream_t stream) {
   static_assert(NT % WT == 0, "whole token tiles a warp");
-  auto kern = nm24_kernel<E, ORI, MT, NT / WT, KS, WR, WT, kStages, GLU>;
-  constexpr int smem = smem_bytes<E, ORI, MT, NT, KS, WT>();
+  constexpr int STG = DEEP ? kDeepStages : kStages;
+  auto kern = nm24_kernel<E, ORI, MT, NT / WT, KS, WR, WT, STG, GLU, DEEP ? kDeepPrefetch : 0>;
+  constexpr int smem = smem_bytes<E, ORI, MT, NT, KS, WT, STG>();
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;

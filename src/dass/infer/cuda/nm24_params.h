@@ -30,6 +30,12 @@ cudaError_t run_glu_in_bf16(int mt, int nt, int ks, int wr, int wt, const Params
 cudaError_t run_glu_in_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_glu_out_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_glu_out_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+// The register kernel's deep variant for 57-128 tokens (5-stage token ring, L2 prefetch of the
+// weights 4 stages ahead; nm24_kernels.cuh PF, DEEP_CONFIGS).
+cudaError_t run_deep_in_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_deep_in_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_deep_out_bf16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
+cudaError_t run_deep_out_f16(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s);
 // The shared-memory kernel (nm24_smem.cuh): wn = warps along the tokens (8 / wn along rows).
 cudaError_t run_smem_in_bf16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
 cudaError_t run_smem_in_f16(int mt, int wn, int nt, int ks, const Params& p, int splits, cudaStream_t s);
