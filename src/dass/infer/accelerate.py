@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from dass.arch import glu_children, qkv_children
+from dass.infer.attn_fusion import stack_qkv
 from dass.infer.config import AccelerateConfig
 from dass.infer.device import (
     AccelerationError,
@@ -34,7 +35,6 @@ from dass.infer.device import (
 )
 from dass.infer.dispatch import clear_decisions, decide, tuning_log
 from dass.infer.graphs import clear_graphs
-from dass.infer.attn_fusion import stack_qkv
 from dass.infer.mlp_fusion import fuse_gate_up, graph_mlp
 from dass.infer.nm24_linear import NM24Linear
 from dass.io.nm_codec import detect_orientation, is_nm
