@@ -62,7 +62,7 @@ def test_stacked_model_gives_the_same_logits(bias):
     with torch.no_grad():
         assert _close(model(ids).logits, ref(ids).logits)
     st = attn.q_proj.stack
-    assert st.x is None and st.y is None  # nothing kept after a forward
+    assert st.kept is None  # nothing kept after a forward
     # the stacked weights are the model's parameters now (state dict, .to(), .half() see them)
     assert "model.layers.0.self_attn.dass_qkv.weight" in model.state_dict()
 

@@ -36,23 +36,25 @@ class QKVStack:
     def __init__(self, fused: nn.Module, sizes: tuple[int, int, int]):
         self.fused = fused
         self.bounds = (0, sizes[0], sizes[0] + sizes[1], sum(sizes))
-        self.x: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
+        # (input, stacked output) of the last query call, one attribute so that it is read and
+        # replaced as a whole (another thread's call cannot pair one input with another output)
+        self.kept: tuple[torch.Tensor, torch.Tensor] | None = None
         self.served = 0
 
     def share(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Projection ``i`` (0 = q, 1 = k, 2 = v) of ``x``."""
         lo, hi = self.bounds[i], self.bounds[i + 1]
         if i == 0:
-            self.x, self.y, self.served = x, self.fused(x), 1
-            return self.y[..., lo:hi]
-        if self.y is None or self.x is not x:  # another input or another order: on its own
+            y = self.fused(x)
+            self.kept, self.served = (x, y), 1
+            return y[..., lo:hi]
+        kept = self.kept
+        if kept is None or kept[0] is not x:  # another input or another order: on its own
             return self.fused(x)[..., lo:hi]
-        out = self.y[..., lo:hi]
         self.served += 1
-        if self.served == 3:
-            self.x = self.y = None
-        return out
+        if self.served >= 3:
+            self.kept = None
+        return kept[1][..., lo:hi]
 
 
 class QKVPart(nn.Module):
