@@ -7,7 +7,8 @@
 #       q/k/v included) in a process of its own; decoding, 32 layers, batches 1 and 16, with
 #       stacked q/k/v (AccelerateConfig fuse_qkv)
 #   PART=B OUT=/dir bash benchmarks/gpu_call_round10.sh   right after A: where a batch-1 step's
-#       time goes (8 layers), scope all, separate and stacked q/k/v
+#       time goes (8 layers), scope all, separate and stacked q/k/v, and separate with
+#       DASS_CUDA_CARVEOUT=100
 # Knobs: KTIME/KBUDGET, PTIME, GTIME/GBUDGET, BATCHES, STIME, DEEP (1: keep the deep variant a
 # candidate for the tuning and decoding too, once the sweep found it right).
 set -u
@@ -37,12 +38,14 @@ PY
         --out $OUT/generate_qkv.json --budget-s $(( left - 20 )) --batches ${BATCHES:-1,16} > $OUT/generate_qkv.log 2>&1
     echo "generate rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate_qkv.log | tail -12 | cut -c1-300
 else
-    for q in "" "--fuse-qkv"; do
-        tag=${q:+_qkv}
-        timeout -k 5 ${STIME:-120} python3 benchmarks/gpu_step_profile.py --batch 1 --layers 8 --scopes dense,all $q \
-            --out $OUT/step_profile$tag.json > $OUT/step_profile$tag.log 2>&1
-        echo "step profile ${q:-separate} rc=$? at $(( $(date +%s) - t0 )) s"
-        grep -v "USDT\|warn" $OUT/step_profile$tag.log | tail -13 | cut -c1-200
+    # separate and stacked q/k/v, then separate with the register kernel's carveout pinned to
+    # the maximum (DASS_CUDA_CARVEOUT): do the 2:4 steps' extra gaps between kernels go?
+    for run in "sep::" "qkv:--fuse-qkv:" "carve100::100"; do
+        tag=${run%%:*}; rest=${run#*:}; q=${rest%%:*}; carve=${rest#*:}
+        DASS_CUDA_CARVEOUT=$carve timeout -k 5 ${STIME:-120} python3 benchmarks/gpu_step_profile.py --batch 1 --layers 8 \
+            --scopes dense,all $q --out $OUT/step_profile_$tag.json > $OUT/step_profile_$tag.log 2>&1
+        echo "step profile $tag rc=$? at $(( $(date +%s) - t0 )) s"
+        grep -v "USDT\|warn" $OUT/step_profile_$tag.log | tail -13 | cut -c1-200
     done
 fi
 cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true

@@ -38,6 +38,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <cstdlib>
+
 #include "nm24_params.h"
 
 namespace dass24 {
@@ -552,6 +554,20 @@ constexpr int smem_bytes() {
   return STG * NT * 8 * KS * 4 * 16;
 }
 
+// DASS_CUDA_CARVEOUT=n (0-100): the register kernel's preferred shared-memory carveout, in
+// percent of the unified L1 / shared-memory capacity, set once an instantiation; unset, the
+// driver chooses. An experiment (docs/speed.md, round 9): decoding steps with 2:4 products
+// idle between kernels for about 6 us a layer more than dense ones, and an SM reconfiguring
+// its carveout between neighbouring kernels of different shared-memory needs is one
+// candidate cause.
+inline int carveout_env() {
+  static const int v = [] {
+    const char* s = std::getenv("DASS_CUDA_CARVEOUT");
+    return s && *s ? std::atoi(s) : -1;
+  }();
+  return v;
+}
+
 // Host-side launch of one instantiation (NT: the block's token tiles); returns a cudaError_t.
 // GLU: p.N is the stacked matrix's rows (2 D); the grid covers the D output rows.
 template <typename E, int ORI, int MT, int NT, int KS, int WR, int WT, bool GLU = false, bool DEEP = false>
@@ -563,6 +579,15 @@ cudaError_t launch(const Params& p, int splits, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
+  }
+  static bool carved = false;  // once an instantiation (a benign race: the same value is set)
+  if (!carved) {
+    const int c = carveout_env();
+    if (c >= 0) {
+      cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, c < 100 ? c : 100);
+      if (err != cudaSuccess) return err;
+    }
+    carved = true;
   }
   constexpr int ROWS = ORI == 0 ? 16 : 32;
   constexpr int MH = GLU ? MT / 2 : MT;
