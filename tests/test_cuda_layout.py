@@ -479,3 +479,7 @@ def test_deep_variant_is_offered_only_when_asked(monkeypatch):
             plain = {tuple(sorted(c.items())) for c in cands if not c.get("deep")}
             assert all(tuple(sorted({k: v for k, v in c.items() if k != "deep"}.items())) in plain for c in deep)
         assert not any(c.get("deep") for c in cu.candidates(ori, 16, N, K, wg=False))
+    # the deep variant has no GLU epilogue: never a GLU candidate (gate+up input at 64 tokens has
+    # both a GLU configuration and its deep twin)
+    glu = cu.glu_candidates("input", 64, 22016, 4096)
+    assert glu and not any(c.get("deep") for c in glu)

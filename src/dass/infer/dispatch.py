@@ -164,6 +164,11 @@ def _measure(mod, b: int, cands: tuple[str, ...]) -> Decision:
     return Decision(path, chosen, times, dense_ms, reason)
 
 
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref||: the check every CUDA configuration passes (< 2e-2) before it is timed."""
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def _tune_cuda(mod, x: torch.Tensor) -> tuple[dict | None, float, list[str]]:
     """The fastest CUDA-kernel configuration at ``x``'s token count (dass.infer.cuda.candidates),
     its time, and notes. Every configuration is first checked against cuBLAS on the dense
@@ -181,7 +186,7 @@ def _tune_cuda(mod, x: torch.Tensor) -> tuple[dict | None, float, list[str]]:
     best, best_t, notes = None, float("inf"), []
     for c in cands:
         y = cu.mm(x, mod.cu_values, mod.cu_meta, mod.bias, N, mod.orientation, c).float()
-        err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+        err = _rel_err(y, ref)
         if not err < 2e-2:
             notes.append(f"cuda {c} wrong (rel. error {err:.2e}): not used")
             continue
@@ -217,7 +222,7 @@ def _tune_glu(mod, x: torch.Tensor, ref: torch.Tensor, ops: list, nc: int, act: 
     best, best_g = None, best_t + t_act
     for c in cands:
         h = cu.glu_runner(mod.cu_values, mod.cu_meta, mod.bias, N, mod.orientation, c, act)(x).float()
-        err = float((h - h_ref).norm() / h_ref.norm().clamp_min(1e-30))
+        err = _rel_err(h, h_ref)
         if not err < 2e-2:
             notes.append(f"cuda GLU {c} wrong (rel. error {err:.2e}): not used")
             continue

@@ -285,11 +285,16 @@ class NM24Linear(nn.Module):
 
             def run(x2):
                 return plain(x2) if capturing() else graph(x2)
-        if d.source != "static" or not cfg.autotune:  # a stand-in while capturing is not kept
-            if len(self._runners) > 256:
-                self._runners.clear()
-            self._runners[T] = run
+        self._keep(self._runners, T, run, d)
         return run
+
+    def _keep(self, runners: dict, T: int, run: Callable[[torch.Tensor], torch.Tensor], d) -> None:
+        """Remember ``run`` for T tokens, unless its decision is a stand-in made while capturing
+        (static with autotune on: the measured one replaces it later)."""
+        if d.source != "static" or not self.config.autotune:
+            if len(runners) > 256:
+                runners.clear()
+            runners[T] = run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque operator for Dynamo (dass.infer.ops); ~0.1 us eagerly
@@ -316,11 +321,7 @@ class NM24Linear(nn.Module):
             raise RuntimeError("NM24Linear.glu needs glu_act (a stacked [gate; up] matrix)")
         D = self.out_features // 2
         if torch.compiler.is_compiling():
-            h = self.__dict__.get("_dass_handle")
-            if h is None:
-                raise RuntimeError("NM24Linear under torch.compile needs a handle: call "
-                                   "dass.infer.ops.prepare_compile(model, tokens) (or run the model once) before compiling")
-            return torch.ops.dass.nm24_glu(x, h, D, act)
+            return torch.ops.dass.nm24_glu(x, self._handle(), D, act)
         x2 = x.reshape(-1, self.in_features)
         T = x2.shape[0]
         if T == 0:
@@ -352,10 +353,7 @@ class NM24Linear(nn.Module):
         else:
             def run(x2):
                 return glu_act_mul(self.forward(x2), D, act)
-        if d.source != "static" or not self.config.autotune:
-            if len(self._glu_runners) > 256:
-                self._glu_runners.clear()
-            self._glu_runners[T] = run
+        self._keep(self._glu_runners, T, run, d)
         return run
 
     # ------------------------------------------------------------------ torch.compile
@@ -369,10 +367,15 @@ class NM24Linear(nn.Module):
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """What Dynamo traces: the ``dass::nm24_linear`` operator (its real implementation is
         :meth:`forward` run eagerly without graphs of its own; its fake one gives the shape)."""
+        h = self._handle()
+        if x.dtype != self._dtype:
+            raise TypeError(f"NM24Linear holds {self._dtype} weights, got {x.dtype} input")
+        return torch.ops.dass.nm24_linear(x, h, self.out_features)
+
+    def _handle(self) -> int:
+        """This module's operator handle (given by prepare_compile or a first eager call)."""
         h = self.__dict__.get("_dass_handle")
         if h is None:
             raise RuntimeError("NM24Linear under torch.compile needs a handle: call "
                                "dass.infer.ops.prepare_compile(model, tokens) (or run the model once) before compiling")
-        if x.dtype != self._dtype:
-            raise TypeError(f"NM24Linear holds {self._dtype} weights, got {x.dtype} input")
-        return torch.ops.dass.nm24_linear(x, h, self.out_features)
+        return h

@@ -439,11 +439,24 @@ def unpack(values: torch.Tensor, meta: torch.Tensor, N: int, K: int, orientation
            dtype: torch.dtype) -> torch.Tensor:
     """The dense ``[N, K]`` matrix of ``dtype`` from the packed layout, on the GPU (the
     CUDA twin of :func:`layout.unpack`; pruned places are +0)."""
+    ext = _ext()
+    like = torch.empty(0, dtype=dtype)
+    return ext.unpack(values, meta, N, K, 0 if orientation == "input" else 1, like)
+
+
+def _ext():
+    """The built extension, or RuntimeError with the reason it is not there."""
     ext = load()
     if ext is None:
         raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
-    like = torch.empty(0, dtype=dtype)
-    return ext.unpack(values, meta, N, K, 0 if orientation == "input" else 1, like)
+    return ext
+
+
+def _reg_args(orientation: str, config: dict[str, Any]) -> tuple[int, int, int, int, int, int, int]:
+    """(orientation code, mt, ks, splits, wr, wt, pdl) of a register-kernel configuration:
+    the arguments ext.mm takes after N, in its order."""
+    return (0 if orientation == "input" else 1, int(config["mt"]), int(config["ks"]), int(config["splits"]),
+            int(config.get("wr", WARPS)), int(config.get("wt", 1)), int(pdl_enabled()))
 
 
 def deep_enabled() -> bool:
@@ -469,7 +482,8 @@ def glu_candidates(orientation: str, T: int, N: int, K: int, sms: int = 132) -> 
     allowed = {(mt, ks, wr, wt) for mt, nt, ks, wr, wt in GLU_CONFIGS[orientation] if nt == nt_for(T)}
     out = []
     for c in candidates(orientation, T, N, K, sms, wg=False):
-        if c["kind"] == "reg" and (c["mt"], c["ks"], c.get("wr", WARPS), c.get("wt", 1)) in allowed:
+        # the deep variant has no GLU epilogue: its twins of the GLU configurations are left out
+        if c["kind"] == "reg" and not c.get("deep") and (c["mt"], c["ks"], c.get("wr", WARPS), c.get("wt", 1)) in allowed:
             out.append(c)
     return out
 
@@ -478,17 +492,13 @@ def glu_runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | No
                config: dict[str, Any], act: str):
     """``f(x) = act(g) * u`` where ``[g | u] = x @ W.T (+ bias)`` for a stacked [gate; up] W of
     N = 2 D rows: one register-kernel launch, [T, D] out (1-128 tokens)."""
-    ext = load()
-    if ext is None:
-        raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
+    ext = _ext()
     if act not in GLU_ACTS:
         raise ValueError(f"act must be one of {sorted(GLU_ACTS)}, got {act!r}")
     if config.get("kind", "reg") != "reg":
         raise ValueError(f"the GLU epilogue runs on the register kernel only, got {config}")
-    ori = 0 if orientation == "input" else 1
-    mt, ks, splits = int(config["mt"]), int(config["ks"]), int(config["splits"])
-    wr, wt, code, pdl = int(config.get("wr", WARPS)), int(config.get("wt", 1)), GLU_ACTS[act], int(pdl_enabled())
-    fn = ext.mm
+    ori, mt, ks, splits, wr, wt, pdl = _reg_args(orientation, config)
+    code, fn = GLU_ACTS[act], ext.mm
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > MAX_TOKENS:
@@ -500,9 +510,7 @@ def glu_runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | No
 def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, N: int, orientation: str,
            config: dict[str, Any]):
     """``f(x) = x @ W.T (+ bias)`` bound to one configuration (no per-call dict lookups)."""
-    ext = load()
-    if ext is None:
-        raise RuntimeError(f"dass CUDA 2:4 kernels unavailable: {_REASON}")
+    ext = _ext()
     ori = 0 if orientation == "input" else 1
     mt, ks, splits = int(config["mt"]), int(config["ks"]), int(config["splits"])
     kind = config.get("kind", "reg")
@@ -528,8 +536,8 @@ def runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, 
         def run(x: torch.Tensor) -> torch.Tensor:
             return fn(x, values, meta, bias, N, ori, mt, wn, ks, splits)
     else:
-        fn, wr, wt, pdl = ext.mm, int(config.get("wr", WARPS)), int(config.get("wt", 1)), int(pdl_enabled())
-        deep = int(config.get("deep", 0))
+        fn, deep = ext.mm, int(config.get("deep", 0))
+        ori, mt, ks, splits, wr, wt, pdl = _reg_args(orientation, config)
 
         def run(x: torch.Tensor, nt_min: int = 0) -> torch.Tensor:
             return fn(x, values, meta, bias, N, ori, mt, ks, splits, wr, wt, nt_min, -1, pdl, deep)
