@@ -10,15 +10,12 @@
 #       time goes (8 layers), scope all, separate and stacked q/k/v, and separate with
 #       DASS_CUDA_CARVEOUT=100
 # Knobs: KTIME/KBUDGET, PTIME, GTIME/GBUDGET, BATCHES, STIME, DEEP (1: keep the deep variant a
-# candidate for the tuning and decoding too, once the sweep found it right).
+# candidate for the tuning and decoding too, once the sweep found it right). Environment and
+# carried tuning cache: benchmarks/gpu_env.sh.
 set -u
 OUT=${OUT:-/tmp/gpu_round10}
 PART=${PART:-A}
-mkdir -p "$OUT" /tmp/dass_cache
-export PYTHONPATH=src DASS_CACHE=/tmp/dass_cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export DASS_TUNING_CACHE=/tmp/dass_cache/tuning.json
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-t0=$(date +%s)
+. benchmarks/gpu_env.sh
 if [ "$PART" = A ]; then
     DASS_CUDA_DEEP=1 timeout -k 5 ${KTIME:-200} python3 -X faulthandler benchmarks/gpu_kernels.py --out $OUT/kernels.json \
         --shapes 7b --tokens 64,128 --skip-check --budget-s ${KBUDGET:-180} > $OUT/kernels.log 2>&1
@@ -48,5 +45,4 @@ else
         grep -v "USDT\|warn" $OUT/step_profile_$tag.log | tail -13 | cut -c1-200
     done
 fi
-cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true
-echo "part $PART total $(( $(date +%s) - t0 )) s"
+end_call

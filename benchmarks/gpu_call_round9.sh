@@ -23,17 +23,11 @@
 #                                                        tuning of 4, 256, 4096 and decoding at 4
 #                                                        and 64 in the time left
 # Knobs: CTIME/CBUDGET (checks), PTOKENS/PTIME (pretuning), BATCHES/GBUDGET/GTIME (decoding),
-# STIME (step profile). A tuning cache at .gpu/tuning.json (carried from an earlier call of the
-# same session) is used and updated.
+# STIME (step profile). Environment and carried tuning cache: benchmarks/gpu_env.sh.
 set -u
 OUT=${OUT:-/tmp/gpu_round9}
 PART=${PART:-A}
-mkdir -p "$OUT" /tmp/dass_cache
-export PYTHONPATH=src DASS_CACHE=/tmp/dass_cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export DASS_TUNING_CACHE=/tmp/dass_cache/tuning.json
-[ -f .gpu/tuning.json ] && cp .gpu/tuning.json $DASS_TUNING_CACHE && echo "tuning cache carried in"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-t0=$(date +%s)
+. benchmarks/gpu_env.sh
 faulted() { grep -q "unspecified launch failure\|illegal memory access\|CUDA error" "$1"; }
 mkdir -p out/gpu
 if [ "$PART" = A ]; then
@@ -91,5 +85,4 @@ else
         echo "generate rc=$? at $(( $(date +%s) - t0 )) s"; grep -v "warn" $OUT/generate_b.log | tail -14 | cut -c1-300
     fi
 fi
-cp $DASS_TUNING_CACHE $OUT/tuning_cache.json 2>/dev/null || true
-echo "part $PART total $(( $(date +%s) - t0 )) s"
+end_call
