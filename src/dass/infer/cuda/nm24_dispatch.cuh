@@ -16,10 +16,13 @@
 namespace dass24 {
 
 cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, int splits, cudaStream_t s) {
-#if defined(DASS24_DEEP)
-#define DASS24_DEEP_CASE(MT, NT, KS, WR, WT)                     \
+// one configuration of the unit's variant (GLU epilogue, deep variant); the lists below name
+// their macro after the variant so that a CPU test can read each list
+#define DASS24_LAUNCH_IF(MT, NT, KS, WR, WT, GLU, DEEP)           \
   if (mt == MT && nt == NT && ks == KS && wr == WR && wt == WT) \
-    return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT, false, true>(p, splits, s);
+    return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT, GLU, DEEP>(p, splits, s);
+#if defined(DASS24_DEEP)
+#define DASS24_DEEP_CASE(MT, NT, KS, WR, WT) DASS24_LAUNCH_IF(MT, NT, KS, WR, WT, false, true)
 #if DASS24_ORI == 0
   // DEEP_CONFIGS input
   DASS24_DEEP_CASE(2, 8, 2, 4, 1) DASS24_DEEP_CASE(2, 8, 4, 4, 1) DASS24_DEEP_CASE(2, 16, 2, 4, 1)
@@ -31,9 +34,7 @@ cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, 
 #undef DASS24_DEEP_CASE
   return cudaErrorInvalidValue;
 #elif defined(DASS24_GLU)
-#define DASS24_GLU_CASE(MT, NT, KS, WR, WT)                      \
-  if (mt == MT && nt == NT && ks == KS && wr == WR && wt == WT) \
-    return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT, true>(p, splits, s);
+#define DASS24_GLU_CASE(MT, NT, KS, WR, WT) DASS24_LAUNCH_IF(MT, NT, KS, WR, WT, true, false)
 #if DASS24_ORI == 0
   // GLU_CONFIGS input
   DASS24_GLU_CASE(2, 1, 2, 4, 1) DASS24_GLU_CASE(2, 1, 4, 4, 1) DASS24_GLU_CASE(2, 2, 2, 4, 1)
@@ -47,9 +48,7 @@ cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, 
 #undef DASS24_GLU_CASE
   return cudaErrorInvalidValue;
 #else
-#define DASS24_CASE(MT, NT, KS, WR, WT)                          \
-  if (mt == MT && nt == NT && ks == KS && wr == WR && wt == WT) \
-    return launch<DASS24_E, DASS24_ORI, MT, NT, KS, WR, WT>(p, splits, s);
+#define DASS24_CASE(MT, NT, KS, WR, WT) DASS24_LAUNCH_IF(MT, NT, KS, WR, WT, false, false)
 #if DASS24_ORI == 0
   // CONFIGS input
   DASS24_CASE(1, 1, 2, 4, 1) DASS24_CASE(1, 1, 4, 4, 1) DASS24_CASE(2, 1, 2, 4, 1) DASS24_CASE(2, 1, 4, 4, 1)
@@ -76,6 +75,7 @@ cudaError_t DASS24_RUN(int mt, int nt, int ks, int wr, int wt, const Params& p, 
 #undef DASS24_CASE
   return cudaErrorInvalidValue;
 #endif
+#undef DASS24_LAUNCH_IF
 }
 
 #ifdef DASS24_FINISH

@@ -192,26 +192,15 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor vals, torch::Tensor meta, c10::o
     p.ws = ws.data_ptr<float>();
     p.counters = counters_for(x, blocks);
   }
+  // the unit of this (variant, orientation, dtype): plain, GLU epilogue, deep variant
+  using Run = cudaError_t (*)(int, int, int, int, int, const dass24::Params&, int, cudaStream_t);
+  static constexpr Run kRuns[3][2][2] = {
+      {{dass24::run_in_bf16, dass24::run_in_f16}, {dass24::run_out_bf16, dass24::run_out_f16}},
+      {{dass24::run_glu_in_bf16, dass24::run_glu_in_f16}, {dass24::run_glu_out_bf16, dass24::run_glu_out_f16}},
+      {{dass24::run_deep_in_bf16, dass24::run_deep_in_f16}, {dass24::run_deep_out_bf16, dass24::run_deep_out_f16}},
+  };
   const bool bf = x.scalar_type() == torch::kBFloat16;
-  cudaError_t err;
-  if (deep && orientation == 0)
-    err = bf ? dass24::run_deep_in_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
-             : dass24::run_deep_in_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
-  else if (deep)
-    err = bf ? dass24::run_deep_out_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
-             : dass24::run_deep_out_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
-  else if (glu && orientation == 0)
-    err = bf ? dass24::run_glu_in_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
-             : dass24::run_glu_in_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
-  else if (glu)
-    err = bf ? dass24::run_glu_out_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
-             : dass24::run_glu_out_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
-  else if (orientation == 0)
-    err = bf ? dass24::run_in_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
-             : dass24::run_in_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
-  else
-    err = bf ? dass24::run_out_bf16(mt, nt, ks, wr, wt, p, nsplit, stream)
-             : dass24::run_out_f16(mt, nt, ks, wr, wt, p, nsplit, stream);
+  const cudaError_t err = kRuns[deep ? 2 : glu ? 1 : 0][orientation][bf ? 0 : 1](mt, nt, ks, wr, wt, p, nsplit, stream);
   TORCH_CHECK(err == cudaSuccess, "dass nm24 cuda: launch failed (orientation ", orientation, glu ? ", GLU" : "", deep ? ", deep" : "",
               ", mt=", mt, " nt=", nt, " ks=", ks, " wr=", wr, " wt=", wt,
               "; a configuration that is not compiled answers 'invalid argument'): ",
